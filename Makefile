@@ -1,0 +1,64 @@
+# Skin-lesion classifier on TorchServe. `make help` lists the targets.
+SHELL := /bin/bash
+PYTHON ?= python3.11
+VENV := .venv
+PY := $(VENV)/bin/python
+DATA ?= ../shared/data/ham10000-224
+RUN_DIR ?= run
+RUN ?= runs/train
+IMAGE ?= ../shared/data/samples-600x450/ISIC_0024354.jpg
+IMAGES ?= $(DATA)/images
+LABELS ?= $(DATA)/metadata.csv
+OUT ?= runs/eval
+TRAIN_ARGS ?=
+PYTEST_ARGS ?=
+
+.PHONY: help install java train evaluate archive serve stop status predict test clean
+
+help:
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | sort
+
+$(VENV)/.installed: requirements.txt requirements-dev.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -r requirements-dev.txt
+	touch $@
+
+install: $(VENV)/.installed java ## Virtual environment with pinned packages, plus Java 17
+
+java: ## Install Java 17 (TorchServe's frontend) if no Java 17+ is on PATH
+	@if java -version 2>&1 | grep -qE 'version "(1[7-9]|2[0-9])'; then \
+	  echo "java: $$(java -version 2>&1 | head -1)"; \
+	else \
+	  echo "installing Java 17 (needs root and apt)"; \
+	  apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends openjdk-17-jre-headless; \
+	fi
+
+train: install ## Fine-tune on $(DATA) into $(RUN) (resumable: rerun to continue)
+	$(PY) scripts/train.py --metadata $(DATA)/metadata.csv --images $(DATA)/images --output $(RUN) $(TRAIN_ARGS)
+
+evaluate: install ## Evaluate the released checkpoint: make evaluate IMAGES=dir LABELS=csv OUT=dir
+	$(PY) scripts/evaluate.py --images $(IMAGES) --labels $(LABELS) --out $(OUT)
+
+model_store/skin_lesion.mar: models/skin_lesion.pt config/model-config.yaml $(wildcard handler/*.py) scripts/package.py | $(VENV)/.installed
+	$(PY) scripts/package.py
+
+archive: install model_store/skin_lesion.mar ## Build model_store/skin_lesion.mar
+
+serve: install model_store/skin_lesion.mar ## Start TorchServe on 127.0.0.1 and wait until the model is READY
+	$(PY) scripts/serve.py start --run-dir $(RUN_DIR)
+
+stop: ## Stop the TorchServe started by `make serve`
+	@if [ -x $(PY) ]; then $(PY) scripts/serve.py stop --run-dir $(RUN_DIR); else echo "nothing installed, nothing to stop"; fi
+
+status: ## Show the served model's workers and version
+	$(PY) scripts/serve.py status --run-dir $(RUN_DIR)
+
+predict: ## Send one image to the running server: make predict IMAGE=path.jpg
+	$(PY) scripts/serve.py predict --run-dir $(RUN_DIR) --image $(IMAGE)
+
+test: install ## Unit and integration tests (real TorchServe on free 127.0.0.1 ports)
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+clean: stop
+	rm -rf model_store/*.mar $(RUN_DIR) .pytest_cache

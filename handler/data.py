@@ -1,0 +1,133 @@
+"""Labelled dermoscopy data sets: HAM10000/ISIC label files, image lookup and the lesion-grouped split."""
+
+from __future__ import annotations
+
+import csv
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+from PIL import Image
+
+from handler.labels import CLASS_CODES, class_index
+from handler.preprocessing import decode_image
+
+_IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+# ISIC 2018 Task 3 ground truth: one row per image, one-hot columns in this header order.
+_ISIC_COLUMNS = ("MEL", "NV", "BCC", "AKIEC", "BKL", "DF", "VASC")
+
+
+@dataclass(frozen=True)
+class LabelledImage:
+    """One image with its diagnosis and the lesion it shows."""
+
+    image_id: str
+    label: int
+    lesion_id: str
+    path: str = ""
+
+
+def read_labels(csv_path: str | os.PathLike) -> list[LabelledImage]:
+    """Read a labels file in HAM10000 metadata or ISIC 2018 Task 3 ground-truth format.
+
+    Args:
+        csv_path: HAM10000 metadata (``image_id``, ``dx``, optional ``lesion_id``) or
+            ISIC 2018 ground truth (``image,MEL,NV,BCC,AKIEC,BKL,DF,VASC`` one-hot).
+
+    Returns:
+        One record per row; ``lesion_id`` falls back to the image id when absent.
+
+    Raises:
+        ValueError: On an unknown format, an unknown class or a row that is not one-hot.
+    """
+    with open(csv_path, newline="") as handle:
+        reader = csv.DictReader(handle)
+        columns = set(reader.fieldnames or ())
+        records = []
+        if {"image_id", "dx"} <= columns:
+            for row in reader:
+                records.append(LabelledImage(row["image_id"], class_index(row["dx"]), row.get("lesion_id") or row["image_id"]))
+        elif {"image", *_ISIC_COLUMNS} <= columns:
+            for line, row in enumerate(reader, start=2):
+                hot = [code for code in _ISIC_COLUMNS if float(row[code]) >= 0.5]
+                if len(hot) != 1:
+                    raise ValueError(f"{csv_path}:{line}: expected exactly one positive class, got {hot}")
+                records.append(LabelledImage(row["image"], class_index(hot[0]), row["image"]))
+        else:
+            raise ValueError(f"{csv_path}: unknown labels format; expected HAM10000 metadata (image_id, dx) "
+                             f"or ISIC 2018 Task 3 ground truth (image,{','.join(_ISIC_COLUMNS)})")
+    if not records:
+        raise ValueError(f"{csv_path}: no labelled rows")
+    return records
+
+
+def attach_paths(records: Sequence[LabelledImage], image_dirs: Sequence[str | os.PathLike]) -> list[LabelledImage]:
+    """Find each record's image in one or more folders (the Kaggle layout splits them in two).
+
+    Raises:
+        FileNotFoundError: Naming the images that are in the labels but in no folder.
+    """
+    index: dict[str, str] = {}
+    for folder in image_dirs:
+        if not Path(folder).is_dir():
+            raise FileNotFoundError(f"image folder {folder} does not exist")
+        for entry in os.scandir(folder):
+            stem, suffix = os.path.splitext(entry.name)
+            if suffix.lower() in _IMAGE_SUFFIXES:
+                index.setdefault(stem, entry.path)
+    missing = [r.image_id for r in records if r.image_id not in index]
+    if missing:
+        raise FileNotFoundError(f"{len(missing)} labelled images are missing from {list(map(str, image_dirs))}, "
+                                f"e.g. {missing[:5]}")
+    return [LabelledImage(r.image_id, r.label, r.lesion_id, index[r.image_id]) for r in records]
+
+
+def lesion_grouped_split(records: Sequence[LabelledImage], val_fraction: float, seed: int) -> tuple[list[LabelledImage], list[LabelledImage]]:
+    """Split into train and validation, stratified by diagnosis and grouped by lesion.
+
+    No lesion has images on both sides, so validation measures generalization to new
+    lesions rather than recognition of other photos of a training lesion.
+
+    Args:
+        records: The labelled images.
+        val_fraction: Share of the data for validation, e.g. 0.15.
+        seed: Seed of the fold assignment.
+
+    Returns:
+        ``(train, validation)``.
+    """
+    from sklearn.model_selection import StratifiedGroupKFold
+
+    n_splits = max(2, round(1 / val_fraction))
+    folds = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
+    labels = [r.label for r in records]
+    groups = [r.lesion_id for r in records]
+    train_idx, val_idx = next(folds.split(records, labels, groups))
+    return [records[i] for i in train_idx], [records[i] for i in val_idx]
+
+
+def class_counts(records: Sequence[LabelledImage]) -> list[int]:
+    """Number of records per class, in :data:`CLASS_CODES` order."""
+    counts = [0] * len(CLASS_CODES)
+    for record in records:
+        counts[record.label] += 1
+    return counts
+
+
+class LesionDataset(torch.utils.data.Dataset):
+    """Images decoded with the serving decoder, then transformed to ``uint8`` tensors."""
+
+    def __init__(self, records: Sequence[LabelledImage], transform: Callable[[Image.Image], torch.Tensor]) -> None:
+        self.records = list(records)
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        record = self.records[index]
+        with open(record.path, "rb") as handle:
+            decoded = decode_image(handle.read())
+        return self.transform(decoded.image), record.label

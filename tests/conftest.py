@@ -1,0 +1,89 @@
+"""Shared fixtures: real data locations, a tiny random checkpoint, and a real TorchServe."""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from handler.model import build_model, default_preprocess_config, make_checkpoint  # noqa: E402
+from scripts import package, serve  # noqa: E402
+
+DATA = Path(os.environ.get("SKIN_LESION_DATA", ROOT.parent / "shared" / "data"))
+RELEASED_CHECKPOINT = ROOT / "models" / "skin_lesion.pt"
+
+
+def _require(path: Path) -> Path:
+    if not path.exists():
+        pytest.skip(f"real HAM10000 data not found at {path} (set SKIN_LESION_DATA or place ../shared/data)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def samples_dir() -> Path:
+    """The 70 full-size 600x450 HAM10000 JPEGs (10 per class)."""
+    return _require(DATA / "samples-600x450")
+
+
+@pytest.fixture(scope="session")
+def ham224_dir() -> Path:
+    """The 224x224 one-image-per-lesion HAM10000 training pool."""
+    return _require(DATA / "ham10000-224")
+
+
+@pytest.fixture(scope="session")
+def sample_jpeg(samples_dir: Path) -> bytes:
+    """One real 600x450 dermoscopic JPEG."""
+    return (samples_dir / "ISIC_0024354.jpg").read_bytes()
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A random-weight EfficientNet-Lite0 checkpoint at 64 px: fast, and nothing like the released model."""
+    torch.manual_seed(0)
+    model = build_model("efficientnet_lite0").eval()
+    preprocess = default_preprocess_config("efficientnet_lite0", image_size=64)
+    path = tmp_path_factory.mktemp("tiny") / "skin_lesion.pt"
+    torch.save(make_checkpoint(model, "efficientnet_lite0", preprocess, {"version": "0.0.1-test", "temperature": 1.5}), path)
+    return path
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def start_server(run_dir: Path, model_store: Path, overrides: dict[str, str] | None = None, models: str | None = None) -> serve.Server:
+    """Start a real TorchServe on free loopback ports, with the project's config otherwise."""
+    ports = {key: f"http://127.0.0.1:{free_port()}" for key in serve.ADDRESS_KEYS.values()}
+    return serve.start(run_dir, model_store, ROOT / "config" / "config.properties", {**ports, **(overrides or {})}, models)
+
+
+@pytest.fixture(scope="session")
+def release_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A model store holding the release archive, built from the repository by scripts/package.py."""
+    store = tmp_path_factory.mktemp("model_store")
+    args = package.get_args_parser().parse_args(["--export-path", str(store)])
+    package.main(args)
+    return store
+
+
+@pytest.fixture(scope="session")
+def torchserve(tmp_path_factory: pytest.TempPathFactory, release_store: Path):
+    """The released model served by real TorchServe; stopped by its own pid afterwards."""
+    run_dir = tmp_path_factory.mktemp("torchserve")
+    server = start_server(run_dir, release_store)
+    try:
+        serve.wait_ready(server, timeout=240)
+        yield server
+    finally:
+        serve.stop(server)
