@@ -55,7 +55,7 @@ def main(args: argparse.Namespace) -> Path:
         serialized = staging_dir / f"{args.model_name}.pt"
         shutil.copy2(checkpoint, serialized)
         command = [
-            shutil.which("torch-model-archiver") or "torch-model-archiver",
+            sys.executable, "-m", "model_archiver.model_packaging",
             "--model-name", archive_name, "--version", version,
             "--serialized-file", str(serialized),
             "--handler", str(HANDLER_PACKAGE / "skin_lesion_handler.py"),

@@ -16,7 +16,6 @@ import argparse
 import json
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -29,6 +28,8 @@ import requests
 ROOT = Path(__file__).resolve().parents[1]
 MODEL_NAME = "skin_lesion"
 LAUNCHER_PID = "launcher.pid"
+# Lines in TorchServe's console output after which it will never become ready.
+FATAL_STARTUP_MARKERS = ("Address already in use", 'Exception in thread "main"', "Failed to load model")
 ADDRESS_KEYS = {"inference": "inference_address", "management": "management_address", "metrics": "metrics_address"}
 
 
@@ -137,7 +138,7 @@ def start(run_dir: Path, model_store: Path, config: Path, overrides: dict[str, s
     (run_dir / "config.properties").write_text(render_properties(config, properties))
     env = {**os.environ, "TMPDIR": str(run_dir / "tmp"), "TEMP": str(run_dir / "tmp"),
            "LOG_LOCATION": str(run_dir / "logs"), "METRICS_LOCATION": str(run_dir / "logs")}
-    command = [shutil.which("torchserve") or "torchserve", "--start", "--foreground", "--ncs",
+    command = [sys.executable, "-m", "ts.model_server", "--start", "--foreground", "--ncs",
                "--ts-config", str(run_dir / "config.properties"), "--model-store", str(model_store.resolve())]
     if models:
         command += ["--models", models]
@@ -166,6 +167,10 @@ def wait_ready(server: Server, model: str = MODEL_NAME, timeout: float = 180.0) 
         model_log = server.run_dir / "logs" / "model_log.log"
         if model_log.exists() and "Traceback" in model_log.read_text(errors="replace"):
             raise RuntimeError(f"model {model} failed to load\n{server.log_tail()}")
+        console = (server.run_dir / "logs" / "console.log").read_text(errors="replace")
+        fatal = [marker for marker in FATAL_STARTUP_MARKERS if marker in console]
+        if fatal:
+            raise RuntimeError(f"TorchServe failed to start ({fatal[0]})\n{server.log_tail()}")
         try:
             response = requests.get(f"{server.url('management')}/models/{model}", headers=server.headers("management"), timeout=5)
             if response.ok:
@@ -202,16 +207,16 @@ def stop(server: Server, timeout: float = 30.0) -> bool:
 
 
 def _group_alive(pgid: int) -> bool:
+    # The launcher may be our own child: reap it so that a zombie does not count as alive.
+    try:
+        os.waitpid(pgid, os.WNOHANG)
+    except ChildProcessError:
+        pass
     try:
         os.killpg(pgid, 0)
     except ProcessLookupError:
         return False
-    # A zombie launcher (our own child, not yet reaped) still counts; reap it.
-    try:
-        reaped, _ = os.waitpid(pgid, os.WNOHANG)
-    except ChildProcessError:
-        reaped = 0
-    return reaped == 0
+    return True
 
 
 def get_args_parser() -> argparse.ArgumentParser:

@@ -74,6 +74,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--limit", type=int, default=0, help="use only this many images (smoke tests)")
     parser.add_argument("--model-version", default="0.0.0-dev", help="version written into best.pt")
     parser.add_argument("--no-resume", action="store_true", help="start over even if last.pt exists")
+    parser.add_argument("--epochs-this-run", type=int, default=0,
+                        help="stop cleanly after this many epochs (time-boxed sessions); rerun to continue")
     return parser
 
 
@@ -188,11 +190,12 @@ def autocast(device: torch.device, dtype: torch.dtype | None):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
-def main(args: argparse.Namespace) -> dict[str, Any]:
+def main(args: argparse.Namespace) -> dict[str, Any] | None:
     """Train, validate each epoch, early-stop, and write ``best.pt`` with a fitted temperature.
 
     Returns:
-        The validation report of the released (best) weights, calibrated.
+        The validation report of the released (best) weights, calibrated, or None when
+        the run paused early because of ``--epochs-this-run``.
     """
     seed_everything(args.seed)
     device = resolve_device(args.device)
@@ -233,8 +236,10 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     criterion = make_criterion(args, counts).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     steps_per_epoch = len(train_loader)
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=args.lr, total_steps=args.epochs * steps_per_epoch,
-                                                    pct_start=args.warmup_fraction, anneal_strategy="cos")
+    total_steps = args.epochs * steps_per_epoch
+    # OneCycleLR needs at least two warm-up steps; only tiny smoke runs come near that.
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=args.lr, total_steps=total_steps,
+                                                    pct_start=max(args.warmup_fraction, 2 / total_steps), anneal_strategy="cos")
     scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
 
     state_path = output / "last.pt"
@@ -295,6 +300,9 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         if epoch + 1 - best_epoch >= args.patience:
             print(f"early stop: no improvement in validation balanced accuracy for {args.patience} epochs", flush=True)
             break
+        if args.epochs_this_run and epoch + 1 - start_epoch >= args.epochs_this_run and epoch + 1 < args.epochs:
+            print(f"paused after epoch {epoch + 1}; rerun the same command to resume from {state_path}", flush=True)
+            return None
 
     best = torch.load(output / "best_weights.pt", map_location=device, weights_only=True)
     eval_model.load_state_dict(best["state_dict"])

@@ -65,6 +65,7 @@ def free_port() -> int:
 def start_server(run_dir: Path, model_store: Path, overrides: dict[str, str] | None = None, models: str | None = None) -> serve.Server:
     """Start a real TorchServe on free loopback ports, with the project's config otherwise."""
     ports = {key: f"http://127.0.0.1:{free_port()}" for key in serve.ADDRESS_KEYS.values()}
+    ports |= {"grpc_inference_port": str(free_port()), "grpc_management_port": str(free_port())}
     return serve.start(run_dir, model_store, ROOT / "config" / "config.properties", {**ports, **(overrides or {})}, models)
 
 

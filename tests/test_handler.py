@@ -1,0 +1,60 @@
+"""The TorchServe handler class with a mock context: no server needed."""
+
+import json
+import shutil
+
+import pytest
+import yaml
+
+from handler.skin_lesion_handler import SkinLesionHandler
+from tests.conftest import ROOT
+
+
+class MockContext:
+    """The parts of ts.context.Context the handler uses."""
+
+    def __init__(self, model_dir, handler_settings):
+        self.system_properties = {"model_dir": str(model_dir), "gpu_id": None, "batch_size": 8}
+        self.manifest = {"model": {"modelName": "skin_lesion", "serializedFile": "skin_lesion.pt", "modelVersion": "7.7"}}
+        self.model_yaml_config = {"handler": handler_settings}
+        self.statuses, self.content_types = {}, {}
+
+    def set_response_status(self, code=200, phrase="", idx=0):
+        self.statuses[idx] = code
+
+    def set_response_content_type(self, idx, value):
+        self.content_types[idx] = value
+
+
+@pytest.fixture()
+def context(tmp_path, tiny_checkpoint):
+    shutil.copy(tiny_checkpoint, tmp_path / "skin_lesion.pt")
+    settings = yaml.safe_load((ROOT / "config" / "model-config.yaml").read_text())["handler"]
+    return MockContext(tmp_path, settings)
+
+
+def test_initialize_reads_settings_from_model_config(context):
+    handler = SkinLesionHandler()
+    handler.initialize(context)
+    assert handler.initialized and handler.model_version == "7.7"
+    assert handler.settings.referral_threshold == yaml.safe_load(
+        (ROOT / "config" / "model-config.yaml").read_text())["handler"]["referral_threshold"]
+    assert str(handler.device) == "cpu"
+
+
+def test_handle_sets_a_status_per_request(context, sample_jpeg):
+    handler = SkinLesionHandler()
+    handler.initialize(context)
+    bodies = handler.handle([{"body": sample_jpeg}, {"body": b"garbage"}, {"body": {"image": ""}}], context)
+    assert context.statuses == {0: 200, 1: 415, 2: 400}
+    assert set(context.content_types.values()) == {"application/json"}
+    decoded = [json.loads(b) for b in bodies]
+    assert decoded[0]["model_version"] == "7.7" and len(decoded[0]["probabilities"]) == 7
+    assert decoded[1]["error"]["code"] == "invalid_image"
+    assert decoded[2]["error"]["code"] == "missing_image"
+
+
+def test_unknown_handler_setting_fails_initialize(context):
+    context.model_yaml_config = {"handler": {"batch_size_typo": 3}}
+    with pytest.raises(ValueError, match="unknown handler settings"):
+        SkinLesionHandler().initialize(context)

@@ -1,0 +1,81 @@
+import base64
+import json
+
+import pytest
+import torch
+
+from handler.errors import EmptyBodyError, InvalidBase64Error, MalformedJSONError, MissingImageError
+from handler.inference import HandlerSettings, extract_image_bytes, format_prediction, handle_batch, predict_probabilities
+from handler.labels import CLASS_CODES
+from handler.model import load_checkpoint
+from handler.preprocessing import load_model_input
+
+
+def test_raw_multipart_and_json_bodies(sample_jpeg):
+    encoded = base64.b64encode(sample_jpeg).decode()
+    assert extract_image_bytes({"body": bytearray(sample_jpeg)}) == sample_jpeg
+    assert extract_image_bytes({"data": sample_jpeg}) == sample_jpeg
+    assert extract_image_bytes({"body": {"image": encoded}}) == sample_jpeg
+    assert extract_image_bytes({"body": json.dumps({"image": encoded}).encode()}) == sample_jpeg
+    assert extract_image_bytes({"body": {"image": "data:image/jpeg;base64," + encoded}}) == sample_jpeg
+
+
+@pytest.mark.parametrize("row, error", [
+    ({"body": b""}, EmptyBodyError),
+    ({}, EmptyBodyError),
+    ({"body": b"{not json"}, MalformedJSONError),
+    ({"body": {"picture": "abc"}}, MissingImageError),
+    ({"body": {"image": "%%%not-base64%%%"}}, InvalidBase64Error),
+    ({"body": [1, 2]}, MalformedJSONError),
+])
+def test_bad_bodies_raise_typed_errors(row, error):
+    with pytest.raises(error):
+        extract_image_bytes(row)
+
+
+def test_format_prediction_contract():
+    probs = [0.05, 0.10, 0.05, 0.0, 0.30, 0.45, 0.05]
+    body = format_prediction(probs, "1.2.3", referral_threshold=0.4)
+    assert body["prediction"] == "nv" and body["label"] == "Melanocytic nevus"
+    assert body["confidence"] == pytest.approx(0.45)
+    assert list(body["probabilities"]) == list(CLASS_CODES)
+    assert body["malignant_probability"] == pytest.approx(0.45)  # akiec + bcc + mel
+    assert body["referral"] == {"refer": True, "threshold": 0.4}
+    assert body["risk"] == "high"  # escalated by the referral flag although nv is low risk
+    assert body["model_version"] == "1.2.3" and "not a diagnosis" in body["notice"]
+    assert format_prediction(probs, "1", referral_threshold=0.9)["risk"] == "low"
+
+
+def test_settings_come_from_config_and_reject_typos():
+    settings = HandlerSettings.from_mapping({"referral_threshold": "0.3", "max_pixels": 1000})
+    assert settings.referral_threshold == 0.3 and settings.decode_limits.max_pixels == 1000
+    with pytest.raises(ValueError, match="referal_threshold"):
+        HandlerSettings.from_mapping({"referal_threshold": 0.3})
+
+
+def test_batch_with_bad_requests_answers_each_and_runs_one_forward(tiny_checkpoint, sample_jpeg, monkeypatch):
+    loaded = load_checkpoint(tiny_checkpoint)
+    calls = []
+    forward = loaded.model.forward
+    monkeypatch.setattr(loaded.model, "forward", lambda x: calls.append(x.shape[0]) or forward(x))
+    rows = [{"body": sample_jpeg}, {"body": b""}, {"body": b"not an image"}, {"data": sample_jpeg},
+            {"body": {"image": "???"}}]
+    responses = handle_batch(loaded, HandlerSettings(), rows, "0.0.1-test")
+    assert [r.status for r in responses] == [200, 400, 415, 200, 400]
+    assert calls == [2]
+    assert responses[1].body["error"]["code"] == "empty_body"
+    assert responses[2].body["error"]["code"] == "invalid_image"
+    good = responses[0].body
+    assert sum(good["probabilities"].values()) == pytest.approx(1.0, abs=1e-4)
+    assert good["prediction"] == max(good["probabilities"], key=good["probabilities"].get)
+    assert responses[3].body == good
+
+
+def test_probabilities_use_the_fitted_temperature(tiny_checkpoint, sample_jpeg):
+    loaded = load_checkpoint(tiny_checkpoint)
+    batch = load_model_input(sample_jpeg, loaded.preprocess)[0][None]
+    probs = predict_probabilities(loaded, batch)
+    from handler.preprocessing import normalize_batch
+    with torch.no_grad():
+        logits = loaded.model(normalize_batch(batch, loaded.preprocess))
+    assert torch.allclose(probs, torch.softmax(logits / 1.5, 1), atol=1e-6)

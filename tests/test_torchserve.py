@@ -1,0 +1,106 @@
+"""Integration tests against a real TorchServe serving the released archive on 127.0.0.1."""
+
+import base64
+import os
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import requests
+import torch
+
+from handler.model import load_checkpoint
+from handler.inference import predict_probabilities
+from handler.labels import CLASS_CODES
+from handler.preprocessing import load_model_input
+from scripts import serve
+from tests.conftest import RELEASED_CHECKPOINT, start_server
+
+pytestmark = [pytest.mark.slow, pytest.mark.data]
+MODEL = "skin_lesion"
+
+
+def predict(server, data=None, **kwargs):
+    return requests.post(f"{server.url('inference')}/predictions/{MODEL}", data=data,
+                         headers={**server.headers("inference"), **kwargs.pop("headers", {})}, timeout=60, **kwargs)
+
+
+def test_real_jpeg_returns_the_prediction_contract(torchserve, samples_dir):
+    response = predict(torchserve, (samples_dir / "ISIC_0024354.jpg").read_bytes())
+    assert response.status_code == 200, response.text
+    assert response.headers["content-type"].startswith("application/json")
+    body = response.json()
+    assert set(body) >= {"prediction", "label", "confidence", "probabilities", "malignant_probability", "risk",
+                         "model_version", "referral", "notice"}
+    probs = body["probabilities"]
+    assert list(probs) == list(CLASS_CODES)
+    assert sum(probs.values()) == pytest.approx(1.0, abs=1e-4)
+    assert body["prediction"] == max(probs, key=probs.get)
+    assert body["confidence"] == probs[body["prediction"]]
+    assert body["malignant_probability"] == pytest.approx(probs["mel"] + probs["bcc"] + probs["akiec"], abs=1e-5)
+    assert body["risk"] in {"low", "medium", "high"}
+    assert body["model_version"] == "1.0.0"
+
+
+def test_multipart_and_base64_json_match_raw_body(torchserve, samples_dir):
+    image = (samples_dir / "ISIC_0024412.jpg").read_bytes()
+    raw = predict(torchserve, image).json()
+    multipart = requests.post(f"{torchserve.url('inference')}/predictions/{MODEL}", files={"data": ("x.jpg", image, "image/jpeg")},
+                              headers=torchserve.headers("inference"), timeout=60).json()
+    as_json = predict(torchserve, json=None, headers={"Content-Type": "application/json"},
+                      ).status_code  # an empty JSON request is a client error
+    encoded = requests.post(f"{torchserve.url('inference')}/predictions/{MODEL}", json={"image": base64.b64encode(image).decode()},
+                            headers=torchserve.headers("inference"), timeout=60).json()
+    assert raw == multipart == encoded
+    assert 400 <= as_json < 500
+
+
+def test_served_probabilities_equal_in_process_handler_code(torchserve, samples_dir):
+    loaded = load_checkpoint(RELEASED_CHECKPOINT)
+    names = sorted(os.listdir(samples_dir))[:6]
+    images = [(samples_dir / n).read_bytes() for n in names if n.endswith(".jpg")]
+    expected = predict_probabilities(loaded, torch.stack([load_model_input(i, loaded.preprocess)[0] for i in images]))
+    for image, row in zip(images, expected):
+        served = predict(torchserve, image).json()["probabilities"]
+        assert torch.allclose(torch.tensor(list(served.values())), row, atol=1e-4)
+
+
+def test_concurrent_mixed_batches_answer_each_request(torchserve, samples_dir):
+    good = [(samples_dir / n).read_bytes() for n in sorted(os.listdir(samples_dir)) if n.endswith(".jpg")][:12]
+    bad = [b"", b"not an image at all", good[0][: len(good[0]) // 3]]
+    payloads = [(g, 200) for g in good] + [(b, None) for b in bad] * 2
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        responses = list(pool.map(lambda p: predict(torchserve, p[0]), payloads))
+    for (payload, expected), response in zip(payloads, responses):
+        if expected == 200:
+            assert response.status_code == 200, response.text
+            assert len(response.json()["probabilities"]) == 7
+        else:
+            assert 400 <= response.status_code < 500, response.text
+            assert response.json()["error"]["code"] in {"empty_body", "invalid_image"}
+    description = requests.get(f"{torchserve.url('management')}/models/{MODEL}", headers=torchserve.headers("management"),
+                               timeout=10).json()[0]
+    assert [w["status"] for w in description["workers"]] == ["READY"]
+    assert predict(torchserve, good[0]).status_code == 200
+
+
+def test_token_authorization_is_on_and_everything_is_on_loopback(torchserve, samples_dir):
+    response = requests.post(f"{torchserve.url('inference')}/predictions/{MODEL}",
+                             data=(samples_dir / "ISIC_0024354.jpg").read_bytes(), timeout=30)
+    assert response.status_code in (400, 401) and "Token" in response.text
+    for api in serve.ADDRESS_KEYS:
+        assert torchserve.url(api).startswith("http://127.0.0.1:")
+    assert torchserve.properties["metrics_mode"] == "prometheus"
+    metrics = requests.get(f"{torchserve.url('metrics')}/metrics", timeout=10)
+    assert metrics.ok and "ts_inference_requests_total" in metrics.text
+
+
+def test_stop_ends_the_server_by_its_own_pid(tmp_path, release_store):
+    server = start_server(tmp_path, release_store)
+    serve.wait_ready(server, timeout=240)
+    pid = server.launcher_pid
+    inference = server.url("inference")
+    assert serve.stop(server)
+    with pytest.raises(ProcessLookupError):
+        os.killpg(pid, 0)
+    with pytest.raises(requests.ConnectionError):
+        requests.get(f"{inference}/ping", timeout=5)
