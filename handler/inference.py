@@ -1,4 +1,4 @@
-"""Request parsing, batched inference and response formatting, testable without TorchServe."""
+"""Request parsing, batched inference, Grad-CAM and response formatting, testable without TorchServe."""
 
 from __future__ import annotations
 
@@ -6,21 +6,26 @@ import base64
 import binascii
 import json
 import logging
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from typing import Any, Mapping, Sequence
 
 import torch
 
 from handler.errors import (
-    EmptyBodyError, InvalidBase64Error, MalformedJSONError, MissingImageError, RequestError, error_response)
+    EmptyBodyError, InvalidBase64Error, InvalidOptionError, MalformedJSONError, MissingImageError, RequestError,
+    error_response)
+from handler.gradcam import gradcam_from_features, normalize_maps
 from handler.labels import CLASS_CODES, REFERRAL_CLASSES, Risk, class_index, lesion_class
-from handler.model import LoadedModel
-from handler.preprocessing import DecodeLimits, load_model_input, normalize_batch
+from handler.model import LoadedModel, forward_features, forward_head
+from handler.overlay import FORMATS, OverlayStyle, encode_image, model_view_box, render_overlay
+from handler.preprocessing import DecodeLimits, decode_image, load_model_input, normalize_batch
 
 logger = logging.getLogger(__name__)
 
 NOTICE = ("Research and screening aid only, not a diagnosis. A dermatologist must assess any lesion of concern; "
           "a low-risk result does not rule out melanoma or skin cancer.")
+_TRUE = {"true", "1", "yes"}
+_FALSE = {"false", "0", "no", ""}
 
 
 @dataclass(frozen=True)
@@ -32,18 +37,33 @@ class HandlerSettings:
         min_side: Smallest accepted image side, in pixels.
         referral_threshold: ``malignant_probability`` at or above which the response
             raises the referral flag and the risk becomes ``high``.
+        gradcam_alpha: Heatmap weight in the overlay blend.
+        gradcam_colormap: Overlay colour map (see :data:`handler.overlay.COLORMAPS`).
+        gradcam_format: Overlay encoding, ``png`` or ``jpeg``.
+        gradcam_jpeg_quality: JPEG quality when ``gradcam_format`` is ``jpeg``.
+        gradcam_max_side: Longer side above which overlays are scaled down.
+        heatmap_decimals: Rounding of the raw heatmap values in the response.
     """
 
     max_pixels: int = 40_000_000
     min_side: int = 8
     referral_threshold: float = 0.5
+    gradcam_alpha: float = 0.45
+    gradcam_colormap: str = "inferno"
+    gradcam_format: str = "jpeg"
+    gradcam_jpeg_quality: int = 90
+    gradcam_max_side: int = 1600
+    heatmap_decimals: int = 3
+
+    def __post_init__(self) -> None:
+        self.overlay_style  # validates the Grad-CAM settings at load time
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any] | None) -> "HandlerSettings":
         """Build from a config mapping, rejecting unknown keys so typos do not pass silently."""
         values = dict(values or {})
-        known = {f.name: f for f in fields(cls)}
-        unknown = set(values) - set(known)
+        known = {f.name for f in fields(cls)}
+        unknown = set(values) - known
         if unknown:
             raise ValueError(f"unknown handler settings {sorted(unknown)}; known: {sorted(known)}")
         return cls(**{name: type(getattr(cls, name))(value) for name, value in values.items()})
@@ -52,6 +72,22 @@ class HandlerSettings:
     def decode_limits(self) -> DecodeLimits:
         """The decode limits these settings imply."""
         return DecodeLimits(max_pixels=self.max_pixels, min_side=self.min_side)
+
+    @property
+    def overlay_style(self) -> OverlayStyle:
+        """The Grad-CAM overlay style these settings imply."""
+        return OverlayStyle(self.gradcam_alpha, self.gradcam_colormap, self.gradcam_format,
+                            self.gradcam_jpeg_quality, self.gradcam_max_side)
+
+
+@dataclass(frozen=True)
+class ParsedRequest:
+    """One request's image and options."""
+
+    image: bytes
+    gradcam: bool = False
+    target_class: int | None = None
+    overlay_format: str | None = None
 
 
 @dataclass
@@ -62,21 +98,25 @@ class Response:
     body: dict[str, Any]
 
 
-def extract_image_bytes(row: Mapping[str, Any]) -> bytes:
-    """Get the image bytes out of one TorchServe request row.
+def parse_request(row: Mapping[str, Any], explain: bool = False) -> ParsedRequest:
+    """Get the image and options out of one TorchServe request row.
 
-    Accepts a raw image body, a multipart ``data`` field, or a JSON object
-    ``{"image": "<base64>"}`` (optionally a ``data:`` URL). TorchServe hands over JSON
+    Accepts a raw image body, a multipart ``data`` field (with optional ``gradcam``,
+    ``target_class`` and ``overlay_format`` fields), or a JSON object ``{"image": "<base64>",
+    "gradcam": true, "target_class": "mel", "overlay_format": "png"}`` (the image may be a
+    ``data:`` URL). Naming a ``target_class`` implies ``gradcam``. TorchServe hands over JSON
     bodies already parsed into a dict.
 
     Args:
         row: One element of the batch TorchServe passes to ``handle``.
+        explain: Whether this request came through the explanations API.
 
     Returns:
-        The encoded image bytes.
+        The parsed request; ``gradcam`` is on if asked for or if ``explain``.
 
     Raises:
-        RequestError: If the body is empty, malformed JSON, lacks an image or holds invalid base64.
+        RequestError: If the body is empty, malformed JSON, lacks an image, holds invalid
+            base64 or has invalid options.
     """
     payload = row.get("data")
     if payload is None:
@@ -88,13 +128,20 @@ def extract_image_bytes(row: Mapping[str, Any]) -> bytes:
             payload = json.loads(payload)
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise MalformedJSONError(f"body looks like JSON but does not parse: {exc}") from exc
+    options: Mapping[str, Any] = row
     if isinstance(payload, Mapping):
-        return _decode_base64_image(payload)
-    if isinstance(payload, list):
+        options = payload
+        image = _decode_base64_image(payload)
+    elif isinstance(payload, list):
         raise MalformedJSONError("JSON body must be an object like {\"image\": \"<base64>\"}, not a list")
-    if not payload:
+    elif not payload:
         raise EmptyBodyError("request body is empty; send an image or {\"image\": \"<base64>\"}")
-    return bytes(payload)
+    else:
+        image = bytes(payload)
+    target = _parse_target_class(options.get("target_class"))
+    overlay_format = _parse_overlay_format(options.get("overlay_format"))
+    gradcam = explain or _parse_flag(options.get("gradcam"), "gradcam") or target is not None
+    return ParsedRequest(image, gradcam, target, overlay_format)
 
 
 def _decode_base64_image(payload: Mapping[str, Any]) -> bytes:
@@ -111,6 +158,54 @@ def _decode_base64_image(payload: Mapping[str, Any]) -> bytes:
         raise InvalidBase64Error(f"\"image\" is not valid base64: {exc}") from exc
 
 
+def _as_text(value: Any) -> Any:
+    return value.decode("utf-8", "replace") if isinstance(value, (bytes, bytearray)) else value
+
+
+def _parse_flag(value: Any, name: str) -> bool:
+    value = _as_text(value)
+    if value is None or isinstance(value, bool):
+        return bool(value)
+    if str(value).strip().lower() in _TRUE:
+        return True
+    if str(value).strip().lower() in _FALSE:
+        return False
+    raise InvalidOptionError(f"\"{name}\" must be true or false, got {value!r}")
+
+
+def _parse_target_class(value: Any) -> int | None:
+    value = _as_text(value)
+    if value is None:
+        return None
+    try:
+        return class_index(str(value).strip())
+    except KeyError:
+        raise InvalidOptionError(f"unknown target_class {value!r}; expected one of {list(CLASS_CODES)}") from None
+
+
+def _parse_overlay_format(value: Any) -> str | None:
+    value = _as_text(value)
+    if value is None:
+        return None
+    normalized = {"jpg": "jpeg"}.get(str(value).strip().lower(), str(value).strip().lower())
+    if normalized not in FORMATS:
+        raise InvalidOptionError(f"unknown overlay_format {value!r}; expected one of {list(FORMATS)}")
+    return normalized
+
+
+def run_model(loaded: LoadedModel, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One forward pass over a ``uint8`` batch.
+
+    Returns:
+        ``(features, logits)``: the last convolutional feature map and the raw logits, on
+        the model's device.
+    """
+    device = next(loaded.model.parameters()).device
+    inputs = normalize_batch(batch.to(device, non_blocking=True), loaded.preprocess)
+    features = forward_features(loaded.model, inputs)
+    return features, forward_head(loaded.model, features).float()
+
+
 @torch.inference_mode()
 def predict_probabilities(loaded: LoadedModel, batch: torch.Tensor) -> torch.Tensor:
     """Calibrated class probabilities for a ``uint8`` batch in one forward pass.
@@ -122,9 +217,7 @@ def predict_probabilities(loaded: LoadedModel, batch: torch.Tensor) -> torch.Ten
     Returns:
         (N, 7) float32 probabilities on the CPU, ``softmax(logits / temperature)``.
     """
-    device = next(loaded.model.parameters()).device
-    inputs = normalize_batch(batch.to(device, non_blocking=True), loaded.preprocess)
-    logits = loaded.model(inputs).float()
+    _, logits = run_model(loaded, batch)
     return torch.softmax(logits / loaded.temperature, dim=1).cpu()
 
 
@@ -158,35 +251,83 @@ def format_prediction(probabilities: Sequence[float], model_version: str, referr
     }
 
 
-def handle_batch(loaded: LoadedModel, settings: HandlerSettings, rows: Sequence[Mapping[str, Any]], model_version: str) -> list[Response]:
+def format_gradcam(request: ParsedRequest, heatmap: torch.Tensor, target: int, loaded: LoadedModel,
+                   settings: HandlerSettings) -> dict[str, Any]:
+    """The ``gradcam`` object of a response: overlay on the full-resolution original, plus the raw map.
+
+    Args:
+        request: The parsed request (its image is decoded again at full resolution for the overlay).
+        heatmap: (h, w) map in [0, 1] over the model's input crop.
+        target: The explained class index.
+        loaded: The served model (for its preprocessing).
+        settings: Overlay settings; the request may choose another encoding.
+    """
+    original = decode_image(request.image, settings.decode_limits).image
+    style = settings.overlay_style
+    if request.overlay_format:
+        style = replace(style, image_format=request.overlay_format)
+    overlay = render_overlay(original, heatmap.numpy(), loaded.preprocess, style)
+    return {
+        "class": CLASS_CODES[target],
+        "overlay": base64.b64encode(encode_image(overlay, style)).decode("ascii"),
+        "format": style.image_format,
+        "width": int(overlay.shape[1]),
+        "height": int(overlay.shape[0]),
+        "heatmap": [[round(float(v), settings.heatmap_decimals) for v in row] for row in heatmap.tolist()],
+        # Where the heatmap lies in the overlay: the centre crop the model saw.
+        "heatmap_box": list(model_view_box((overlay.shape[1], overlay.shape[0]), loaded.preprocess)),
+    }
+
+
+@torch.inference_mode()
+def handle_batch(loaded: LoadedModel, settings: HandlerSettings, rows: Sequence[Mapping[str, Any]], model_version: str,
+                 explain: Sequence[bool] | None = None) -> list[Response]:
     """Serve one TorchServe batch: per-request parsing and errors, one forward pass for the rest.
 
     A bad request gets its own 4xx response and never affects the others in the batch.
+    Predictions and explanations can share a batch: Grad-CAM is decided per request.
 
     Args:
         loaded: The served model.
         settings: The handler settings.
         rows: TorchServe's request rows.
         model_version: Version reported in every response.
+        explain: Per request, whether it came through the explanations API.
 
     Returns:
         One :class:`Response` per row, in order.
     """
+    explain = explain or [False] * len(rows)
     responses: list[Response | None] = [None] * len(rows)
+    requests: list[tuple[int, ParsedRequest]] = []
     inputs: list[torch.Tensor] = []
-    valid: list[int] = []
     for index, row in enumerate(rows):
         try:
-            tensor, _ = load_model_input(extract_image_bytes(row), loaded.preprocess, settings.decode_limits)
+            parsed = parse_request(row, explain[index])
+            tensor, _ = load_model_input(parsed.image, loaded.preprocess, settings.decode_limits)
         except RequestError as error:
             status, body = error_response(error)
             logger.info("request %d of %d rejected: %s %s", index + 1, len(rows), status, error)
             responses[index] = Response(status, body)
             continue
+        requests.append((index, parsed))
         inputs.append(tensor)
-        valid.append(index)
-    if inputs:
-        probabilities = predict_probabilities(loaded, torch.stack(inputs))
-        for index, probs in zip(valid, probabilities.tolist()):
-            responses[index] = Response(200, format_prediction(probs, model_version, settings.referral_threshold))
+    if not inputs:
+        return responses  # type: ignore[return-value]
+    features, logits = run_model(loaded, torch.stack(inputs))
+    probabilities = torch.softmax(logits / loaded.temperature, dim=1).cpu()
+    explained = [position for position, (_, parsed) in enumerate(requests) if parsed.gradcam]
+    heatmaps: dict[int, tuple[torch.Tensor, int]] = {}
+    if explained:
+        rows_at = torch.tensor(explained, device=features.device)
+        targets = torch.tensor([requests[p][1].target_class if requests[p][1].target_class is not None
+                                else int(probabilities[p].argmax()) for p in explained], device=features.device)
+        maps = normalize_maps(gradcam_from_features(loaded.model, features[rows_at], targets)).cpu()
+        heatmaps = {p: (maps[i], int(targets[i])) for i, p in enumerate(explained)}
+    for position, (index, parsed) in enumerate(requests):
+        body = format_prediction(probabilities[position].tolist(), model_version, settings.referral_threshold)
+        if position in heatmaps:
+            heatmap, target = heatmaps[position]
+            body["gradcam"] = format_gradcam(parsed, heatmap, target, loaded, settings)
+        responses[index] = Response(200, body)
     return responses  # type: ignore[return-value]

@@ -68,6 +68,23 @@ def classifier_layer(model: nn.Module) -> nn.Linear:
     return model.classifier[-1]
 
 
+def forward_features(model: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
+    """The last convolutional feature map, i.e. the output of :func:`feature_layer`."""
+    if hasattr(model, "conv_head"):
+        return model.forward_features(inputs)
+    return model.features(inputs)
+
+
+def forward_head(model: nn.Module, features: torch.Tensor) -> torch.Tensor:
+    """Logits from :func:`forward_features` output: global average pooling, dropout, linear.
+
+    ``forward_head(model, forward_features(model, x))`` equals ``model(x)``.
+    """
+    if hasattr(model, "conv_head"):
+        return model.forward_head(features)
+    return model.classifier(torch.flatten(model.avgpool(features), 1))
+
+
 def imagenet_weights_path(arch: str) -> str | None:
     """Where ImageNet weights for ``arch`` already are on this machine, if anywhere.
 

@@ -40,8 +40,13 @@ class SkinLesionHandler(BaseHandler):
         logger.info("loaded %s (%s, version %s) on %s", checkpoint, self.loaded.config["arch"], self.model_version, self.device)
 
     def handle(self, data: list[dict[str, Any]], context: Any) -> list[str]:
-        """Answer one batch; each request gets its own status code and JSON body."""
-        responses = handle_batch(self.loaded, self.settings, data, self.model_version)
+        """Answer one batch; each request gets its own status code and JSON body.
+
+        TorchServe's own explain switch looks at the first request only; here each request
+        of a mixed batch is asked whether it came through ``/explanations``.
+        """
+        explain = [context.get_request_header(index, "explain") == "True" for index in range(len(data))]
+        responses = handle_batch(self.loaded, self.settings, data, self.model_version, explain)
         bodies = []
         for index, response in enumerate(responses):
             context.set_response_status(code=response.status, phrase="", idx=index)

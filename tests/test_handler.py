@@ -17,13 +17,16 @@ class MockContext:
         self.system_properties = {"model_dir": str(model_dir), "gpu_id": None, "batch_size": 8}
         self.manifest = {"model": {"modelName": "skin_lesion", "serializedFile": "skin_lesion.pt", "modelVersion": "7.7"}}
         self.model_yaml_config = {"handler": handler_settings}
-        self.statuses, self.content_types = {}, {}
+        self.statuses, self.content_types, self.headers = {}, {}, {}
 
     def set_response_status(self, code=200, phrase="", idx=0):
         self.statuses[idx] = code
 
     def set_response_content_type(self, idx, value):
         self.content_types[idx] = value
+
+    def get_request_header(self, idx, key):
+        return self.headers.get(idx, {}).get(key)
 
 
 @pytest.fixture()

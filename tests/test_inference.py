@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from handler.errors import EmptyBodyError, InvalidBase64Error, MalformedJSONError, MissingImageError
-from handler.inference import HandlerSettings, extract_image_bytes, format_prediction, handle_batch, predict_probabilities
+from handler.inference import HandlerSettings, parse_request, format_prediction, handle_batch, predict_probabilities
 from handler.labels import CLASS_CODES
 from handler.model import load_checkpoint
 from handler.preprocessing import load_model_input
@@ -13,11 +13,11 @@ from handler.preprocessing import load_model_input
 
 def test_raw_multipart_and_json_bodies(sample_jpeg):
     encoded = base64.b64encode(sample_jpeg).decode()
-    assert extract_image_bytes({"body": bytearray(sample_jpeg)}) == sample_jpeg
-    assert extract_image_bytes({"data": sample_jpeg}) == sample_jpeg
-    assert extract_image_bytes({"body": {"image": encoded}}) == sample_jpeg
-    assert extract_image_bytes({"body": json.dumps({"image": encoded}).encode()}) == sample_jpeg
-    assert extract_image_bytes({"body": {"image": "data:image/jpeg;base64," + encoded}}) == sample_jpeg
+    assert parse_request({"body": bytearray(sample_jpeg)}).image == sample_jpeg
+    assert parse_request({"data": sample_jpeg}).image == sample_jpeg
+    assert parse_request({"body": {"image": encoded}}).image == sample_jpeg
+    assert parse_request({"body": json.dumps({"image": encoded}).encode()}).image == sample_jpeg
+    assert parse_request({"body": {"image": "data:image/jpeg;base64," + encoded}}).image == sample_jpeg
 
 
 @pytest.mark.parametrize("row, error", [
@@ -30,7 +30,7 @@ def test_raw_multipart_and_json_bodies(sample_jpeg):
 ])
 def test_bad_bodies_raise_typed_errors(row, error):
     with pytest.raises(error):
-        extract_image_bytes(row)
+        parse_request(row)
 
 
 def test_format_prediction_contract():
@@ -56,8 +56,8 @@ def test_settings_come_from_config_and_reject_typos():
 def test_batch_with_bad_requests_answers_each_and_runs_one_forward(tiny_checkpoint, sample_jpeg, monkeypatch):
     loaded = load_checkpoint(tiny_checkpoint)
     calls = []
-    forward = loaded.model.forward
-    monkeypatch.setattr(loaded.model, "forward", lambda x: calls.append(x.shape[0]) or forward(x))
+    forward = loaded.model.forward_features
+    monkeypatch.setattr(loaded.model, "forward_features", lambda x: calls.append(x.shape[0]) or forward(x))
     rows = [{"body": sample_jpeg}, {"body": b""}, {"body": b"not an image"}, {"data": sample_jpeg},
             {"body": {"image": "???"}}]
     responses = handle_batch(loaded, HandlerSettings(), rows, "0.0.1-test")

@@ -1,12 +1,15 @@
 """Integration tests against a real TorchServe serving the released archive on 127.0.0.1."""
 
 import base64
+import io
 import os
 from concurrent.futures import ThreadPoolExecutor
 
+import numpy as np
 import pytest
 import requests
 import torch
+from PIL import Image
 
 from handler.model import load_checkpoint
 from handler.inference import predict_probabilities
@@ -104,3 +107,54 @@ def test_stop_ends_the_server_by_its_own_pid(tmp_path, release_store):
         os.killpg(pid, 0)
     with pytest.raises(requests.ConnectionError):
         requests.get(f"{inference}/ping", timeout=5)
+
+
+def explain(server, data=None, **kwargs):
+    return requests.post(f"{server.url('inference')}/explanations/{MODEL}", data=data,
+                         headers=server.headers("inference"), timeout=60, **kwargs)
+
+
+def test_explanations_endpoint_returns_gradcam_matching_autograd(torchserve, samples_dir):
+    from tests.gradcam_reference import autograd_gradcam
+    from handler.gradcam import normalize_maps
+    from handler.preprocessing import normalize_batch
+
+    image = (samples_dir / "ISIC_0025032.jpg").read_bytes()
+    response = explain(torchserve, image)
+    assert response.status_code == 200, response.text
+    body = response.json()
+    gradcam = body["gradcam"]
+    assert gradcam["class"] == body["prediction"] and gradcam["format"] == "jpeg"
+    overlay = Image.open(io.BytesIO(base64.b64decode(gradcam["overlay"])))
+    assert overlay.size == (600, 450) == (gradcam["width"], gradcam["height"])
+    loaded = load_checkpoint(RELEASED_CHECKPOINT)
+    inputs = normalize_batch(load_model_input(image, loaded.preprocess)[0][None], loaded.preprocess)
+    target = torch.tensor([CLASS_CODES.index(gradcam["class"])])
+    reference = normalize_maps(autograd_gradcam(loaded.model, inputs, target))[0]
+    assert np.abs(np.array(gradcam["heatmap"]) - reference.numpy()).max() <= 1e-3
+
+
+def test_mixed_predict_and_explain_traffic_shares_batches(torchserve, samples_dir):
+    image = (samples_dir / "ISIC_0024412.jpg").read_bytes()
+    encoded = base64.b64encode(image).decode()
+    calls = [
+        lambda: predict(torchserve, image),
+        lambda: explain(torchserve, image),
+        lambda: requests.post(f"{torchserve.url('inference')}/predictions/{MODEL}", json={"image": encoded, "gradcam": True,
+                              "target_class": "mel"}, headers=torchserve.headers("inference"), timeout=60),
+        lambda: requests.post(f"{torchserve.url('inference')}/predictions/{MODEL}", json={"image": encoded, "target_class": "x"},
+                              headers=torchserve.headers("inference"), timeout=60),
+    ] * 4
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        responses = list(pool.map(lambda call: call(), calls))
+    for position, response in enumerate(responses):
+        kind = position % 4
+        if kind == 3:
+            assert response.status_code == 400 and response.json()["error"]["code"] == "invalid_option"
+            continue
+        assert response.status_code == 200, response.text
+        body = response.json()
+        assert ("gradcam" in body) == (kind != 0)
+        if kind == 2:
+            assert body["gradcam"]["class"] == "mel"
+    assert len(responses[1].content) < int(torchserve.properties["max_response_size"])
