@@ -10,10 +10,13 @@ IMAGE ?= ../shared/data/samples-600x450/ISIC_0024354.jpg
 IMAGES ?= $(DATA)/images
 LABELS ?= $(DATA)/metadata.csv
 OUT ?= runs/eval
+OUT_EXPLAIN ?= runs/explain
+TARGET ?=
+BENCH_ARGS ?=
 TRAIN_ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: help install java train evaluate archive serve stop status predict test clean
+.PHONY: help install java train evaluate archive serve stop status predict explain bench test clean
 
 help:
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | sort
@@ -56,6 +59,12 @@ status: ## Show the served model's workers and version
 
 predict: ## Send one image to the running server: make predict IMAGE=path.jpg
 	$(PY) scripts/serve.py predict --run-dir $(RUN_DIR) --image $(IMAGE)
+
+explain: install ## Grad-CAM panels for IMAGE (space-separated list) into OUT_EXPLAIN [TARGET=mel]
+	$(PY) scripts/explain.py $(IMAGE) --out $(OUT_EXPLAIN) $(if $(TARGET),--target-class $(TARGET))
+
+bench: install ## Benchmarks (ratios measured in one run) into runs/bench and docs/PERFORMANCE.md
+	$(PY) scripts/bench.py $(BENCH_ARGS)
 
 test: install ## Unit and integration tests (real TorchServe on free 127.0.0.1 ports)
 	$(PY) -m pytest $(PYTEST_ARGS)

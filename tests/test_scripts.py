@@ -56,3 +56,29 @@ def test_evaluate_names_missing_images(tmp_path):
          "--checkpoint", str(RELEASED_CHECKPOINT)])
     with pytest.raises(FileNotFoundError, match="ISIC_9999999"):
         evaluate.main(args)
+
+
+@pytest.mark.data
+def test_explain_writes_side_by_side_panels(samples_dir, tmp_path):
+    from PIL import Image
+    from scripts import explain
+
+    images = [str(samples_dir / "ISIC_0024354.jpg"), str(samples_dir / "ISIC_0025032.jpg")]
+    written = explain.main(explain.get_args_parser().parse_args(images + ["--out", str(tmp_path), "--target-class", "mel"]))
+    assert [p.name for p in written] == ["ISIC_0024354_gradcam.png", "ISIC_0025032_gradcam.png"]
+    panel = Image.open(written[0])
+    assert panel.size == (1200, 450 + explain.TEXT_BAND)
+
+
+@pytest.mark.data
+def test_bench_reports_gradcam_cost_ratios(samples_dir, tmp_path):
+    from scripts import bench
+
+    args = bench.get_args_parser().parse_args(["--samples", str(samples_dir), "--batch-sizes", "1", "2", "--rounds", "1",
+                                               "--out", str(tmp_path), "--report", str(tmp_path / "PERF.md")])
+    result = bench.main(args)
+    rows = {(r["batch_size"], r["overlay_format"]): r for r in result["gradcam"]}
+    assert set(rows) == {(1, "jpeg"), (1, "png"), (2, "jpeg"), (2, "png")}
+    assert all(r["gradcam_cost_ratio"] > 0 for r in rows.values())
+    assert json.loads((tmp_path / "bench.json").read_text())["machine"]
+    assert "gradcam_cost_ratio" in (tmp_path / "PERF.md").read_text()
