@@ -18,6 +18,13 @@ class EmptyBodyError(RequestError):
     code = "empty_body"
 
 
+class PayloadTooLargeError(RequestError):
+    """The request body exceeds the handler's byte limit."""
+
+    status = HTTPStatus.REQUEST_ENTITY_TOO_LARGE
+    code = "payload_too_large"
+
+
 class MalformedJSONError(RequestError):
     """The body claims to be JSON but is not a valid JSON object."""
 

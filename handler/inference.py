@@ -12,8 +12,8 @@ from typing import Any, Mapping, Sequence
 import torch
 
 from handler.errors import (
-    EmptyBodyError, InvalidBase64Error, InvalidOptionError, MalformedJSONError, MissingImageError, RequestError,
-    error_response)
+    EmptyBodyError, InvalidBase64Error, InvalidOptionError, MalformedJSONError, MissingImageError, PayloadTooLargeError,
+    RequestError, error_response)
 from handler.gradcam import gradcam_from_features, normalize_maps
 from handler.labels import CLASS_CODES, REFERRAL_CLASSES, Risk, class_index, lesion_class
 from handler.model import LoadedModel, forward_features, forward_head
@@ -33,6 +33,8 @@ class HandlerSettings:
     """Serving settings, read from the ``handler:`` block of ``model-config.yaml``.
 
     Attributes:
+        max_body_bytes: Largest accepted image, in bytes (after base64 decoding). TorchServe's
+            own ``max_request_size`` sits above it and answers with an empty 413.
         max_pixels: Decompression-bomb guard: largest width x height decoded.
         min_side: Smallest accepted image side, in pixels.
         referral_threshold: ``malignant_probability`` at or above which the response
@@ -45,6 +47,7 @@ class HandlerSettings:
         heatmap_decimals: Rounding of the raw heatmap values in the response.
     """
 
+    max_body_bytes: int = 16 * 1024 * 1024
     max_pixels: int = 40_000_000
     min_side: int = 8
     referral_threshold: float = 0.5
@@ -98,7 +101,7 @@ class Response:
     body: dict[str, Any]
 
 
-def parse_request(row: Mapping[str, Any], explain: bool = False) -> ParsedRequest:
+def parse_request(row: Mapping[str, Any], explain: bool = False, max_bytes: int | None = None) -> ParsedRequest:
     """Get the image and options out of one TorchServe request row.
 
     Accepts a raw image body, a multipart ``data`` field (with optional ``gradcam``,
@@ -110,6 +113,7 @@ def parse_request(row: Mapping[str, Any], explain: bool = False) -> ParsedReques
     Args:
         row: One element of the batch TorchServe passes to ``handle``.
         explain: Whether this request came through the explanations API.
+        max_bytes: Largest accepted body or decoded image, in bytes.
 
     Returns:
         The parsed request; ``gradcam`` is on if asked for or if ``explain``.
@@ -121,6 +125,8 @@ def parse_request(row: Mapping[str, Any], explain: bool = False) -> ParsedReques
     payload = row.get("data")
     if payload is None:
         payload = row.get("body")
+    if max_bytes is not None and isinstance(payload, (bytes, bytearray, str)) and len(payload) > max_bytes:
+        raise PayloadTooLargeError(f"request body is {len(payload)} bytes; the limit is {max_bytes}")
     if isinstance(payload, str):
         payload = payload.encode("utf-8")
     if isinstance(payload, (bytes, bytearray)) and payload.lstrip()[:1] in (b"{", b"["):
@@ -132,6 +138,8 @@ def parse_request(row: Mapping[str, Any], explain: bool = False) -> ParsedReques
     if isinstance(payload, Mapping):
         options = payload
         image = _decode_base64_image(payload)
+        if max_bytes is not None and len(image) > max_bytes:
+            raise PayloadTooLargeError(f"image is {len(image)} bytes; the limit is {max_bytes}")
     elif isinstance(payload, list):
         raise MalformedJSONError("JSON body must be an object like {\"image\": \"<base64>\"}, not a list")
     elif not payload:
@@ -303,7 +311,7 @@ def handle_batch(loaded: LoadedModel, settings: HandlerSettings, rows: Sequence[
     inputs: list[torch.Tensor] = []
     for index, row in enumerate(rows):
         try:
-            parsed = parse_request(row, explain[index])
+            parsed = parse_request(row, explain[index], settings.max_body_bytes)
             tensor, _ = load_model_input(parsed.image, loaded.preprocess, settings.decode_limits)
         except RequestError as error:
             status, body = error_response(error)

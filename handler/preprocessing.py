@@ -111,9 +111,12 @@ def decode_image(data: bytes, limits: DecodeLimits = DecodeLimits(), draft_size:
     try:
         image = Image.open(io.BytesIO(data))
     except Image.DecompressionBombError as exc:
-        raise ImageTooLargeError(f"image refused before decoding: {exc}") from exc
-    except (UnidentifiedImageError, OSError, ValueError) as exc:
-        raise InvalidImageError("body is not a decodable image") from exc
+        raise ImageTooLargeError(f"image refused before decoding: its header declares more than "
+                                 f"{limits.max_pixels} pixels") from exc
+    except UnidentifiedImageError as exc:
+        raise InvalidImageError("body is not an image in a format we can read (JPEG, PNG, WebP, TIFF, GIF, BMP)") from exc
+    except (OSError, ValueError, SyntaxError) as exc:
+        raise InvalidImageError(f"image header is invalid ({exc})") from exc
     width, height = image.size
     if width * height > limits.max_pixels:
         raise ImageTooLargeError(
@@ -147,7 +150,7 @@ def to_rgb(image: Image.Image) -> Image.Image:
     if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
         array = np.asarray(image, dtype=np.float64)
         scale = 65535.0 if image.mode.startswith("I;16") or array.max() > 255 else 255.0
-        array = np.clip(array / scale * 255.0, 0, 255).astype(np.uint8)
+        array = np.clip(np.rint(array / scale * 255.0), 0, 255).astype(np.uint8)
         image = Image.fromarray(array)
     if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
         rgba = image.convert("RGBA")

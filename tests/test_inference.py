@@ -79,3 +79,13 @@ def test_probabilities_use_the_fitted_temperature(tiny_checkpoint, sample_jpeg):
     with torch.no_grad():
         logits = loaded.model(normalize_batch(batch, loaded.preprocess))
     assert torch.allclose(probs, torch.softmax(logits / 1.5, 1), atol=1e-6)
+
+
+def test_byte_limit_applies_to_raw_and_base64_bodies():
+    from handler.errors import PayloadTooLargeError
+
+    with pytest.raises(PayloadTooLargeError):
+        parse_request({"body": b"x" * 11}, max_bytes=10)
+    with pytest.raises(PayloadTooLargeError):
+        parse_request({"body": {"image": base64.b64encode(b"y" * 11).decode()}}, max_bytes=10)
+    assert parse_request({"body": b"x" * 10}, max_bytes=10).image == b"x" * 10
