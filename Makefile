@@ -13,10 +13,11 @@ OUT ?= runs/eval
 OUT_EXPLAIN ?= runs/explain
 TARGET ?=
 BENCH_ARGS ?=
+SOAK_ARGS ?=
 TRAIN_ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: help install java train evaluate archive serve stop status predict explain bench test clean
+.PHONY: help install java train evaluate archive serve stop status predict explain bench soak test clean
 
 help:
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | sort
@@ -65,6 +66,9 @@ explain: install ## Grad-CAM panels for IMAGE (space-separated list) into OUT_EX
 
 bench: install ## Benchmarks (ratios measured in one run) into runs/bench and docs/PERFORMANCE.md
 	$(PY) scripts/bench.py $(BENCH_ARGS)
+
+soak: install model_store/skin_lesion.mar ## 10-minute soak at 80 % of measured peak (uses the running server, or starts one)
+	$(PY) scripts/soak.py --run-dir $(RUN_DIR) $(SOAK_ARGS)
 
 test: install ## Unit and integration tests (real TorchServe on free 127.0.0.1 ports)
 	$(PY) -m pytest $(PYTEST_ARGS)
