@@ -113,6 +113,11 @@ def render_properties(base: Path, overrides: dict[str, str]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def literal_pattern(text: str) -> str:
+    """A regex matching ``text`` literally, written without backslashes (which Java properties files eat)."""
+    return "".join(char if char.isalnum() or char == "/" else f"[{char}]" for char in text)
+
+
 def start(run_dir: Path, model_store: Path, config: Path, overrides: dict[str, str] | None = None,
           models: str | None = None) -> Server:
     """Launch TorchServe in its own process group, detached from the caller.
@@ -134,7 +139,9 @@ def start(run_dir: Path, model_store: Path, config: Path, overrides: dict[str, s
     (run_dir / "logs").mkdir(parents=True, exist_ok=True)
     (run_dir / "tmp").mkdir(exist_ok=True)
     (run_dir / "key_file.json").unlink(missing_ok=True)
-    properties = {"model_store": str(model_store.resolve()), **(overrides or {})}
+    store = model_store.resolve()
+    properties = {"model_store": str(store), "allowed_urls": f"file://{literal_pattern(str(store))}/[^/]+[.]mar",
+                  **(overrides or {})}
     (run_dir / "config.properties").write_text(render_properties(config, properties))
     env = {**os.environ, "TMPDIR": str(run_dir / "tmp"), "TEMP": str(run_dir / "tmp"),
            "LOG_LOCATION": str(run_dir / "logs"), "METRICS_LOCATION": str(run_dir / "logs")}

@@ -1,0 +1,67 @@
+"""Security properties of the repository and of a running server."""
+
+import hashlib
+import re
+import subprocess
+import zipfile
+
+import pytest
+import requests
+
+from tests.conftest import ROOT
+
+
+def tracked_python_files():
+    names = subprocess.run(["git", "ls-files", "*.py"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
+    return [ROOT / name for name in names]
+
+
+def test_every_torch_load_is_weights_only():
+    calls = []
+    for path in tracked_python_files():
+        text = path.read_text()
+        for match in re.finditer(r"torch\.load\(", text):
+            depth, end = 0, match.end() - 1
+            for end in range(match.end() - 1, len(text)):
+                depth += {"(": 1, ")": -1}.get(text[end], 0)
+                if depth == 0:
+                    break
+            calls.append((path.name, text[match.start():end + 1]))
+    assert calls, "the scan found no torch.load at all"
+    unsafe = [(name, call) for name, call in calls if "weights_only=True" not in call]
+    assert not unsafe
+
+
+def test_dependencies_are_pinned():
+    for requirements in ROOT.glob("requirements*.txt"):
+        for line in requirements.read_text().splitlines():
+            line = line.split("#")[0].strip()
+            if line and not line.startswith("-r "):
+                assert re.fullmatch(r"[A-Za-z0-9_.\-\[\]]+==[A-Za-z0-9_.+\-]+", line), f"{requirements.name}: {line}"
+
+
+def test_archive_holds_only_repository_files(release_store):
+    archive = zipfile.ZipFile(release_store / "skin_lesion.mar")
+    expected = {f"handler/{p.name}": p for p in (ROOT / "handler").glob("*.py")}
+    expected |= {"skin_lesion_handler.py": ROOT / "handler" / "skin_lesion_handler.py",
+                 "skin_lesion.pt": ROOT / "models" / "skin_lesion.pt",
+                 "model-config.yaml": ROOT / "config" / "model-config.yaml"}
+    names = set(archive.namelist()) - {"MAR-INF/MANIFEST.json"}
+    assert names == set(expected)
+    for name, source in expected.items():
+        assert hashlib.sha256(archive.read(name)).digest() == hashlib.sha256(source.read_bytes()).digest(), name
+
+
+@pytest.mark.slow
+@pytest.mark.data
+def test_management_api_refuses_registration_and_everything_needs_a_token(torchserve):
+    properties = torchserve.properties
+    assert properties["allowed_urls"].startswith("file://") and "http" not in properties["allowed_urls"]
+    assert properties["grpc_inference_address"] == properties["grpc_management_address"] == "127.0.0.1"
+    management = torchserve.url("management")
+    for url in ("https://example.com/evil.mar", "file:///etc/passwd"):
+        response = requests.post(f"{management}/models", params={"url": url}, headers=torchserve.headers("management"), timeout=30)
+        assert 400 <= response.status_code < 500, response.text
+    assert requests.get(f"{management}/models", timeout=10).status_code in (400, 401)
+    assert requests.get(f"{torchserve.url('inference')}/ping", timeout=10).status_code in (400, 401)
+    assert "skin_lesion" in requests.get(f"{management}/models", headers=torchserve.headers("management"), timeout=10).text
