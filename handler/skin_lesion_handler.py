@@ -10,7 +10,8 @@ from typing import Any
 import torch
 from ts.torch_handler.base_handler import BaseHandler
 
-from handler.inference import HandlerSettings, handle_batch
+from handler.inference import BatchTimings, HandlerSettings, handle_batch
+from handler.metrics import batch_metric_updates, publish
 from handler.model import load_checkpoint
 
 logger = logging.getLogger(__name__)
@@ -36,6 +37,7 @@ class SkinLesionHandler(BaseHandler):
         checkpoint = os.path.join(properties["model_dir"], manifest["serializedFile"])
         self.loaded = load_checkpoint(checkpoint, self.device)
         self.model_version = manifest.get("modelVersion") or self.loaded.version
+        self.model_name = manifest.get("modelName", "skin_lesion")
         self.initialized = True
         logger.info("loaded %s (%s, version %s) on %s", checkpoint, self.loaded.config["arch"], self.model_version, self.device)
 
@@ -46,7 +48,9 @@ class SkinLesionHandler(BaseHandler):
         of a mixed batch is asked whether it came through ``/explanations``.
         """
         explain = [context.get_request_header(index, "explain") == "True" for index in range(len(data))]
-        responses = handle_batch(self.loaded, self.settings, data, self.model_version, explain)
+        timings = BatchTimings()
+        responses = handle_batch(self.loaded, self.settings, data, self.model_version, explain, timings)
+        publish(context.metrics, batch_metric_updates(self.model_name, responses, explain, timings))
         bodies = []
         for index, response in enumerate(responses):
             context.set_response_status(code=response.status, phrase="", idx=index)

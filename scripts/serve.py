@@ -141,7 +141,7 @@ def start(run_dir: Path, model_store: Path, config: Path, overrides: dict[str, s
     (run_dir / "key_file.json").unlink(missing_ok=True)
     store = model_store.resolve()
     properties = {"model_store": str(store), "allowed_urls": f"file://{literal_pattern(str(store))}/[^/]+[.]mar",
-                  **(overrides or {})}
+                  "metrics_config": str(ROOT / "config" / "metrics.yaml"), **(overrides or {})}
     (run_dir / "config.properties").write_text(render_properties(config, properties))
     env = {**os.environ, "TMPDIR": str(run_dir / "tmp"), "TEMP": str(run_dir / "tmp"),
            "LOG_LOCATION": str(run_dir / "logs"), "METRICS_LOCATION": str(run_dir / "logs")}

@@ -63,13 +63,17 @@ def test_closed_form_equals_autograd_on_real_images(arch, seed, samples_dir):
 
 
 @pytest.mark.data
-def test_released_model_matches_the_grad_cam_package(samples_dir):
+@pytest.mark.parametrize("model_source", ["released", "efficientnet_lite0", "efficientnet_b0"])
+def test_matches_the_grad_cam_package(model_source, samples_dir):
     from pytorch_grad_cam import GradCAM
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
-    loaded = load_checkpoint(RELEASED_CHECKPOINT)
-    model = loaded.model
-    inputs = real_batch(samples_dir, loaded.preprocess)
+    if model_source == "released":
+        loaded = load_checkpoint(RELEASED_CHECKPOINT)
+        model, preprocess = loaded.model, loaded.preprocess
+    else:
+        model, preprocess = random_model(model_source, 3), default_preprocess_config(model_source)
+    inputs = real_batch(samples_dir, preprocess)
     targets = [class_index("mel"), class_index("nv"), class_index("bcc"), class_index("bkl")]
     with GradCAM(model=model, target_layers=[feature_layer(model)]) as cam:
         theirs = cam(input_tensor=inputs, targets=[ClassifierOutputTarget(t) for t in targets])

@@ -10,6 +10,24 @@ from handler.skin_lesion_handler import SkinLesionHandler
 from tests.conftest import ROOT
 
 
+class RecordingMetric:
+    def __init__(self, log, name):
+        self.log, self.name = log, name
+
+    def add_or_update(self, value, dimension_values=()):
+        self.log.append((self.name, value, list(dimension_values)))
+
+
+class RecordingMetrics:
+    """Stands in for TorchServe's metrics cache and records every update."""
+
+    def __init__(self):
+        self.log = []
+
+    def get_metric(self, name, metric_type):
+        return RecordingMetric(self.log, name)
+
+
 class MockContext:
     """The parts of ts.context.Context the handler uses."""
 
@@ -18,6 +36,7 @@ class MockContext:
         self.manifest = {"model": {"modelName": "skin_lesion", "serializedFile": "skin_lesion.pt", "modelVersion": "7.7"}}
         self.model_yaml_config = {"handler": handler_settings}
         self.statuses, self.content_types, self.headers = {}, {}, {}
+        self.metrics = RecordingMetrics()
 
     def set_response_status(self, code=200, phrase="", idx=0):
         self.statuses[idx] = code
@@ -61,3 +80,21 @@ def test_unknown_handler_setting_fails_initialize(context):
     context.model_yaml_config = {"handler": {"batch_size_typo": 3}}
     with pytest.raises(ValueError, match="unknown handler settings"):
         SkinLesionHandler().initialize(context)
+
+
+def test_handle_publishes_metrics_per_request_and_per_batch(context, sample_jpeg):
+    handler = SkinLesionHandler()
+    handler.initialize(context)
+    context.headers = {1: {"explain": "True"}}
+    bodies = [json.loads(b) for b in handler.handle([{"body": sample_jpeg}, {"body": sample_jpeg}, {"body": b"x"}], context)]
+    log = context.metrics.log
+    requests = sorted(dims for name, _, dims in log if name == "skin_lesion_requests_total")
+    assert requests == [["skin_lesion", "explain", "ok"], ["skin_lesion", "predict", "invalid_image"],
+                        ["skin_lesion", "predict", "ok"]]
+    predicted = [dims[1] for name, _, dims in log if name == "skin_lesion_predictions_total"]
+    assert predicted == [bodies[0]["prediction"]] * 2
+    assert [v for name, v, _ in log if name == "skin_lesion_batch_size"] == [3.0]
+    confidences = [v for name, v, _ in log if name == "skin_lesion_top_confidence_tenths"]
+    assert confidences == [10 * bodies[0]["confidence"]] * 2
+    for name in ("skin_lesion_preprocess_seconds", "skin_lesion_inference_seconds", "skin_lesion_gradcam_seconds"):
+        assert [v for n, v, _ in log if n == name][0] > 0
