@@ -12,20 +12,26 @@ LABELS ?= $(DATA)/metadata.csv
 OUT ?= runs/eval
 OUT_EXPLAIN ?= runs/explain
 TARGET ?=
+VERSION ?=
+CHECKPOINT ?=
 BENCH_ARGS ?=
 SOAK_ARGS ?=
 TRAIN_ARGS ?=
 PYTEST_ARGS ?=
+DEMO_ARGS ?=
 
-.PHONY: help install java train evaluate archive serve stop status predict explain bench soak test clean
+.PHONY: help install java train evaluate archive serve stop status release rollout rollback predict explain bench soak demo test clean
 
 help:
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | sort
 
-$(VENV)/.installed: requirements.txt requirements-dev.txt
+# requirements-demo.txt goes in with --no-deps: gradio declares pillow<13, so that file pins
+# gradio's whole dependency closure itself, next to the project's pillow pin.
+$(VENV)/.installed: requirements.txt requirements-dev.txt requirements-demo.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -r requirements-dev.txt
+	$(PY) -m pip install --quiet --no-deps -r requirements-demo.txt
 	touch $@
 
 install: $(VENV)/.installed java ## Virtual environment with pinned packages, plus Java 17
@@ -55,8 +61,17 @@ serve: install model_store/skin_lesion.mar ## Start TorchServe on 127.0.0.1 and 
 stop: ## Stop the TorchServe started by `make serve`
 	@if [ -x $(PY) ]; then $(PY) scripts/serve.py stop --run-dir $(RUN_DIR); else echo "nothing installed, nothing to stop"; fi
 
-status: ## Show the served model's workers and version
-	$(PY) scripts/serve.py status --run-dir $(RUN_DIR)
+status: ## Versions, default version, workers and health of the running server
+	$(PY) scripts/rollout.py status --run-dir $(RUN_DIR)
+
+release: install ## Archive model_store/skin_lesion_vVERSION.mar: make release VERSION=x.y [CHECKPOINT=...]
+	$(PY) scripts/rollout.py release --version "$(VERSION)" $(if $(CHECKPOINT),--checkpoint $(CHECKPOINT))
+
+rollout: ## Register VERSION next to the default, smoke-test it, then make it the default: make rollout VERSION=x.y
+	$(PY) scripts/rollout.py rollout --run-dir $(RUN_DIR) --version "$(VERSION)"
+
+rollback: ## Make the previous default the default again
+	$(PY) scripts/rollout.py rollback --run-dir $(RUN_DIR)
 
 predict: ## Send one image to the running server: make predict IMAGE=path.jpg
 	$(PY) scripts/serve.py predict --run-dir $(RUN_DIR) --image $(IMAGE)
@@ -69,6 +84,9 @@ bench: install ## Benchmarks (ratios measured in one run) into runs/bench and do
 
 soak: install model_store/skin_lesion.mar ## 10-minute soak at 80 % of measured peak (uses the running server, or starts one)
 	$(PY) scripts/soak.py --run-dir $(RUN_DIR) $(SOAK_ARGS)
+
+demo: install model_store/skin_lesion.mar ## Gradio demo on http://127.0.0.1:7860 (uses the running server, or starts one) [DEMO_ARGS=--local]
+	$(PY) app.py --run-dir $(RUN_DIR) $(DEMO_ARGS)
 
 test: install ## Unit and integration tests (real TorchServe on free 127.0.0.1 ports)
 	$(PY) -m pytest $(PYTEST_ARGS)

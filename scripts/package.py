@@ -2,7 +2,7 @@
 
 Example:
     python scripts/package.py                      # model_store/skin_lesion.mar
-    python scripts/package.py --version 1.1 --archive-name skin_lesion_v1.1
+    python scripts/package.py --version 1.1 --archive-name skin_lesion_v1.1   # make release VERSION=1.1
 """
 
 from __future__ import annotations
@@ -56,15 +56,17 @@ def main(args: argparse.Namespace) -> Path:
         shutil.copy2(checkpoint, serialized)
         command = [
             sys.executable, "-m", "model_archiver.model_packaging",
-            "--model-name", archive_name, "--version", version,
+            "--model-name", args.model_name, "--version", version,
             "--serialized-file", str(serialized),
             "--handler", str(HANDLER_PACKAGE / "skin_lesion_handler.py"),
             "--extra-files", str(extra),
             "--config-file", str(Path(args.model_config)),
-            "--export-path", str(export_path), "--force",
+            "--export-path", str(staging_dir), "--force",
         ]
         subprocess.run(command, check=True)
-    archive = export_path / f"{archive_name}.mar"
+        # The archiver names the file after the model; the manifest keeps the model name.
+        archive = export_path / f"{archive_name}.mar"
+        shutil.move(staging_dir / f"{args.model_name}.mar", archive)
     print(f"built {archive} (version {version}, {archive.stat().st_size / 1e6:.1f} MB)")
     return archive
 
