@@ -229,7 +229,7 @@ def _group_alive(pgid: int) -> bool:
 def get_args_parser() -> argparse.ArgumentParser:
     """Command-line options."""
     parser = argparse.ArgumentParser(description="Run the skin-lesion TorchServe deployment")
-    parser.add_argument("action", choices=("start", "stop", "status", "predict"))
+    parser.add_argument("action", choices=("start", "stop", "predict"))
     parser.add_argument("--run-dir", default=str(ROOT / "run"), help="instance folder (config, keys, logs, pids)")
     parser.add_argument("--model-store", default=str(ROOT / "model_store"))
     parser.add_argument("--config", default=str(ROOT / "config" / "config.properties"))
@@ -261,10 +261,6 @@ def main(args: argparse.Namespace) -> int:
     if not server.is_running():
         print(f"no server running from {server.run_dir}", file=sys.stderr)
         return 1
-    if args.action == "status":
-        response = requests.get(f"{server.url('management')}/models/{MODEL_NAME}", headers=server.headers("management"), timeout=10)
-        print(json.dumps(response.json(), indent=2))
-        return 0 if response.ok else 1
     if not args.image:
         print("predict needs --image", file=sys.stderr)
         return 2

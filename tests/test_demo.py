@@ -1,0 +1,268 @@
+"""The Gradio demo: its backends and page content, and the page itself in real headless Chromium against real TorchServe."""
+
+from __future__ import annotations
+
+import base64
+import io
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import requests
+from PIL import Image
+
+import app
+from demo.client import DEFAULT_CHECKPOINT, DEFAULT_MODEL_CONFIG, DemoError, LocalBackend, RemoteBackend, connect, \
+    load_handler_settings, load_preprocess
+from demo.presentation import OverlayRenderer, example_images, probability_figure, summary_html
+from handler.labels import CLASS_CODES
+from handler.preprocessing import decode_image
+from scripts import serve
+from tests.conftest import ROOT, free_port
+
+CHROMIUM = Path("/usr/bin/chromium")
+# This machine has no internet: no background traffic, no updates, no first-run fetches.
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run"]
+SCREENSHOT_ARTIFACT = ROOT / "runs" / "artifacts" / "demo_screenshot.png"
+NEVUS = "ISIC_0024354.jpg"
+
+
+@pytest.fixture(scope="module")
+def settings():
+    return load_handler_settings(DEFAULT_MODEL_CONFIG)
+
+
+@pytest.fixture(scope="module")
+def renderer(settings):
+    return OverlayRenderer(load_preprocess(DEFAULT_CHECKPOINT), settings)
+
+
+@pytest.fixture(scope="module")
+def local_backend(settings):
+    return LocalBackend(DEFAULT_CHECKPOINT, settings)
+
+
+def closed_url() -> str:
+    return f"http://127.0.0.1:{free_port()}"
+
+
+def test_defaults_bind_loopback_without_share_link():
+    args = app.get_args_parser().parse_args([])
+    assert args.host == "127.0.0.1" and not args.share and not args.local
+    assert args.url == "http://127.0.0.1:8080" and Path(args.run_dir) == ROOT / "run"
+
+
+def test_server_down_is_a_readable_message(tmp_path):
+    url = closed_url()
+    with pytest.raises(DemoError, match=r"not answering at .*make serve") as caught:
+        RemoteBackend(url, serve.Server(tmp_path)).predict(b"any bytes")
+    assert "Traceback" not in str(caught.value)
+    with pytest.raises(DemoError, match="no TorchServe answers"):
+        connect(url, tmp_path, start_if_down=False)
+
+
+@pytest.mark.data
+def test_local_backend_answers_with_the_server_contract(local_backend, samples_dir):
+    body = local_backend.predict((samples_dir / NEVUS).read_bytes())
+    assert list(body["probabilities"]) == list(CLASS_CODES)
+    assert body["gradcam"]["class"] == body["prediction"]
+    assert body["model_version"] == "1.0.0" and "not a diagnosis" in body["notice"]
+    melanoma = local_backend.predict((samples_dir / NEVUS).read_bytes(), target_class="mel")
+    assert melanoma["gradcam"]["class"] == "mel"
+    assert melanoma["probabilities"] == body["probabilities"]
+
+
+def test_local_backend_refuses_a_bad_image_readably(local_backend):
+    with pytest.raises(DemoError, match=r"not an image .*invalid_image, HTTP 415"):
+        local_backend.predict(b"this is not a dermoscopic image")
+
+
+@pytest.mark.data
+def test_example_images_are_one_per_class_read_in_place(samples_dir, tmp_path):
+    examples = example_images(samples_dir)
+    assert [caption.split("labelled ")[1].rstrip(")") for _, caption in examples] == list(CLASS_CODES)
+    assert all(path.parent == samples_dir and path.is_file() for path, _ in examples)
+    assert example_images(tmp_path / "missing") == []
+
+
+def test_probability_chart_is_sorted_and_labelled():
+    probabilities = {"akiec": 0.05, "bcc": 0.1, "bkl": 0.2, "df": 0.02, "mel": 0.5, "nv": 0.1, "vasc": 0.03}
+    axes = probability_figure(probabilities).axes[0]
+    names = [label.get_text() for label in axes.get_yticklabels()]
+    assert names[0] == "Melanoma (mel)" and names[1] == "Benign keratosis-like lesion (bkl)" and len(names) == 7
+    widths = [bar.get_width() for bar in axes.patches]
+    assert widths == sorted(widths, reverse=True) and widths[0] == pytest.approx(50.0)
+    assert [text.get_text() for text in axes.texts][0] == "50.0%"
+
+
+def test_summary_shows_diagnosis_colour_coded_risk_threshold_and_version():
+    body = {"prediction": "mel", "label": "Melanoma", "confidence": 0.7, "risk": "high", "malignant_probability": 0.8,
+            "referral": {"refer": True, "threshold": 0.5}, "model_version": "1.0.0"}
+    html = summary_html(body, "TorchServe at http://127.0.0.1:8080")
+    assert "Melanoma" in html and "HIGH" in html and "#c62828" in html
+    assert "80.0%" in html and "threshold of 50%" in html and "refer to a dermatologist" in html
+    assert "1.0.0" in html and "TorchServe at http://127.0.0.1:8080" in html
+    not_referred = {**body, "risk": "low", "malignant_probability": 0.1, "referral": {"refer": False, "threshold": 0.5}}
+    low = summary_html(not_referred, "in-process handler")
+    assert "#2e7d32" in low and "no referral flag" in low
+
+
+@pytest.mark.data
+def test_overlay_redrawn_locally_matches_the_handler_and_follows_opacity(local_backend, renderer, samples_dir):
+    image = (samples_dir / NEVUS).read_bytes()
+    gradcam = local_backend.predict(image)["gradcam"]
+    assert renderer.check_matches(gradcam)
+    original = decode_image(image).image
+    served = np.asarray(Image.open(io.BytesIO(base64.b64decode(gradcam["overlay"]))).convert("RGB"), dtype=float)
+    redrawn = renderer.render(original, gradcam["heatmap"], renderer.settings.gradcam_alpha).astype(float)
+    # The handler's overlay is a JPEG of the same rendering; the heatmap it carries is rounded to 3 decimals.
+    assert redrawn.shape == served.shape and np.abs(redrawn - served).mean() < 3.0
+    assert np.array_equal(renderer.render(original, gradcam["heatmap"], 0.0), np.asarray(original))
+    stronger = renderer.render(original, gradcam["heatmap"], 0.9).astype(float)
+    left, top, right, bottom = gradcam["heatmap_box"]
+    assert np.abs(stronger - np.asarray(original, dtype=float))[top:bottom, left:right].mean() > \
+        np.abs(redrawn - np.asarray(original, dtype=float))[top:bottom, left:right].mean()
+
+
+@pytest.mark.slow
+@pytest.mark.data
+@pytest.mark.timeout(180)
+def test_connect_starts_torchserve_when_none_answers(release_store, samples_dir, tmp_path):
+    url = f"http://127.0.0.1:{free_port()}"
+    ports = {"management_address": f"http://127.0.0.1:{free_port()}", "metrics_address": f"http://127.0.0.1:{free_port()}",
+             "grpc_inference_port": str(free_port()), "grpc_management_port": str(free_port())}
+    backend, started = connect(url, tmp_path / "run", model_store=release_store, overrides=ports)
+    try:
+        assert started is not None and started.is_running()
+        assert backend.predict((samples_dir / NEVUS).read_bytes())["model_version"] == "1.0.0"
+        attached, started_again = connect(url, tmp_path / "run", model_store=release_store)
+        assert started_again is None and attached.url == url
+    finally:
+        if started is not None:
+            serve.stop(started)
+
+
+@pytest.fixture(scope="module")
+def demo_url(torchserve, samples_dir, tmp_path_factory):
+    """``python app.py`` as a person runs it, a client of the real TorchServe; stopped by its own process group."""
+    folder = tmp_path_factory.mktemp("demo")
+    port = free_port()
+    command = [sys.executable, str(ROOT / "app.py"), "--url", torchserve.url("inference"), "--run-dir",
+               str(torchserve.run_dir), "--no-start", "--port", str(port), "--examples", str(samples_dir)]
+    env = {**os.environ, "GRADIO_TEMP_DIR": str(folder / "gradio")}
+    log_path = folder / "demo.log"
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                   stdin=subprocess.DEVNULL, start_new_session=True)
+    url = f"http://127.0.0.1:{port}/"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            if process.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"the demo did not come up at {url}:\n{log_path.read_text(errors='replace')[-3000:]}")
+            try:
+                if requests.get(url, timeout=2).ok:
+                    break
+            except requests.ConnectionError:
+                time.sleep(0.5)
+        yield url
+    finally:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def browser():
+    """Debian's Chromium, headless, driven by Playwright (which downloads no browser of its own)."""
+    if not CHROMIUM.exists():
+        pytest.skip(f"{CHROMIUM} not found: install Debian's chromium (`apt-get install chromium`, as .ci/run does)")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        chromium = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        try:
+            yield chromium
+        finally:
+            chromium.close()
+
+
+@pytest.fixture
+def page(browser, demo_url):
+    context = browser.new_context(viewport={"width": 1400, "height": 1100})
+    page = context.new_page()
+    page.set_default_timeout(60_000)
+    page.goto(demo_url)
+    page.wait_for_selector("#notice")
+    yield page
+    context.close()
+
+
+@pytest.mark.slow
+@pytest.mark.data
+@pytest.mark.timeout(180)
+def test_browser_upload_shows_chart_overlay_and_notice(page, torchserve, samples_dir, tmp_path):
+    image = samples_dir / NEVUS
+    expected = requests.post(f"{torchserve.url('inference')}/predictions/skin_lesion", data=image.read_bytes(),
+                             headers=torchserve.headers("inference"), timeout=60).json()
+    notice = page.locator("#notice")
+    assert notice.is_visible() and "not a diagnosis" in notice.inner_text()
+
+    page.set_input_files("#upload input[type=file]", str(image))
+    page.wait_for_selector("#overlay img")
+    page.wait_for_selector("#probabilities img")
+    assert page.inner_text("#top-diagnosis") == expected["label"]
+    assert page.inner_text("#risk") == expected["risk"].upper()
+    assert f"Model version {expected['model_version']}" in page.inner_text("#model-version")
+    assert f"{100 * expected['malignant_probability']:.1f}%" in page.inner_text("#malignant")
+    chart = page.locator("#probabilities img")
+    assert chart.is_visible() and chart.bounding_box()["height"] > 150
+    overlay = page.locator("#overlay img")
+    assert overlay.is_visible() and overlay.evaluate("img => img.naturalWidth") == 600
+    assert page.locator("#original img").is_visible()
+    assert f"Grad-CAM of {expected['label']}" in page.inner_text("#overlay")
+    assert notice.is_visible()
+    screenshot = tmp_path / "demo_screenshot.png"
+    page.screenshot(path=str(screenshot), full_page=True)
+    SCREENSHOT_ARTIFACT.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(screenshot, SCREENSHOT_ARTIFACT)
+
+    # Explain another class: a new request, and the overlay's caption follows.
+    before = overlay.get_attribute("src")
+    page.click("#target-class input")
+    page.get_by_role("option", name="Melanoma (mel)").click()
+    page.wait_for_function("() => document.querySelector('#overlay').innerText.includes('Grad-CAM of Melanoma (mel)')")
+    page.wait_for_function(f"() => document.querySelector('#overlay img').src !== {before!r}")
+    # Opacity: redrawn from the heatmap already received.
+    before = page.locator("#overlay img").get_attribute("src")
+    opacity = page.locator("#opacity input[type=number]")
+    opacity.fill("0.9")
+    opacity.press("Enter")
+    page.wait_for_function(f"() => document.querySelector('#overlay img').src !== {before!r}")
+    assert not page.locator("#error").count()
+
+
+@pytest.mark.slow
+@pytest.mark.data
+@pytest.mark.timeout(180)
+def test_browser_shows_a_bad_image_as_a_readable_message(page, tmp_path):
+    bad = tmp_path / "lesion.jpg"
+    bad.write_bytes(b"this file only pretends to be a JPEG")
+    page.set_input_files("#upload input[type=file]", str(bad))
+    message = page.locator("#error")
+    message.wait_for()
+    text = message.inner_text()
+    assert "Could not analyse the image" in text and "invalid_image, HTTP 415" in text
+    assert "Traceback" not in page.content()
+    assert not page.locator("#overlay img").count()
+    assert page.locator("#notice").is_visible()
