@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import sys
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 import torch
@@ -78,13 +80,19 @@ def release_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return store
 
 
-@pytest.fixture(scope="session")
-def torchserve(tmp_path_factory: pytest.TempPathFactory, release_store: Path):
-    """The released model served by real TorchServe; stopped by its own pid afterwards."""
-    run_dir = tmp_path_factory.mktemp("torchserve")
-    server = start_server(run_dir, release_store)
+@contextlib.contextmanager
+def served(run_dir: Path, model_store: Path) -> Iterator[serve.Server]:
+    """A ready TorchServe for the duration of the block, stopped by its own pid afterwards."""
+    server = start_server(run_dir, model_store)
     try:
         serve.wait_ready(server, timeout=240)
         yield server
     finally:
         serve.stop(server)
+
+
+@pytest.fixture(scope="session")
+def torchserve(tmp_path_factory: pytest.TempPathFactory, release_store: Path):
+    """The released model served by real TorchServe, shared by the session's tests."""
+    with served(tmp_path_factory.mktemp("torchserve"), release_store) as server:
+        yield server

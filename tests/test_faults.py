@@ -11,7 +11,7 @@ import torch
 
 from handler.model import build_model, default_preprocess_config, make_checkpoint
 from scripts import package, serve
-from tests.conftest import start_server
+from tests.conftest import served, start_server
 
 pytestmark = [pytest.mark.slow, pytest.mark.data]
 MODEL = "skin_lesion"
@@ -29,12 +29,8 @@ def ping(server):
 
 @pytest.fixture()
 def own_server(tmp_path, release_store):
-    server = start_server(tmp_path, release_store)
-    try:
-        serve.wait_ready(server, timeout=240)
+    with served(tmp_path, release_store) as server:
         yield server
-    finally:
-        serve.stop(server)
 
 
 def test_killed_worker_is_restarted_and_health_reports_the_gap(own_server, samples_dir):
