@@ -73,4 +73,3 @@ def main(args: argparse.Namespace) -> Path:
 
 if __name__ == "__main__":
     main(get_args_parser().parse_args())
-    sys.exit(0)

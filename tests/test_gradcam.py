@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from handler.gradcam import gradcam_from_features, normalize_maps
-from handler.inference import HandlerSettings, handle_batch, run_model
+from handler.inference import HandlerSettings, handle_batch
 from handler.labels import class_index
 from handler.model import build_model, default_preprocess_config, feature_layer, forward_features, forward_head, load_checkpoint
 from handler.overlay import OverlayStyle, model_view_box, render_overlay

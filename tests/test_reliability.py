@@ -10,7 +10,7 @@ import requests
 from handler.inference import HandlerSettings, handle_batch
 from handler.model import load_checkpoint
 from tests.catalogue import build_catalogue
-from tests.conftest import RELEASED_CHECKPOINT, ROOT
+from tests.conftest import RELEASED_CHECKPOINT
 
 pytestmark = pytest.mark.data
 

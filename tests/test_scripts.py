@@ -3,7 +3,6 @@
 import json
 
 import pytest
-import torch
 
 from handler.model import load_checkpoint
 from scripts import evaluate, train
