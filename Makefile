@@ -17,10 +17,12 @@ CHECKPOINT ?=
 BENCH_ARGS ?=
 SOAK_ARGS ?=
 TRAIN_ARGS ?=
+EVAL_ARGS ?=
+CALIBRATE_ARGS ?=
 PYTEST_ARGS ?=
 DEMO_ARGS ?=
 
-.PHONY: help install java train evaluate archive serve stop status release rollout rollback predict explain bench soak demo test clean
+.PHONY: help install java train calibrate evaluate archive serve stop status release rollout rollback predict explain bench soak demo test clean
 
 help:
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | sort
@@ -47,8 +49,13 @@ java: ## Install Java 17 (TorchServe's frontend) if no Java 17+ is on PATH
 train: install ## Fine-tune on $(DATA) into $(RUN) (resumable: rerun to continue)
 	$(PY) scripts/train.py --metadata $(DATA)/metadata.csv --images $(DATA)/images --output $(RUN) $(TRAIN_ARGS)
 
-evaluate: install ## Evaluate the released checkpoint: make evaluate IMAGES=dir LABELS=csv OUT=dir
-	$(PY) scripts/evaluate.py --images $(IMAGES) --labels $(LABELS) --out $(OUT)
+evaluate: install ## Evaluate like the service answers: make evaluate IMAGES=dir LABELS=csv OUT=dir [CHECKPOINT=file] [EVAL_ARGS=...]
+	$(PY) scripts/evaluate.py --images $(IMAGES) --labels $(LABELS) --out $(OUT) $(if $(CHECKPOINT),--checkpoint $(CHECKPOINT)) $(EVAL_ARGS)
+
+calibrate: install ## Refit calibrations and the referral operating point of $(or $(CHECKPOINT),models/skin_lesion.pt) on the validation split
+	$(PY) scripts/calibrate.py --checkpoint $(or $(CHECKPOINT),models/skin_lesion.pt) --output $(or $(CHECKPOINT),models/skin_lesion.pt) \
+	  --images $(DATA)/images --labels $(DATA)/metadata.csv --subset models/provenance/val_split.json \
+	  --report models/provenance/calibration.json $(CALIBRATE_ARGS)
 
 model_store/skin_lesion.mar: models/skin_lesion.pt config/model-config.yaml $(wildcard handler/*.py) scripts/package.py | $(VENV)/.installed
 	$(PY) scripts/package.py
@@ -79,7 +86,7 @@ predict: ## Send one image to the running server: make predict IMAGE=path.jpg
 explain: install ## Grad-CAM panels for IMAGE (space-separated list) into OUT_EXPLAIN [TARGET=mel]
 	$(PY) scripts/explain.py $(IMAGE) --out $(OUT_EXPLAIN) $(if $(TARGET),--target-class $(TARGET))
 
-bench: install ## Benchmarks (ratios measured in one run) into runs/bench and docs/PERFORMANCE.md
+bench: install ## Benchmarks through real TorchServe (concurrency sweep, in-process limit, unbatched, Grad-CAM) into runs/bench and docs/PERFORMANCE.md [BENCH_ARGS=--quick]
 	$(PY) scripts/bench.py $(BENCH_ARGS)
 
 soak: install model_store/skin_lesion.mar ## 10-minute soak at 80 % of measured peak (uses the running server, or starts one)

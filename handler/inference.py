@@ -15,6 +15,7 @@ import torch
 from handler.errors import (
     EmptyBodyError, InvalidBase64Error, InvalidOptionError, MalformedJSONError, MissingImageError, PayloadTooLargeError,
     RequestError, error_response)
+from handler.calibration import augmented_views, check_tta_mode, merge_views
 from handler.gradcam import gradcam_from_features, normalize_maps
 from handler.labels import CLASS_CODES, REFERRAL_CLASSES, Risk, class_index, lesion_class
 from handler.model import LoadedModel, forward_features, forward_head
@@ -40,6 +41,8 @@ class HandlerSettings:
         min_side: Smallest accepted image side, in pixels.
         referral_threshold: ``malignant_probability`` at or above which the response
             raises the referral flag and the risk becomes ``high``.
+        tta: Test-time augmentation, one of :data:`handler.calibration.TTA_MODES`
+            (``none``, ``hflip``: 2 views, ``flip4``: 4 flipped views in one forward pass).
         gradcam_alpha: Heatmap weight in the overlay blend.
         gradcam_colormap: Overlay colour map (see :data:`handler.overlay.COLORMAPS`).
         gradcam_format: Overlay encoding, ``png`` or ``jpeg``.
@@ -52,6 +55,7 @@ class HandlerSettings:
     max_pixels: int = 40_000_000
     min_side: int = 8
     referral_threshold: float = 0.5
+    tta: str = "none"
     gradcam_alpha: float = 0.45
     gradcam_colormap: str = "inferno"
     gradcam_format: str = "jpeg"
@@ -60,6 +64,7 @@ class HandlerSettings:
     heatmap_decimals: int = 3
 
     def __post_init__(self) -> None:
+        check_tta_mode(self.tta)
         self.overlay_style  # validates the Grad-CAM settings at load time
 
     @classmethod
@@ -211,32 +216,39 @@ def _parse_overlay_format(value: Any) -> str | None:
     return normalized
 
 
-def run_model(loaded: LoadedModel, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """One forward pass over a ``uint8`` batch.
+def run_model(loaded: LoadedModel, batch: torch.Tensor, tta: str = "none") -> tuple[torch.Tensor, torch.Tensor]:
+    """One forward pass over a ``uint8`` batch and, with ``tta``, its flipped views.
+
+    Args:
+        loaded: The model and its preprocessing parameters.
+        batch: ``uint8`` tensor (N, 3, H, W).
+        tta: One of :data:`handler.calibration.TTA_MODES`; all views share one forward pass.
 
     Returns:
-        ``(features, logits)``: the last convolutional feature map and the raw logits, on
-        the model's device.
+        ``(features, logits)``: the last convolutional feature map of the unaugmented
+        images (N, C, h, w) and the view-averaged raw logits (N, 7), on the model's device.
     """
     device = next(loaded.model.parameters()).device
     inputs = normalize_batch(batch.to(device, non_blocking=True), loaded.preprocess)
-    features = forward_features(loaded.model, inputs)
-    return features, forward_head(loaded.model, features).float()
+    features = forward_features(loaded.model, augmented_views(inputs, tta))
+    logits = merge_views(forward_head(loaded.model, features).float(), tta)
+    return features[: len(batch)], logits
 
 
 @torch.inference_mode()
-def predict_probabilities(loaded: LoadedModel, batch: torch.Tensor) -> torch.Tensor:
+def predict_probabilities(loaded: LoadedModel, batch: torch.Tensor, tta: str = "none") -> torch.Tensor:
     """Calibrated class probabilities for a ``uint8`` batch in one forward pass.
 
     Args:
         loaded: The model and its preprocessing parameters.
         batch: ``uint8`` tensor (N, 3, H, W) from :func:`handler.preprocessing.load_model_input`.
+        tta: Test-time augmentation mode; its own fitted calibration is applied.
 
     Returns:
-        (N, 7) float32 probabilities on the CPU, ``softmax(logits / temperature)``.
+        (N, 7) float32 probabilities on the CPU.
     """
-    _, logits = run_model(loaded, batch)
-    return torch.softmax(logits / loaded.temperature, dim=1).cpu()
+    _, logits = run_model(loaded, batch, tta)
+    return loaded.calibration(tta).apply(logits).cpu()
 
 
 def format_prediction(probabilities: Sequence[float], model_version: str, referral_threshold: float) -> dict[str, Any]:
@@ -338,8 +350,8 @@ def handle_batch(loaded: LoadedModel, settings: HandlerSettings, rows: Sequence[
     if not inputs:
         return responses  # type: ignore[return-value]
     started = time.perf_counter()
-    features, logits = run_model(loaded, torch.stack(inputs))
-    probabilities = torch.softmax(logits / loaded.temperature, dim=1).cpu()
+    features, logits = run_model(loaded, torch.stack(inputs), settings.tta)
+    probabilities = loaded.calibration(settings.tta).apply(logits).cpu()
     timings.inference = time.perf_counter() - started
     started = time.perf_counter()
     explained = [position for position, (_, parsed) in enumerate(requests) if parsed.gradcam]

@@ -2,7 +2,8 @@
 
 A checkpoint is a plain dict ``{"state_dict", "config", "meta"}`` that loads with
 ``torch.load(..., weights_only=True)``: ``config`` says how to build the network,
-``meta`` carries the preprocessing parameters, the calibration temperature, the
+``meta`` carries the preprocessing parameters, one calibration per test-time
+augmentation mode (``meta["calibration"]``, see :mod:`handler.calibration`), the
 version and the provenance of the weights.
 """
 
@@ -15,6 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from handler.calibration import Calibration, check_tta_mode
 from handler.labels import CLASS_CODES, NUM_CLASSES
 from handler.preprocessing import PreprocessConfig
 
@@ -154,10 +156,18 @@ class LoadedModel:
     meta: dict[str, Any]
     preprocess: PreprocessConfig
 
-    @property
-    def temperature(self) -> float:
-        """Softmax temperature fitted on the validation split (1.0 if uncalibrated)."""
-        return float(self.meta.get("temperature", 1.0))
+    def calibration(self, tta: str = "none") -> Calibration:
+        """The calibration fitted on the validation split for test-time augmentation ``tta``.
+
+        Raises:
+            ValueError: If the checkpoint has no calibration for that mode: serving
+                uncalibrated probabilities must be a visible choice, never a fallback.
+        """
+        fitted = self.meta.get("calibration", {})
+        if check_tta_mode(tta) not in fitted:
+            raise ValueError(f"checkpoint {self.version} has no calibration for TTA mode {tta!r} (it has "
+                             f"{sorted(fitted)}); run scripts/calibrate.py --tta {tta}")
+        return Calibration.from_dict(fitted[tta])
 
     @property
     def version(self) -> str:
@@ -172,7 +182,7 @@ def make_checkpoint(model: nn.Module, arch: str, preprocess: PreprocessConfig, m
         model: The trained network.
         arch: Its architecture name.
         preprocess: The preprocessing it was trained with.
-        meta: Extra metadata (version, temperature, metrics, command...).
+        meta: Extra metadata (version, calibration, metrics, command...).
         dropout: The head's dropout, needed to rebuild the same module.
 
     Returns:

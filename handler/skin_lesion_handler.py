@@ -36,10 +36,12 @@ class SkinLesionHandler(BaseHandler):
         manifest = context.manifest["model"]
         checkpoint = os.path.join(properties["model_dir"], manifest["serializedFile"])
         self.loaded = load_checkpoint(checkpoint, self.device)
+        self.loaded.calibration(self.settings.tta)  # a TTA mode without a fitted calibration fails the load, not a request
         self.model_version = manifest.get("modelVersion") or self.loaded.version
         self.model_name = manifest.get("modelName", "skin_lesion")
         self.initialized = True
-        logger.info("loaded %s (%s, version %s) on %s", checkpoint, self.loaded.config["arch"], self.model_version, self.device)
+        logger.info("loaded %s (%s, version %s) on %s, TTA %s", checkpoint, self.loaded.config["arch"], self.model_version,
+                    self.device, self.settings.tta)
 
     def handle(self, data: list[dict[str, Any]], context: Any) -> list[str]:
         """Answer one batch; each request gets its own status code and JSON body.

@@ -1,8 +1,13 @@
-"""Evaluate a checkpoint on a labelled image folder through the serving preprocessing.
+"""Evaluate a checkpoint on a labelled image folder exactly as the service would answer.
 
 Labels come as HAM10000 metadata (``image_id``, ``dx``) or ISIC 2018 Task 3 ground
 truth (``image,MEL,NV,BCC,AKIEC,BKL,DF,VASC``). Images named in the labels but missing
 from the folders are an error, never silently skipped.
+
+The serving decode, preprocessing, test-time augmentation, calibration and referral
+threshold are used: TTA mode and threshold come from the ``handler:`` block of
+``--model-config`` unless given. Writes ``metrics.json``, ``predictions.csv``,
+``confusion_matrix.png`` and ``reliability.png`` and prints a summary table.
 
 Example:
     python scripts/evaluate.py --images ../shared/data/ham10000-224/images \
@@ -19,16 +24,16 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
-from tqdm import tqdm
+import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from handler.data import attach_paths, read_labels  # noqa: E402
-from handler.evaluation import classification_report, format_report  # noqa: E402
-from handler.inference import predict_probabilities  # noqa: E402
+from handler.calibration import TTA_MODES  # noqa: E402
+from handler.evaluation import classification_report, format_report, logits_for_files, reliability_bins  # noqa: E402
+from handler.inference import HandlerSettings  # noqa: E402
 from handler.model import load_checkpoint  # noqa: E402
-from handler.preprocessing import load_model_input  # noqa: E402
+from handler.plots import plot_confusion_matrix, plot_reliability  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -40,30 +45,42 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--labels", required=True, help="HAM10000 metadata or ISIC 2018 Task 3 ground-truth CSV")
     parser.add_argument("--checkpoint", default=str(ROOT / "models" / "skin_lesion.pt"))
     parser.add_argument("--subset", help="JSON file with 'val_image_ids' (as written by train.py) to evaluate only those")
-    parser.add_argument("--out", required=True, help="folder for metrics.json and predictions.csv")
+    parser.add_argument("--out", required=True, help="folder for metrics.json, predictions.csv and the figures")
     parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--model-config", default=str(ROOT / "config" / "model-config.yaml"),
+                        help="serving config whose handler settings (tta, referral_threshold) are the defaults")
+    parser.add_argument("--tta", choices=TTA_MODES, help="test-time augmentation; default: the serving config's")
     parser.add_argument("--referral-threshold", type=float,
-                        help="measure melanoma sensitivity/specificity of the flag p(mel) >= this")
+                        help="melanoma sensitivity/specificity are measured for the referral flag "
+                             "malignant_probability >= this; default: the serving config's")
     return parser
 
 
+def serving_settings(path: str | Path) -> HandlerSettings:
+    """The handler settings of a ``model-config.yaml``."""
+    return HandlerSettings.from_mapping((yaml.safe_load(Path(path).read_text()) or {}).get("handler"))
+
+
 def main(args: argparse.Namespace) -> dict[str, Any]:
-    """Run the evaluation, write ``metrics.json`` and ``predictions.csv``, print a summary."""
+    """Run the evaluation, write the metrics, predictions and figures, print a summary."""
     records = read_labels(args.labels)
     if args.subset:
         wanted = set(json.loads(Path(args.subset).read_text())["val_image_ids"])
         records = [r for r in records if r.image_id in wanted]
     records = attach_paths(records, args.images)
+    settings = serving_settings(args.model_config)
+    tta = args.tta or settings.tta
+    threshold = args.referral_threshold if args.referral_threshold is not None else settings.referral_threshold
     loaded = load_checkpoint(args.checkpoint)
-    probabilities = []
-    for start in tqdm(range(0, len(records), args.batch_size), desc="evaluating", mininterval=5):
-        batch = [load_model_input(Path(r.path).read_bytes(), loaded.preprocess)[0] for r in records[start:start + args.batch_size]]
-        probabilities.append(predict_probabilities(loaded, torch.stack(batch)))
-    probs = torch.cat(probabilities).numpy()
+    calibration = loaded.calibration(tta)
+    print(f"evaluating {len(records)} images with {args.checkpoint} (version {loaded.version}), TTA {tta}, "
+          f"referral threshold {threshold}", flush=True)
+    logits = logits_for_files(loaded, [r.path for r in records], tta, args.batch_size)
+    probs = calibration.apply(logits).numpy()
     labels = np.array([r.label for r in records])
-    report = classification_report(probs, labels, args.referral_threshold)
-    report["checkpoint"] = str(args.checkpoint)
-    report["model_version"] = loaded.version
+    report = classification_report(probs, labels, threshold)
+    report.update(checkpoint=str(args.checkpoint), model_version=loaded.version, tta=tta,
+                  calibration=calibration.to_dict(), reliability=reliability_bins(probs, labels))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "metrics.json").write_text(json.dumps(report, indent=2))
@@ -71,8 +88,11 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         handle.write("image_id,label," + ",".join(report["per_class"]) + "\n")
         for record, row in zip(records, probs):
             handle.write(f"{record.image_id},{list(report['per_class'])[record.label]}," + ",".join(f"{p:.6f}" for p in row) + "\n")
+    plot_confusion_matrix(report["confusion_matrix"], out / "confusion_matrix.png",
+                          f"{loaded.version}, {len(records)} images, balanced accuracy {report['balanced_accuracy']:.3f}")
+    plot_reliability(report["reliability"], report["ece"], out / "reliability.png", f"{loaded.version}, TTA {tta}")
     print(format_report(report))
-    print(f"wrote {out / 'metrics.json'}")
+    print(f"wrote {out / 'metrics.json'}, predictions.csv, confusion_matrix.png and reliability.png")
     return report
 
 

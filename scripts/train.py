@@ -2,8 +2,9 @@
 
 Resumable: every epoch writes ``last.pt`` (model, EMA, optimizer, schedule, history);
 rerunning the same command continues from it. The best epoch by validation balanced
-accuracy is written as a release-format checkpoint ``best.pt`` with a fitted softmax
-temperature.
+accuracy is written as a release-format checkpoint ``best.pt`` with a calibration
+(temperature and class biases) fitted on the validation split for every test-time
+augmentation mode.
 
 Example:
     python scripts/train.py --metadata ../shared/data/ham10000-224/metadata.csv \
@@ -31,7 +32,8 @@ from tqdm import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from handler.data import LesionDataset, attach_paths, class_counts, lesion_grouped_split, read_labels  # noqa: E402
-from handler.evaluation import classification_report, fit_temperature, format_report  # noqa: E402
+from handler.calibration import TTA_MODES, augmented_views, fit_calibration, merge_views  # noqa: E402
+from handler.evaluation import classification_report, format_report  # noqa: E402
 from handler.labels import CLASS_CODES  # noqa: E402
 from handler.model import (  # noqa: E402
     ARCHITECTURES, build_model, default_preprocess_config, imagenet_weights_path, load_imagenet_backbone, make_checkpoint)
@@ -169,15 +171,16 @@ def make_criterion(args: argparse.Namespace, counts: list[int]) -> nn.Module:
 
 
 @torch.no_grad()
-def predict_logits(model: nn.Module, loader, preprocess: PreprocessConfig, device: torch.device, amp: torch.dtype | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Logits and labels for a whole loader, in fp32."""
+def predict_logits(model: nn.Module, loader, preprocess: PreprocessConfig, device: torch.device, amp: torch.dtype | None,
+                   tta: str = "none") -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits (view-averaged under test-time augmentation ``tta``) and labels for a whole loader, in fp32."""
     model.eval()
     all_logits, all_labels = [], []
     for images, labels in loader:
         inputs = normalize_batch(images.to(device, non_blocking=True), preprocess)
         with autocast(device, amp):
-            logits = model(inputs)
-        all_logits.append(logits.float().cpu())
+            logits = model(augmented_views(inputs, tta))
+        all_logits.append(merge_views(logits.float(), tta).cpu())
         all_labels.append(labels)
     return torch.cat(all_logits), torch.cat(all_labels)
 
@@ -190,7 +193,7 @@ def autocast(device: torch.device, dtype: torch.dtype | None):
 
 
 def main(args: argparse.Namespace) -> dict[str, Any] | None:
-    """Train, validate each epoch, early-stop, and write ``best.pt`` with a fitted temperature.
+    """Train, validate each epoch, early-stop, and write ``best.pt`` with fitted calibrations.
 
     Returns:
         The validation report of the released (best) weights, calibrated, or None when
@@ -305,20 +308,25 @@ def main(args: argparse.Namespace) -> dict[str, Any] | None:
 
     best = torch.load(output / "best_weights.pt", map_location=device, weights_only=True)
     eval_model.load_state_dict(best["state_dict"])
-    logits, labels = predict_logits(eval_model, val_loader, preprocess, device, amp)
-    temperature = fit_temperature(logits, labels)
-    uncalibrated = classification_report(torch.softmax(logits, 1).numpy(), labels.numpy())
-    calibrated = classification_report(torch.softmax(logits / temperature, 1).numpy(), labels.numpy())
+    calibrations, reports, uncalibrated_ece = {}, {}, {}
+    for tta in TTA_MODES:
+        logits, labels = predict_logits(eval_model, val_loader, preprocess, device, amp, tta)
+        calibrations[tta] = fit_calibration(logits, labels)
+        reports[tta] = classification_report(calibrations[tta].apply(logits).numpy(), labels.numpy())
+        uncalibrated_ece[tta] = classification_report(torch.softmax(logits, 1).numpy(), labels.numpy())["ece"]
+        print(f"TTA {tta}: {calibrations[tta]}, balanced accuracy {reports[tta]['balanced_accuracy']:.4f}, "
+              f"macro AUC {reports[tta]['macro_auc']:.4f}, ECE {reports[tta]['ece']:.4f}", flush=True)
+    calibrated = reports["none"]
     meta = {
         "version": args.model_version,
-        "temperature": temperature,
+        "calibration": {tta: calibration.to_dict() for tta, calibration in calibrations.items()},
         "trained_epochs": len(history),
         "best_epoch": best["epoch"],
         "initialization": weights_source,
         "data": {"metadata": os.path.basename(args.metadata), "train_images": len(train), "val_images": len(val),
                  "split": f"StratifiedGroupKFold by lesion_id, val_fraction {args.val_fraction}, seed {args.seed}"},
         "validation": {k: calibrated[k] for k in ("balanced_accuracy", "accuracy", "macro_auc", "ece")}
-                      | {"ece_uncalibrated": uncalibrated["ece"]},
+                      | {"ece_uncalibrated": uncalibrated_ece["none"]},
         "command": "python scripts/train.py " + shlex.join(sys.argv[1:]),
         "torch": str(torch.__version__),
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -326,7 +334,7 @@ def main(args: argparse.Namespace) -> dict[str, Any] | None:
     checkpoint = make_checkpoint(eval_model, args.arch, preprocess, meta, args.dropout)
     torch.save(checkpoint, output / "best.pt")
     (output / "val_report.json").write_text(json.dumps(calibrated, indent=2))
-    print(f"best epoch {best['epoch']}, temperature {temperature:.3f}\n{format_report(calibrated)}", flush=True)
+    print(f"best epoch {best['epoch']}\n{format_report(calibrated)}", flush=True)
     return calibrated
 
 

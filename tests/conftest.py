@@ -46,6 +46,14 @@ def sample_jpeg(samples_dir: Path) -> bytes:
     return (samples_dir / "ISIC_0024354.jpg").read_bytes()
 
 
+# Biases (and, per mode, temperatures) that differ, so tests see which calibration was applied.
+TINY_CALIBRATION = {
+    "none": {"temperature": 1.5, "class_bias": [0.3, -0.2, 0.1, 0.0, 0.4, -0.5, -0.1]},
+    "hflip": {"temperature": 1.4, "class_bias": [0.2, -0.2, 0.1, 0.0, 0.3, -0.4, 0.0]},
+    "flip4": {"temperature": 1.3, "class_bias": None},
+}
+
+
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A random-weight EfficientNet-Lite0 checkpoint at 64 px: fast, and nothing like the released model."""
@@ -53,7 +61,7 @@ def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     model = build_model("efficientnet_lite0").eval()
     preprocess = default_preprocess_config("efficientnet_lite0", image_size=64)
     path = tmp_path_factory.mktemp("tiny") / "skin_lesion.pt"
-    torch.save(make_checkpoint(model, "efficientnet_lite0", preprocess, {"version": "0.0.1-test", "temperature": 1.5}), path)
+    torch.save(make_checkpoint(model, "efficientnet_lite0", preprocess, {"version": "0.0.1-test", "calibration": TINY_CALIBRATION}), path)
     return path
 
 

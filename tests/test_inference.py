@@ -71,14 +71,41 @@ def test_batch_with_bad_requests_answers_each_and_runs_one_forward(tiny_checkpoi
     assert responses[3].body == good
 
 
-def test_probabilities_use_the_fitted_temperature(tiny_checkpoint, sample_jpeg):
+@pytest.mark.parametrize("tta", ["none", "hflip", "flip4"])
+def test_probabilities_use_the_calibration_fitted_for_the_tta_mode(tiny_checkpoint, sample_jpeg, tta):
+    from tests.conftest import TINY_CALIBRATION
+    from handler.preprocessing import normalize_batch
+
     loaded = load_checkpoint(tiny_checkpoint)
     batch = load_model_input(sample_jpeg, loaded.preprocess)[0][None]
-    probs = predict_probabilities(loaded, batch)
-    from handler.preprocessing import normalize_batch
+    probs = predict_probabilities(loaded, batch, tta)
+    views = {"none": [batch], "hflip": [batch, batch.flip(3)],
+             "flip4": [batch, batch.flip(3), batch.flip(2), batch.flip(2).flip(3)]}[tta]
     with torch.no_grad():
-        logits = loaded.model(normalize_batch(batch, loaded.preprocess))
-    assert torch.allclose(probs, torch.softmax(logits / 1.5, 1), atol=1e-6)
+        logits = torch.stack([loaded.model(normalize_batch(v, loaded.preprocess)) for v in views]).mean(0)
+    fitted = TINY_CALIBRATION[tta]
+    expected = logits / fitted["temperature"] + torch.tensor(fitted["class_bias"] or [0.0] * 7)
+    assert torch.allclose(probs, torch.softmax(expected, 1), atol=1e-5)
+
+
+def test_tta_batch_serves_each_image_like_a_batch_of_one(tiny_checkpoint, samples_dir):
+    loaded = load_checkpoint(tiny_checkpoint)
+    images = [p.read_bytes() for p in sorted(samples_dir.glob("*.jpg"))[:3]]
+    settings = HandlerSettings(tta="flip4")
+    together = handle_batch(loaded, settings, [{"body": i} for i in images], "t", [True, False, True])
+    for image, response, explain in zip(images, together, [True, False, True]):
+        alone = handle_batch(loaded, settings, [{"body": image}], "t", [explain])[0]
+        assert response.status == alone.status == 200
+        assert response.body["probabilities"] == pytest.approx(alone.body["probabilities"], abs=1e-5)
+        assert ("gradcam" in response.body) is explain
+        if explain:
+            assert torch.allclose(torch.tensor(response.body["gradcam"]["heatmap"]),
+                                  torch.tensor(alone.body["gradcam"]["heatmap"]), atol=2e-3)
+
+
+def test_unknown_tta_mode_is_refused_at_load_time():
+    with pytest.raises(ValueError, match="unknown TTA mode"):
+        HandlerSettings.from_mapping({"tta": "rotate8"})
 
 
 def test_byte_limit_applies_to_raw_and_base64_bodies():

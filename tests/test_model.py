@@ -1,10 +1,11 @@
 import pytest
 import torch
+import yaml
 
 from handler.labels import CLASS_CODES
 from handler.model import (
     build_model, default_preprocess_config, imagenet_weights_path, load_checkpoint, load_imagenet_backbone, make_checkpoint)
-from tests.conftest import RELEASED_CHECKPOINT
+from tests.conftest import RELEASED_CHECKPOINT, ROOT
 
 
 @pytest.mark.parametrize("arch", ["efficientnet_lite0", "efficientnet_b0"])
@@ -40,11 +41,13 @@ def test_checkpoint_round_trip_is_weights_only_and_exact(tmp_path):
     model = build_model("efficientnet_lite0").eval()
     preprocess = default_preprocess_config("efficientnet_lite0", 96)
     path = tmp_path / "ckpt.pt"
-    torch.save(make_checkpoint(model, "efficientnet_lite0", preprocess, {"version": "9.9", "temperature": 1.3}), path)
+    torch.save(make_checkpoint(model, "efficientnet_lite0", preprocess, {"version": "9.9", "calibration": {"none": {"temperature": 1.3, "class_bias": None}}}), path)
     raw = torch.load(path, weights_only=True)
     assert set(raw) == {"state_dict", "config", "meta"}
     loaded = load_checkpoint(path)
-    assert loaded.preprocess == preprocess and loaded.version == "9.9" and loaded.temperature == 1.3
+    assert loaded.preprocess == preprocess and loaded.version == "9.9" and loaded.calibration().temperature == 1.3
+    with pytest.raises(ValueError, match="no calibration for TTA mode 'flip4'"):
+        loaded.calibration("flip4")
     x = torch.randn(2, 3, 96, 96)
     with torch.no_grad():
         assert torch.allclose(model(x), loaded.model(x), atol=1e-5)
@@ -64,5 +67,13 @@ def test_released_checkpoint_is_trained_and_documented():
     meta = loaded.meta
     assert meta["command"].startswith("python scripts/train.py")
     assert meta["validation"]["balanced_accuracy"] > 0.5  # 7 classes: chance is 0.14
-    assert 0.05 < loaded.temperature < 20
+    for tta in ("none", "hflip", "flip4"):
+        calibration = loaded.calibration(tta)
+        assert 0.05 < calibration.temperature < 20 and len(calibration.class_bias) == 7
+    assert meta["calibration_command"].startswith("python scripts/calibrate.py")
+    # The served config must use the operating point measured for this checkpoint.
+    served = yaml.safe_load((ROOT / "config" / "model-config.yaml").read_text())["handler"]
+    assert served["referral_threshold"] == meta["operating_point"]["referral_threshold"]
+    assert served.get("tta", "none") == meta["operating_point"]["tta"]
+    assert meta["operating_point"]["validation_out_of_fold"]["melanoma_sensitivity"] >= 0.85
     assert loaded.preprocess.image_size == 224

@@ -1,8 +1,10 @@
 """Training and evaluation CLIs on real HAM10000 images (small, bounded runs)."""
 
 import json
+import math
 
 import pytest
+import torch
 
 from handler.model import load_checkpoint
 from scripts import evaluate, train
@@ -27,23 +29,86 @@ def test_train_pauses_resumes_and_writes_a_release_checkpoint(ham224_dir, tmp_pa
     assert loaded.version == "0.0.9" and loaded.preprocess.image_size == 64
     assert loaded.meta["initialization"].startswith("ImageNet")
     assert 0.0 <= report["balanced_accuracy"] <= 1.0
+    assert set(loaded.meta["calibration"]) == {"none", "hflip", "flip4"}
+    # A 2-epoch model on 70 images may deserve any temperature; it must only be a usable one.
+    assert all(math.isfinite(loaded.calibration(t).temperature) and loaded.calibration(t).temperature > 0
+               for t in ("none", "hflip", "flip4"))
     split = json.loads((tmp_path / "run" / "split.json").read_text())
     assert len(split["val_image_ids"]) == loaded.meta["data"]["val_images"]
 
 
 @pytest.mark.data
 def test_evaluate_released_model_on_real_samples(samples_dir, tmp_path):
+    from PIL import Image
+
     args = evaluate.get_args_parser().parse_args(
         ["--images", str(samples_dir), "--labels", str(samples_dir / "metadata.csv"), "--out", str(tmp_path)])
     report = evaluate.main(args)
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["n_images"] == 70
-    assert {"accuracy", "balanced_accuracy", "per_class", "confusion_matrix", "macro_auc", "ece"} <= set(metrics)
+    assert {"accuracy", "balanced_accuracy", "per_class", "confusion_matrix", "macro_auc", "ece",
+            "melanoma_sensitivity", "melanoma_specificity", "n_images"} <= set(metrics)
     assert sum(map(sum, metrics["confusion_matrix"])) == 70
     assert set(metrics["per_class"]["mel"]) >= {"recall", "precision", "auc"}
+    # Defaults come from the serving config, so the figures describe what the service answers.
+    settings = evaluate.serving_settings(evaluate.ROOT / "config" / "model-config.yaml")
+    assert metrics["tta"] == settings.tta and metrics["melanoma_threshold"] == settings.referral_threshold
+    assert sum(row["count"] for row in metrics["reliability"]) == 70
+    for name in ("confusion_matrix.png", "reliability.png"):
+        with Image.open(tmp_path / name) as figure:
+            assert figure.format == "PNG" and figure.width > 400 and figure.height > 400
     # These lesions overlap the training pool, so this is no accuracy claim: it only
     # proves the released weights are trained (chance is 1/7).
     assert report["balanced_accuracy"] > 0.4
+
+
+@pytest.mark.data
+def test_evaluate_reads_isic_ground_truth_like_ham_metadata(samples_dir, tiny_checkpoint, tmp_path):
+    from handler.data import read_labels
+
+    records = read_labels(samples_dir / "metadata.csv")[:14]
+    columns = ["MEL", "NV", "BCC", "AKIEC", "BKL", "DF", "VASC"]
+    isic = tmp_path / "ISIC2018_Task3_GroundTruth.csv"
+    rows = [",".join(["image"] + columns)]
+    from handler.labels import CLASS_CODES
+    for record in records:
+        code = CLASS_CODES[record.label].upper()
+        rows.append(",".join([record.image_id] + ["1.0" if c == code else "0.0" for c in columns]))
+    isic.write_text("\n".join(rows) + "\n")
+    common = ["--images", str(samples_dir), "--checkpoint", str(tiny_checkpoint), "--tta", "hflip",
+              "--referral-threshold", "0.3"]
+    from_isic = evaluate.main(evaluate.get_args_parser().parse_args(common + ["--labels", str(isic), "--out", str(tmp_path / "a")]))
+    ham = tmp_path / "ham.csv"
+    ham.write_text("\n".join((samples_dir / "metadata.csv").read_text().splitlines()[:15]) + "\n")
+    from_ham = evaluate.main(evaluate.get_args_parser().parse_args(common + ["--labels", str(ham), "--out", str(tmp_path / "b")]))
+    assert from_isic["n_images"] == from_ham["n_images"] == 14
+    assert from_isic["confusion_matrix"] == from_ham["confusion_matrix"]
+    assert from_isic["tta"] == "hflip" and from_isic["melanoma_threshold"] == 0.3
+    assert from_isic["checkpoint"] == str(tiny_checkpoint)
+
+
+@pytest.mark.data
+def test_calibrate_fits_every_tta_mode_and_an_operating_point(samples_dir, tiny_checkpoint, tmp_path):
+    from scripts import calibrate
+
+    subset = tmp_path / "split.json"
+    subset.write_text(json.dumps({"val_image_ids": [p.stem for p in samples_dir.glob("*.jpg")]}))
+    output = tmp_path / "recalibrated.pt"
+    figures = calibrate.main(calibrate.get_args_parser().parse_args(
+        ["--checkpoint", str(tiny_checkpoint), "--images", str(samples_dir), "--labels", str(samples_dir / "metadata.csv"),
+         "--subset", str(subset), "--output", str(output), "--report", str(tmp_path / "cal.json"),
+         "--tta-modes", "none", "hflip", "--folds", "2", "--target-sensitivity", "0.9"]))
+    loaded = load_checkpoint(output)
+    assert set(loaded.meta["calibration"]) == {"none", "hflip"}
+    point = loaded.meta["operating_point"]
+    assert point["tta"] == "none" and point["validation_out_of_fold"]["melanoma_sensitivity"] >= 0.9
+    # Fitting on the same images can only lower the negative log-likelihood, so in-sample
+    # calibration is never worse than the identity by much; the figures must be recorded.
+    assert figures["none"]["in_sample"]["ece"] <= figures["none"]["uncalibrated"]["ece"] + 0.05
+    assert json.loads((tmp_path / "cal.json").read_text())["hflip"]["referral_threshold"] > 0
+    original = load_checkpoint(tiny_checkpoint)
+    for name, tensor in original.model.state_dict().items():
+        assert torch.equal(tensor, loaded.model.state_dict()[name])
 
 
 def test_evaluate_names_missing_images(tmp_path):
@@ -73,7 +138,8 @@ def test_explain_writes_side_by_side_panels(samples_dir, tmp_path):
 def test_bench_reports_gradcam_cost_ratios(samples_dir, tmp_path):
     from scripts import bench
 
-    args = bench.get_args_parser().parse_args(["--samples", str(samples_dir), "--batch-sizes", "1", "2", "--rounds", "1",
+    args = bench.get_args_parser().parse_args(["--sections", "gradcam", "--samples", str(samples_dir),
+                                               "--batch-sizes", "1", "2", "--rounds", "1",
                                                "--out", str(tmp_path), "--report", str(tmp_path / "PERF.md")])
     result = bench.main(args)
     rows = {(r["batch_size"], r["overlay_format"]): r for r in result["gradcam"]}

@@ -1,0 +1,128 @@
+"""Fit a checkpoint's calibrations and measure its referral operating point on the validation split.
+
+For every test-time augmentation mode, runs the validation images through the serving
+path (decode, preprocessing, forward pass), fits temperature scaling plus per-class
+biases (:func:`handler.calibration.fit_calibration`), and reports the calibration error
+both in-sample and out-of-fold (5-fold cross-fitting on the validation split, so the
+figure is not flattered by fitting and scoring on the same images). It then picks the
+highest referral threshold on ``malignant_probability`` that keeps melanoma sensitivity
+at or above ``--target-sensitivity`` (out-of-fold probabilities) and reports the
+specificity and referral rate that threshold costs.
+
+The calibrations go into ``meta["calibration"]`` of the output checkpoint and the
+operating point into ``meta["operating_point"]``; the weights are untouched. Put the
+threshold into ``config/model-config.yaml`` (``handler.referral_threshold``).
+
+Example:
+    python scripts/calibrate.py --checkpoint models/skin_lesion.pt \
+        --images ../shared/data/ham10000-224/images --labels ../shared/data/ham10000-224/metadata.csv \
+        --subset models/provenance/val_split.json --output models/skin_lesion.pt --report runs/calibration.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from sklearn.model_selection import StratifiedKFold
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from handler.calibration import TTA_MODES, Calibration, fit_calibration  # noqa: E402
+from handler.data import attach_paths, read_labels  # noqa: E402
+from handler.evaluation import classification_report, logits_for_files, referral_threshold_for_sensitivity  # noqa: E402
+from handler.model import load_checkpoint  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    """Command-line options."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--checkpoint", default=str(ROOT / "models" / "skin_lesion.pt"))
+    parser.add_argument("--images", nargs="+", required=True, help="one or more image folders")
+    parser.add_argument("--labels", required=True, help="HAM10000 metadata or ISIC 2018 Task 3 ground-truth CSV")
+    parser.add_argument("--subset", required=True, help="JSON with 'val_image_ids' (train.py's split): fit on these only")
+    parser.add_argument("--output", required=True, help="checkpoint to write (may be --checkpoint itself)")
+    parser.add_argument("--report", help="JSON file for the per-mode figures")
+    parser.add_argument("--tta-modes", nargs="+", choices=TTA_MODES, default=list(TTA_MODES))
+    parser.add_argument("--serving-tta", choices=TTA_MODES, default="none", help="mode whose operating point is measured")
+    parser.add_argument("--target-sensitivity", type=float, default=0.85, help="melanoma sensitivity the referral flag must keep")
+    parser.add_argument("--folds", type=int, default=5, help="folds for the out-of-fold figures")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--seed", type=int, default=0)
+    return parser
+
+
+def out_of_fold_probabilities(logits: torch.Tensor, labels: np.ndarray, folds: int, seed: int) -> np.ndarray:
+    """Calibrated probabilities where each image's calibration was fitted without it."""
+    probabilities = np.zeros(tuple(logits.shape), dtype=np.float32)
+    splitter = StratifiedKFold(folds, shuffle=True, random_state=seed)
+    for fit_rows, score_rows in splitter.split(np.zeros(len(labels)), labels):
+        calibration = fit_calibration(logits[fit_rows], torch.as_tensor(labels[fit_rows]))
+        probabilities[score_rows] = calibration.apply(logits[score_rows]).numpy()
+    return probabilities
+
+
+def summarize(report: dict[str, Any]) -> dict[str, Any]:
+    """The headline figures of a classification report."""
+    keys = ("balanced_accuracy", "accuracy", "macro_auc", "ece", "melanoma_sensitivity", "melanoma_specificity",
+            "malignant_sensitivity", "referral_rate", "melanoma_threshold")
+    return {key: report[key] for key in keys}
+
+
+def main(args: argparse.Namespace) -> dict[str, Any]:
+    """Fit, measure, and write the recalibrated checkpoint."""
+    wanted = set(json.loads(Path(args.subset).read_text())["val_image_ids"])
+    records = attach_paths([r for r in read_labels(args.labels) if r.image_id in wanted], args.images)
+    labels = np.array([r.label for r in records])
+    loaded = load_checkpoint(args.checkpoint)
+    paths = [r.path for r in records]
+    calibrations: dict[str, Calibration] = {}
+    figures: dict[str, Any] = {}
+    for tta in args.tta_modes:
+        started = time.perf_counter()
+        logits = logits_for_files(loaded, paths, tta, args.batch_size)
+        calibrations[tta] = fit_calibration(logits, torch.as_tensor(labels))
+        out_of_fold = out_of_fold_probabilities(logits, labels, args.folds, args.seed)
+        threshold = referral_threshold_for_sensitivity(out_of_fold, labels, args.target_sensitivity)
+        temperature_only = fit_calibration(logits, torch.as_tensor(labels), class_bias=False)
+        figures[tta] = {
+            "calibration": calibrations[tta].to_dict(),
+            "in_sample": summarize(classification_report(calibrations[tta].apply(logits).numpy(), labels, threshold)),
+            "out_of_fold": summarize(classification_report(out_of_fold, labels, threshold)),
+            "temperature_only": summarize(classification_report(temperature_only.apply(logits).numpy(), labels))
+                                | {"temperature": temperature_only.temperature},
+            "uncalibrated": summarize(classification_report(torch.softmax(logits, 1).numpy(), labels)),
+            "referral_threshold": threshold,
+            "seconds": time.perf_counter() - started,
+        }
+        print(f"TTA {tta}: {json.dumps(figures[tta])}", flush=True)
+    checkpoint = torch.load(args.checkpoint, map_location="cpu", weights_only=True)
+    serving = figures[args.serving_tta]
+    checkpoint["meta"]["calibration"] = {tta: calibration.to_dict() for tta, calibration in calibrations.items()}
+    checkpoint["meta"].pop("temperature", None)  # superseded by meta["calibration"]
+    checkpoint["meta"]["operating_point"] = {
+        "tta": args.serving_tta, "referral_threshold": serving["referral_threshold"],
+        "target_melanoma_sensitivity": args.target_sensitivity, "validation_out_of_fold": serving["out_of_fold"],
+    }
+    checkpoint["meta"]["calibration_command"] = "python scripts/calibrate.py " + shlex.join(sys.argv[1:])
+    torch.save(checkpoint, args.output)
+    if args.report:
+        Path(args.report).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.report).write_text(json.dumps(figures, indent=2))
+    print(f"wrote {args.output}; serving TTA {args.serving_tta}: referral_threshold {serving['referral_threshold']}, "
+          f"out-of-fold melanoma sensitivity {serving['out_of_fold']['melanoma_sensitivity']:.3f}, "
+          f"specificity {serving['out_of_fold']['melanoma_specificity']:.3f}, ECE {serving['out_of_fold']['ece']:.4f}")
+    return figures
+
+
+if __name__ == "__main__":
+    main(get_args_parser().parse_args())

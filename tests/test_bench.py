@@ -1,0 +1,141 @@
+"""The end-to-end benchmark: its statistics on synthetic numbers, and one bounded run through real TorchServe."""
+
+import json
+
+import pytest
+
+from scripts import bench
+from tests.conftest import RELEASED_CHECKPOINT
+
+SUMMARY_KEYS = ("served_throughput_ratio", "speedup_vs_unbatched", "gradcam_cost_ratio", "p99_over_p50_at_70pct")
+
+
+def level(concurrency, images_per_s, p50, p99, errors=0, avg_batch=1.0):
+    return {"mode": "closed", "concurrency": concurrency, "requests": 100, "errors": errors, "seconds": 10.0,
+            "images_per_s": images_per_s, "p50_ms": p50, "p95_ms": p99, "p99_ms": p99, "mean_ms": p50,
+            "avg_batch_size": avg_batch, "batches": 100 / avg_batch}
+
+
+def test_percentile_is_nearest_rank_and_monotone():
+    values = list(range(1, 101))  # 1..100
+    assert bench.percentile(values, 0.50) == 50
+    assert bench.percentile(values, 0.95) == 95
+    assert bench.percentile(values, 0.99) == 99
+    assert bench.percentile(values, 1.0) == 100
+    assert bench.percentile([7.0], 0.99) == 7.0
+    assert bench.percentile([3, 1, 2], 0.0) == 1
+    with pytest.raises(ValueError):
+        bench.percentile([], 0.5)
+
+
+def test_level_stats_counts_errors_and_takes_percentiles_over_successes():
+    latencies = [0.010] * 97 + [0.050, 0.100, 5.0]
+    statuses = [200] * 99 + [503]  # the 5 s one failed: it must not enter the percentiles
+    stats = bench.level_stats(latencies, statuses, seconds=2.0)
+    assert stats["requests"] == 100 and stats["errors"] == 1
+    assert stats["images_per_s"] == pytest.approx(99 / 2.0)
+    assert stats["p50_ms"] == pytest.approx(10.0)
+    assert stats["p99_ms"] == pytest.approx(100.0)
+    assert stats["p50_ms"] <= stats["p95_ms"] <= stats["p99_ms"]
+    empty = bench.level_stats([1.0], [-1], seconds=1.0)
+    assert empty["errors"] == 1 and empty["images_per_s"] == 0 and empty["p99_ms"] is None
+
+
+def test_parse_histogram_reads_torchserve_prometheus_text():
+    # As scraped from TorchServe 0.12 (trailing comma inside the braces included).
+    text = "\n".join([
+        "# TYPE skin_lesion_batch_size histogram",
+        'skin_lesion_batch_size_bucket{ModelName="skin_lesion",Hostname="vm",le="1.0",} 5.0',
+        'skin_lesion_batch_size_count{ModelName="skin_lesion",Hostname="vm",} 5.0',
+        'skin_lesion_batch_size_sum{ModelName="skin_lesion",Hostname="vm",} 12.0',
+        'skin_lesion_batch_size_sum{ModelName="other",Hostname="vm",} 99.0',
+        'skin_lesion_batch_size_sum_extra{ModelName="skin_lesion",} 1.0',
+    ])
+    assert bench.parse_histogram(text, "skin_lesion_batch_size", "skin_lesion") == (12.0, 5.0)
+    assert bench.parse_histogram("", "skin_lesion_batch_size", "skin_lesion") == (0.0, 0.0)
+
+
+def test_summary_ratios_and_checks():
+    result = {
+        "in_process": [{"batch_size": 8, "images_per_s": 20.0}, {"batch_size": 1, "images_per_s": 10.0}],
+        "unbatched": {"levels": [level(1, 6.0, 160, 200)]},
+        "served": {"levels": [level(1, 7.0, 140, 150), level(4, 14.0, 280, 400, avg_batch=3.5),
+                              level(16, 18.0, 800, 900, avg_batch=7.9), level(32, 17.5, 1700, 1900, avg_batch=8.0)],
+                   "paced": {**level(None, 12.0, 200, 700), "mode": "open", "offered_images_per_s": 12.6}},
+        "gradcam": [{"batch_size": 8, "overlay_format": "jpeg", "gradcam_cost_ratio": 1.2},
+                    {"batch_size": 8, "overlay_format": "png", "gradcam_cost_ratio": 1.9}],
+    }
+    summary = bench.summarize(result, batch_size=8)
+    assert summary["best_concurrency"] == 16 and summary["p99_ms_at_best"] == 900
+    assert summary["served_throughput_ratio"] == pytest.approx(18.0 / 20.0)
+    assert summary["speedup_vs_unbatched"] == pytest.approx(3.0)
+    assert summary["gradcam_cost_ratio"] == 1.2
+    assert summary["p99_over_p50_at_70pct"] == pytest.approx(3.5)  # from the open-loop level
+    assert summary["tail_level"].startswith("open loop")
+    assert summary["closed_loop_nearest_70pct"]["concurrency"] == 4  # 14 is nearest 0.7 x 18 = 12.6
+    assert {check["name"]: check["met"] for check in summary["checks"]} == {
+        "served_throughput_ratio": True, "speedup_vs_unbatched": True, "gradcam_cost_ratio": True,
+        "p99_over_p50_at_70pct": False}
+
+    # Without the open-loop level, the closed-loop level nearest 70 % of the peak is used;
+    # sections that did not run give None ("not measured"), never a made-up figure.
+    partial = bench.summarize({"served": {"levels": result["served"]["levels"], "paced": None}}, batch_size=8)
+    assert partial["p99_over_p50_at_70pct"] == pytest.approx(400 / 280)
+    assert partial["tail_level"].startswith("closed loop, 4 in flight")
+    assert partial["served_throughput_ratio"] is None and partial["speedup_vs_unbatched"] is None
+    assert {check["name"]: check["met"] for check in partial["checks"]}["gradcam_cost_ratio"] is None
+
+
+def test_command_line_masks_the_token():
+    shown = bench.command_line(["scripts/bench.py", "--url", "http://127.0.0.1:8080", "--token", "s3cret", "--quick"])
+    assert shown == "python scripts/bench.py --url http://127.0.0.1:8080 --token *** --quick"
+    assert "s3cret" not in bench.command_line(["scripts/bench.py", "--token=s3cret"])
+
+
+def test_report_from_synthetic_result(tmp_path):
+    result = {"date": "today", "machine": "test machine", "command": "python scripts/bench.py --quick",
+              "plan": {"level_requests": 100, "level_seconds": 5.0},
+              "served": {"levels": [level(1, 7.0, 140, 150), level(8, 14.0, 500, 600, avg_batch=6.0)], "paced": None,
+                         "model_config": {"batchSize": 8, "maxBatchDelay": 50}, "target": "test"},
+              "in_process": [{"batch_size": 8, "images": 80, "seconds": 4.0, "images_per_s": 20.0}]}
+    result["summary"] = bench.summarize(result, batch_size=8)
+    bench.write_report(tmp_path / "PERF.md", result)
+    report = (tmp_path / "PERF.md").read_text()
+    assert all(key in report for key in SUMMARY_KEYS)
+    assert "| 8 | 100 | 0 | 14.0 | 500 | 600 | 600 | 6.00 |" in report
+    assert "not measured" in report  # speedup_vs_unbatched and gradcam_cost_ratio did not run
+
+
+@pytest.mark.slow
+@pytest.mark.data
+def test_bench_through_real_torchserve(samples_dir, tmp_path):
+    """All sections, shortened: two TorchServe start-ups plus a few seconds per level."""
+    args = bench.get_args_parser().parse_args([
+        "--samples", str(samples_dir), "--checkpoint", str(RELEASED_CHECKPOINT), "--quick",
+        "--levels", "1", "8", "--level-seconds", "4", "--level-requests", "200", "--warmup-seconds", "2",
+        "--rounds", "1", "--inprocess-seconds", "1", "--out", str(tmp_path), "--report", str(tmp_path / "PERF.md")])
+    bench.main(args)
+    result = json.loads((tmp_path / "bench.json").read_text())
+
+    levels = result["served"]["levels"]
+    assert [row["concurrency"] for row in levels] == [1, 8]
+    for row in levels + result["unbatched"]["levels"] + [result["served"]["paced"]]:
+        assert row["errors"] == 0 and row["requests"] > 0
+        assert row["images_per_s"] > 0
+        assert row["p50_ms"] <= row["p95_ms"] <= row["p99_ms"]
+        assert row["avg_batch_size"] >= 1
+    # 8 clients in flight against batchSize 8 / maxBatchDelay 50 ms: the server must batch.
+    assert levels[-1]["avg_batch_size"] > 1
+    assert result["unbatched"]["model_config"]["batchSize"] == 1
+    assert result["unbatched"]["levels"][0]["avg_batch_size"] == 1
+    assert result["served"]["model_config"]["batchSize"] == 8
+    assert all(row["images_per_s"] > 0 for row in result["in_process"])
+    assert {row["batch_size"] for row in result["in_process"]} == {1, 8}
+
+    summary = result["summary"]
+    for key in SUMMARY_KEYS + ("p99_ms_at_best", "best_served_images_per_s"):
+        assert summary[key] is not None and summary[key] > 0, key
+    assert [check["name"] for check in summary["checks"]] == list(SUMMARY_KEYS)
+    report = (tmp_path / "PERF.md").read_text()
+    assert all(key in report for key in SUMMARY_KEYS)
+    assert "| 8 | " in report and "p99" in report

@@ -1,0 +1,58 @@
+"""Calibration fitting, TTA views and the referral operating point, on synthetic data with known answers."""
+
+import numpy as np
+import pytest
+import torch
+
+from handler.calibration import Calibration, augmented_views, fit_calibration, merge_views
+from handler.evaluation import expected_calibration_error, malignant_probability, referral_threshold_for_sensitivity
+from handler.labels import class_index
+
+
+def test_fit_recovers_temperature_and_prior_shift():
+    # Labels drawn from softmax(z / T + b): the fit must find T and b (up to a common shift).
+    generator = torch.Generator().manual_seed(0)
+    temperature, bias = 1.8, torch.tensor([0.5, -0.3, 0.2, -1.0, 0.4, 1.2, -1.0])
+    logits = torch.randn(40_000, 7, generator=generator) * 3
+    labels = torch.multinomial(torch.softmax(logits / temperature + bias, 1), 1, generator=generator).squeeze(1)
+    fitted = fit_calibration(logits, labels)
+    assert fitted.temperature == pytest.approx(temperature, rel=0.05)
+    assert torch.tensor(fitted.class_bias) == pytest.approx(bias - bias.mean(), abs=0.06)
+    temperature_only = fit_calibration(logits, labels, class_bias=False)
+    calibrated = fitted.apply(logits).numpy()
+    assert expected_calibration_error(calibrated, labels.numpy()) < 0.01
+    assert expected_calibration_error(temperature_only.apply(logits).numpy(), labels.numpy()) > \
+        expected_calibration_error(calibrated, labels.numpy())
+
+
+def test_calibration_round_trips_through_plain_dicts():
+    calibration = Calibration(0.8, (0.1, -0.1, 0.0, 0.0, 0.2, -0.2, 0.0))
+    assert Calibration.from_dict(calibration.to_dict()) == calibration
+    assert Calibration.from_dict({"temperature": 2.0, "class_bias": None}).apply(torch.tensor([[2.0, 0.0]])) == \
+        pytest.approx(torch.softmax(torch.tensor([[1.0, 0.0]]), 1))
+
+
+def test_tta_views_put_the_original_first_and_average_back():
+    batch = torch.arange(2 * 3 * 4 * 5, dtype=torch.float32).reshape(2, 3, 4, 5)
+    views = augmented_views(batch, "flip4")
+    assert views.shape == (8, 3, 4, 5)
+    assert torch.equal(views[:2], batch) and torch.equal(views[2:4], batch.flip(3))
+    assert torch.equal(views[4:6], batch.flip(2)) and torch.equal(views[6:], batch.flip(2).flip(3))
+    logits = torch.arange(8 * 7, dtype=torch.float32).reshape(8, 7)
+    assert torch.equal(merge_views(logits, "flip4"), torch.stack([logits[0::2].mean(0), logits[1::2].mean(0)]))
+    assert augmented_views(batch, "none") is batch
+
+
+def test_operating_point_is_the_highest_threshold_keeping_sensitivity():
+    probabilities = np.full((10, 7), 0.0)
+    labels = np.array([class_index("mel")] * 5 + [class_index("nv")] * 5)
+    mel_scores = [0.9, 0.6, 0.4, 0.2, 0.05]
+    for row, score in enumerate(mel_scores):
+        probabilities[row, class_index("mel")] = score
+        probabilities[row, class_index("nv")] = 1 - score
+    probabilities[5:, class_index("nv")] = 1.0
+    assert malignant_probability(probabilities)[:5] == pytest.approx(mel_scores)
+    assert referral_threshold_for_sensitivity(probabilities, labels, 0.8) == pytest.approx(0.2)
+    assert referral_threshold_for_sensitivity(probabilities, labels, 0.6) == pytest.approx(0.4)
+    with pytest.raises(ValueError, match="no melanomas"):
+        referral_threshold_for_sensitivity(probabilities[5:], labels[5:], 0.8)
