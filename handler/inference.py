@@ -18,9 +18,10 @@ from handler.errors import (
 from handler.calibration import augmented_views, check_tta_mode, merge_views
 from handler.gradcam import gradcam_from_features, normalize_maps
 from handler.labels import CLASS_CODES, REFERRAL_CLASSES, Risk, class_index, lesion_class
-from handler.model import LoadedModel, forward_features, forward_head
+from handler.model import LoadedModel
 from handler.overlay import FORMATS, OverlayStyle, encode_image, model_view_box, render_overlay
 from handler.preprocessing import DecodeLimits, decode_image, load_model_input, normalize_batch
+from handler.runtime import build_runner, check_runtime
 
 logger = logging.getLogger(__name__)
 
@@ -43,6 +44,9 @@ class HandlerSettings:
             raises the referral flag and the risk becomes ``high``.
         tta: Test-time augmentation, one of :data:`handler.calibration.TTA_MODES`
             (``none``, ``hflip``: 2 views, ``flip4``: 4 flipped views in one forward pass).
+        runtime: ``eager`` or ``torchscript`` (traced and frozen at worker start).
+        precision: ``fp32``, or ``bf16``/``fp16`` autocast (for GPUs; slow on this CPU).
+        torch_threads: Intra-op threads per worker; 0 keeps PyTorch's default (all cores).
         gradcam_alpha: Heatmap weight in the overlay blend.
         gradcam_colormap: Overlay colour map (see :data:`handler.overlay.COLORMAPS`).
         gradcam_format: Overlay encoding, ``png`` or ``jpeg``.
@@ -56,6 +60,9 @@ class HandlerSettings:
     min_side: int = 8
     referral_threshold: float = 0.5
     tta: str = "none"
+    runtime: str = "eager"
+    precision: str = "fp32"
+    torch_threads: int = 0
     gradcam_alpha: float = 0.45
     gradcam_colormap: str = "inferno"
     gradcam_format: str = "jpeg"
@@ -65,6 +72,7 @@ class HandlerSettings:
 
     def __post_init__(self) -> None:
         check_tta_mode(self.tta)
+        check_runtime(self.runtime, self.precision)
         self.overlay_style  # validates the Grad-CAM settings at load time
 
     @classmethod
@@ -229,10 +237,30 @@ def run_model(loaded: LoadedModel, batch: torch.Tensor, tta: str = "none") -> tu
         images (N, C, h, w) and the view-averaged raw logits (N, 7), on the model's device.
     """
     device = next(loaded.model.parameters()).device
+    if device.type == "cuda":
+        batch = batch.pin_memory()  # page-locked, so the copy below is a true asynchronous DMA
     inputs = normalize_batch(batch.to(device, non_blocking=True), loaded.preprocess)
-    features = forward_features(loaded.model, augmented_views(inputs, tta))
-    logits = merge_views(forward_head(loaded.model, features).float(), tta)
-    return features[: len(batch)], logits
+    features, logits = loaded.features_and_logits(augmented_views(inputs, tta))
+    return features[: len(batch)], merge_views(logits.float(), tta)
+
+
+def prepare_for_serving(loaded: LoadedModel, settings: HandlerSettings) -> None:
+    """Apply the runtime settings to a loaded model, once per worker.
+
+    Sets the intra-op thread count, enables cuDNN autotuning on GPUs (every batch has the
+    same image size, so the tuned kernels are reused), builds the runtime (eager or
+    frozen TorchScript, with autocast) and checks a calibration exists for the TTA mode.
+
+    Raises:
+        ValueError: If the checkpoint has no calibration for ``settings.tta``.
+    """
+    loaded.calibration(settings.tta)
+    if settings.torch_threads > 0:
+        torch.set_num_threads(settings.torch_threads)
+    device = next(loaded.model.parameters()).device
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    loaded.runner = build_runner(loaded.model, settings.runtime, settings.precision, loaded.preprocess.image_size)
 
 
 @torch.inference_mode()

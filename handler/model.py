@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -87,6 +87,12 @@ def forward_head(model: nn.Module, features: torch.Tensor) -> torch.Tensor:
     return model.classifier(torch.flatten(model.avgpool(features), 1))
 
 
+def features_and_logits(model: nn.Module, inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`forward_features` and the logits computed from it, in one pass."""
+    features = forward_features(model, inputs)
+    return features, forward_head(model, features)
+
+
 def imagenet_weights_path(arch: str) -> str | None:
     """Where ImageNet weights for ``arch`` already are on this machine, if anywhere.
 
@@ -155,6 +161,14 @@ class LoadedModel:
     config: dict[str, Any]
     meta: dict[str, Any]
     preprocess: PreprocessConfig
+    # Set by handler.runtime.build_runner for serving (TorchScript, autocast); None runs eager fp32.
+    runner: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None
+
+    def features_and_logits(self, inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The last feature map and the logits of a normalized batch, in one pass."""
+        if self.runner is not None:
+            return self.runner(inputs)
+        return features_and_logits(self.model, inputs)
 
     def calibration(self, tta: str = "none") -> Calibration:
         """The calibration fitted on the validation split for test-time augmentation ``tta``.

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from ts.torch_handler.base_handler import BaseHandler
 
-from handler.inference import BatchTimings, HandlerSettings, handle_batch
+from handler.inference import BatchTimings, HandlerSettings, handle_batch, prepare_for_serving
 from handler.metrics import batch_metric_updates, publish
 from handler.model import load_checkpoint
 
@@ -36,12 +36,13 @@ class SkinLesionHandler(BaseHandler):
         manifest = context.manifest["model"]
         checkpoint = os.path.join(properties["model_dir"], manifest["serializedFile"])
         self.loaded = load_checkpoint(checkpoint, self.device)
-        self.loaded.calibration(self.settings.tta)  # a TTA mode without a fitted calibration fails the load, not a request
+        prepare_for_serving(self.loaded, self.settings)  # problems fail the worker's load, not a request
         self.model_version = manifest.get("modelVersion") or self.loaded.version
         self.model_name = manifest.get("modelName", "skin_lesion")
         self.initialized = True
-        logger.info("loaded %s (%s, version %s) on %s, TTA %s", checkpoint, self.loaded.config["arch"], self.model_version,
-                    self.device, self.settings.tta)
+        logger.info("loaded %s (%s, version %s) on %s: runtime %s, precision %s, TTA %s, %d threads", checkpoint,
+                    self.loaded.config["arch"], self.model_version, self.device, self.settings.runtime,
+                    self.settings.precision, self.settings.tta, torch.get_num_threads())
 
     def handle(self, data: list[dict[str, Any]], context: Any) -> list[str]:
         """Answer one batch; each request gets its own status code and JSON body.

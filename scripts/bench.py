@@ -12,6 +12,16 @@ the figure is the median of the rounds.
 batched forward, no HTTP, no TorchServe) over the same real JPEGs, images/s at the configured
 batch size and at batch size 1, measured while no server is running.
 
+``decode``: JPEG decode + resize to the model's resize size, per image: the served Pillow
+draft-mode path against a full Pillow decode and OpenCV ``imdecode`` with and without
+``IMREAD_REDUCED_COLOR_2``, with the pixel difference each would make.
+
+``runtime``: the forward pass alone (features + logits) per image, for eager fp32
+(contiguous and channels-last), bf16 autocast, the served frozen TorchScript graph (with
+all threads and with one), and ``torch.compile`` (full runs only: it compiles for about a
+minute). On a GPU (``--device cuda``): eager fp32, fp16 autocast and TorchScript fp16 at
+growing batch sizes.
+
 ``unbatched``: the real TorchServe with an archive built from a copy of the model config at
 ``batchSize: 1``, ``maxBatchDelay: 0``, driven with one request in flight.
 
@@ -30,6 +40,7 @@ Example:
     python scripts/bench.py --quick --out /tmp/bench --report /tmp/bench/PERFORMANCE.md
     python scripts/bench.py --sections served --workers 2 --batch-size-config 4 --max-batch-delay 20 --report /tmp/w2.md
     python scripts/bench.py --url http://127.0.0.1:8080 --token TOKEN --metrics-url http://127.0.0.1:8082
+    python scripts/bench.py --sections inprocess served --workers 2 --handler torch_threads=1 --report /tmp/w2.md
 """
 
 from __future__ import annotations
@@ -70,7 +81,7 @@ if TYPE_CHECKING:
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_SAMPLES = ROOT.parent / "shared" / "data" / "samples-600x450"
 DEFAULT_MODEL_CONFIG = ROOT / "config" / "model-config.yaml"
-SECTIONS = ("gradcam", "inprocess", "unbatched", "served")
+SECTIONS = ("decode", "runtime", "gradcam", "inprocess", "unbatched", "served")
 BATCH_SIZE_METRIC = "skin_lesion_batch_size"
 UNBATCHED_OVERRIDES = {"batchSize": 1, "maxBatchDelay": 0}
 # (key in the summary, target as text, test on the value): the issue's acceptance targets.
@@ -103,6 +114,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch-size-config", type=int, help="batchSize of the swept archive (default: the model config's)")
     parser.add_argument("--max-batch-delay", type=int, help="maxBatchDelay (ms) of the swept archive")
     parser.add_argument("--workers", type=int, help="minWorkers = maxWorkers of the swept archive")
+    parser.add_argument("--handler", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a handler setting (runtime, precision, torch_threads, tta...) for every section")
+    parser.add_argument("--device", default="cpu", help="device of the runtime section (cpu or cuda)")
     parser.add_argument("--url", help="sweep this already running server (inference base URL) instead of starting one")
     parser.add_argument("--token", help="inference token for --url")
     parser.add_argument("--metrics-url", help="metrics base URL for --url, for the average batch size")
@@ -394,12 +408,16 @@ def sweep_target(target: ServedTarget, payload_paths: Sequence[str], plan: Sweep
 
 
 def model_config_with(base: Path, overrides: dict[str, Any]) -> dict[str, Any]:
-    """The model config at ``base`` with top-level keys replaced (``batchSize``, ``maxBatchDelay``, ``minWorkers``...)."""
+    """The model config at ``base`` with top-level keys replaced (``batchSize``, ``maxBatchDelay``, ``minWorkers``...).
+
+    A ``handler`` entry in ``overrides`` is merged into the config's ``handler:`` block.
+    """
     config = yaml.safe_load(base.read_text())
-    unknown = set(overrides) - set(config) - {"minWorkers", "maxWorkers", "batchSize", "maxBatchDelay"}
+    unknown = set(overrides) - set(config) - {"minWorkers", "maxWorkers", "batchSize", "maxBatchDelay", "handler"}
     if unknown:
         raise ValueError(f"unknown model-config keys {sorted(unknown)}")
-    return {**config, **overrides}
+    handler = {**(config.get("handler") or {}), **(overrides.get("handler") or {})}
+    return {**config, **overrides, "handler": handler}
 
 
 def free_loopback_port() -> int:
@@ -689,6 +707,21 @@ def write_report(path: Path, result: dict[str, Any]) -> None:
                   "|---|---|---|---|---|---|---|---|"]
         lines += [level_row(f"batchSize 1, {level['concurrency']} in flight", level) for level in unbatched["levels"]]
         lines.append("")
+    if result.get("runtime"):
+        lines += ["## Model runtime (forward pass only, in-process, per image)", "",
+                  "Ratio = time ÷ the served runtime's time at the same batch size (below 1 is faster). "
+                  "Interleaved rounds, medians.", "",
+                  "| variant | batch size | ms/image | images/s | ratio to served |", "|---|---|---|---|---|"]
+        lines += [f"| {row['variant']} | {row['batch_size']} | {row['ms_per_image']:.2f} | {row['images_per_s']:.1f} | "
+                  f"{row['ratio_to_served']:.3f} |" for row in result["runtime"]]
+        lines.append("")
+    if result.get("decode"):
+        lines += ["## JPEG decode + resize (per 600x450 image, to the model's resize size)", "",
+                  "Pixel difference = mean absolute difference, in 8-bit levels, from the served path's resized image.", "",
+                  "| decoder | ms/image | ratio to served | pixel difference |", "|---|---|---|---|"]
+        lines += [f"| {row['decoder']}{' (served)' if row['decoder'] == 'pillow_draft' else ''} | {row['ms_per_image']:.2f} | "
+                  f"{row['ratio_to_served']:.3f} | {row['mean_abs_pixel_difference']:.2f} |" for row in result["decode"]]
+        lines.append("")
     if result.get("in_process"):
         lines += ["## In-process limit (`handle_batch`, no HTTP, no server running)", "",
                   "| batch size | images | seconds | images/s |", "|---|---|---|---|"]
@@ -735,6 +768,11 @@ def served_overrides(args: argparse.Namespace) -> dict[str, Any]:
         overrides["maxBatchDelay"] = args.max_batch_delay
     if args.workers is not None:
         overrides["minWorkers"] = overrides["maxWorkers"] = args.workers
+    if args.handler:
+        pairs = [item.split("=", 1) for item in args.handler]
+        if any(len(pair) != 2 for pair in pairs):
+            raise SystemExit(f"--handler takes KEY=VALUE, got {args.handler}")
+        overrides["handler"] = {key: yaml.safe_load(value) for key, value in pairs}
     return overrides
 
 
@@ -779,6 +817,17 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         "load_average_1min": {"start": os.getloadavg()[0]},
     }
     # In-process sections first, while no server started by this run is competing for the cores.
+    if sections & {"decode", "runtime"}:
+        from handler.model import load_checkpoint
+        from scripts.bench_components import bench_decode, bench_runtimes
+
+        rounds = 3 if args.quick else args.rounds
+        if "decode" in sections:
+            resize_size = load_checkpoint(args.checkpoint).preprocess.resize_size
+            result["decode"] = bench_decode(payloads[:16], resize_size, rounds)
+        if "runtime" in sections:
+            result["runtime"] = bench_runtimes(args.checkpoint, payloads[:16], sorted({1, batch_size}), rounds,
+                                               include_compile=not args.quick, device=args.device)
     if sections & {"gradcam", "inprocess"}:
         from handler.inference import HandlerSettings
         from handler.model import load_checkpoint

@@ -1,0 +1,157 @@
+"""Component benchmarks for ``scripts/bench.py``: JPEG decoders and model runtimes, each as a ratio to the served choice.
+
+Every candidate is timed in interleaved rounds (A, B, C, A, B, C...) so that machine noise
+hits all of them alike, and the median round is reported.
+"""
+
+from __future__ import annotations
+
+import io
+import statistics
+import time
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+
+def _median_seconds(candidates: dict[str, Callable[[], Any]], rounds: int) -> dict[str, float]:
+    for run in candidates.values():  # warm-up: allocators, lazy initialization, kernel selection
+        run()
+    timings: dict[str, list[float]] = {name: [] for name in candidates}
+    for _ in range(rounds):
+        for name, run in candidates.items():
+            started = time.perf_counter()
+            run()
+            timings[name].append(time.perf_counter() - started)
+    return {name: statistics.median(values) for name, values in timings.items()}
+
+
+def decoders(resize_size: int) -> dict[str, Callable[[bytes], np.ndarray]]:
+    """JPEG bytes to an RGB array whose shorter side is ``resize_size``, four ways.
+
+    ``pillow_draft`` is the served path (:func:`handler.preprocessing.load_model_input`):
+    DCT-domain downscaling in libjpeg, then a bilinear resize of the small image.
+    """
+    import cv2
+    from PIL import Image
+
+    def shorter_side_to(width: int, height: int) -> tuple[int, int]:
+        scale = resize_size / min(width, height)
+        return max(resize_size, round(width * scale)), max(resize_size, round(height * scale))
+
+    def pillow_draft(data: bytes) -> np.ndarray:
+        image = Image.open(io.BytesIO(data))
+        image.draft("RGB", (resize_size, resize_size))
+        image = image.convert("RGB")
+        return np.asarray(image.resize(shorter_side_to(*image.size), Image.BILINEAR))
+
+    def pillow_full(data: bytes) -> np.ndarray:
+        image = Image.open(io.BytesIO(data)).convert("RGB")
+        return np.asarray(image.resize(shorter_side_to(*image.size), Image.BILINEAR))
+
+    def opencv(flag: int) -> Callable[[bytes], np.ndarray]:
+        def decode(data: bytes) -> np.ndarray:
+            image = cv2.imdecode(np.frombuffer(data, np.uint8), flag)
+            height, width = image.shape[:2]
+            resized = cv2.resize(image, shorter_side_to(width, height), interpolation=cv2.INTER_LINEAR)
+            return cv2.cvtColor(resized, cv2.COLOR_BGR2RGB)
+        return decode
+
+    return {"pillow_draft": pillow_draft, "pillow_full": pillow_full,
+            "opencv_reduced": opencv(cv2.IMREAD_REDUCED_COLOR_2), "opencv_full": opencv(cv2.IMREAD_COLOR)}
+
+
+def bench_decode(payloads: Sequence[bytes], resize_size: int, rounds: int) -> list[dict[str, Any]]:
+    """Per-image decode + resize time of each decoder, as a ratio to the served ``pillow_draft``.
+
+    Also reports how far each decoder's pixels are from the served path's (mean absolute
+    difference in 8-bit levels on the resized image), since a faster decoder that changes
+    the model's input is not a free win.
+    """
+    candidates = decoders(resize_size)
+    timings = _median_seconds({name: (lambda decode=decode: [decode(p) for p in payloads])
+                               for name, decode in candidates.items()}, rounds)
+    reference = [candidates["pillow_draft"](p).astype(np.int16) for p in payloads]
+    rows = []
+    for name, decode in candidates.items():
+        pixels = [decode(p).astype(np.int16) for p in payloads]
+        difference = float(np.mean([np.abs(a - b).mean() for a, b in zip(pixels, reference) if a.shape == b.shape]))
+        rows.append({"decoder": name, "ms_per_image": timings[name] * 1000 / len(payloads),
+                     "ratio_to_served": timings[name] / timings["pillow_draft"], "mean_abs_pixel_difference": difference})
+        print(f"decode {name}: {rows[-1]['ms_per_image']:.2f} ms/image, ratio {rows[-1]['ratio_to_served']:.3f}, "
+              f"pixel difference {difference:.2f}", flush=True)
+    return rows
+
+
+def runtime_variants(include_compile: bool) -> dict[str, dict[str, Any]]:
+    """The model-execution variants compared: name -> how to build them."""
+    variants = {
+        "eager fp32 contiguous": {"runtime": "eager", "precision": "fp32", "channels_last": False},
+        "eager fp32 channels-last": {"runtime": "eager", "precision": "fp32", "channels_last": True},
+        "eager bf16 autocast": {"runtime": "eager", "precision": "bf16", "channels_last": True},
+        "torchscript fp32 (served)": {"runtime": "torchscript", "precision": "fp32", "channels_last": True},
+        "torchscript fp32, 1 thread": {"runtime": "torchscript", "precision": "fp32", "channels_last": True, "threads": 1},
+    }
+    if include_compile:
+        variants["torch.compile fp32"] = {"runtime": "compile", "precision": "fp32", "channels_last": True}
+    return variants
+
+
+def bench_runtimes(checkpoint: str, payloads: Sequence[bytes], batch_sizes: Sequence[int], rounds: int,
+                   include_compile: bool, device: str = "cpu") -> list[dict[str, Any]]:
+    """Per-image forward time (features + logits, no decode) of each runtime variant, per batch size.
+
+    Ratios are to ``torchscript fp32 (served)`` at the same batch size. The 1-thread variant
+    is the per-worker cost when each of two workers gets one core.
+    """
+    import torch
+
+    from handler.model import load_checkpoint
+    from handler.preprocessing import load_model_input, normalize_batch
+    from handler.runtime import FeaturesAndLogits, build_runner
+
+    default_threads = torch.get_num_threads()
+    variants = runtime_variants(include_compile and device == "cpu")
+    if device != "cpu":
+        variants = {"eager fp32": {"runtime": "eager", "precision": "fp32", "channels_last": True},
+                    "eager fp16 autocast": {"runtime": "eager", "precision": "fp16", "channels_last": True},
+                    "torchscript fp16 (served)": {"runtime": "torchscript", "precision": "fp16", "channels_last": True}}
+    runners = {}
+    for name, variant in variants.items():
+        loaded = load_checkpoint(checkpoint, device)
+        model = loaded.model if variant["channels_last"] else loaded.model.to(memory_format=torch.contiguous_format)
+        if variant["runtime"] == "compile":
+            runners[name] = torch.compile(FeaturesAndLogits(model.requires_grad_(False)).eval())
+        else:
+            runners[name] = build_runner(model, variant["runtime"], variant["precision"], loaded.preprocess.image_size)
+    preprocess = load_checkpoint(checkpoint).preprocess
+    rows = []
+    reference_name = next(name for name in variants if "(served)" in name)
+    for batch_size in batch_sizes:
+        uint8 = torch.stack([load_model_input(payloads[i % len(payloads)], preprocess)[0] for i in range(batch_size)])
+        inputs = normalize_batch(uint8.to(device), preprocess)
+
+        def timed(name: str) -> Callable[[], Any]:
+            threads = variants[name].get("threads", default_threads)
+            contiguous = not variants[name]["channels_last"]
+            batch = inputs.contiguous() if contiguous else inputs
+
+            def run() -> None:
+                torch.set_num_threads(threads)
+                try:
+                    with torch.inference_mode():
+                        runners[name](batch)
+                    if device != "cpu":
+                        torch.cuda.synchronize()
+                finally:
+                    torch.set_num_threads(default_threads)
+            return run
+
+        timings = _median_seconds({name: timed(name) for name in variants}, rounds)
+        for name in variants:
+            rows.append({"variant": name, "batch_size": batch_size, "ms_per_image": timings[name] * 1000 / batch_size,
+                         "images_per_s": batch_size / timings[name], "ratio_to_served": timings[name] / timings[reference_name]})
+            print(f"runtime {name}, batch {batch_size}: {rows[-1]['ms_per_image']:.2f} ms/image, "
+                  f"ratio {rows[-1]['ratio_to_served']:.3f}", flush=True)
+    return rows
+

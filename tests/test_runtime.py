@@ -1,0 +1,78 @@
+"""Serving runtimes against eager fp32: the frozen TorchScript graph and autocast must not change answers."""
+
+import pytest
+import torch
+
+from handler.inference import HandlerSettings, handle_batch, prepare_for_serving
+from handler.model import load_checkpoint
+from handler.preprocessing import load_model_input
+from tests.conftest import RELEASED_CHECKPOINT
+
+
+@pytest.fixture(scope="module")
+def payloads(samples_dir):
+    return [p.read_bytes() for p in sorted(samples_dir.glob("*.jpg"))[::7]]  # 10 images, every class
+
+
+@pytest.mark.data
+@pytest.mark.parametrize("batch_size", [1, 3, 10])
+def test_torchscript_matches_eager_on_the_released_model(payloads, batch_size):
+    eager = load_checkpoint(RELEASED_CHECKPOINT)
+    scripted = load_checkpoint(RELEASED_CHECKPOINT)
+    prepare_for_serving(scripted, HandlerSettings(runtime="torchscript"))
+    batch = torch.stack([load_model_input(p, eager.preprocess)[0] for p in payloads[:batch_size]])
+    from handler.inference import run_model
+
+    with torch.inference_mode():
+        eager_features, eager_logits = run_model(eager, batch)
+        features, logits = run_model(scripted, batch)
+    assert torch.allclose(features, eager_features, atol=1e-3)
+    assert torch.allclose(logits, eager_logits, atol=1e-3)
+
+
+@pytest.mark.data
+@pytest.mark.parametrize("settings", [HandlerSettings(runtime="torchscript", tta="flip4"),
+                                      HandlerSettings(runtime="torchscript", precision="bf16"),
+                                      HandlerSettings(precision="bf16")], ids=["torchscript-flip4", "torchscript-bf16", "eager-bf16"])
+def test_served_answers_match_eager_fp32_within_tolerance(payloads, settings):
+    reference = load_checkpoint(RELEASED_CHECKPOINT)
+    baseline_settings = HandlerSettings(tta=settings.tta)
+    prepare_for_serving(reference, baseline_settings)
+    candidate = load_checkpoint(RELEASED_CHECKPOINT)
+    prepare_for_serving(candidate, settings)
+    rows = [{"body": p} for p in payloads]
+    explain = [i % 2 == 0 for i in range(len(rows))]
+    expected = handle_batch(reference, baseline_settings, rows, "t", explain)
+    served = handle_batch(candidate, settings, rows, "t", explain)
+    # bf16 keeps 8 mantissa bits; over 16 stages an ambiguous image moves by up to ~0.1 (measured).
+    tolerance = 1e-4 if settings.precision == "fp32" else 0.15
+    for want, got in zip(expected, served):
+        assert got.status == want.status == 200
+        probabilities = torch.tensor(list(got.body["probabilities"].values()))
+        assert torch.allclose(probabilities, torch.tensor(list(want.body["probabilities"].values())), atol=tolerance)
+        if settings.precision == "fp32":
+            assert got.body["prediction"] == want.body["prediction"]
+            assert got.body.get("gradcam", {}).get("class") == want.body.get("gradcam", {}).get("class")
+        if "gradcam" in want.body and got.body["gradcam"]["class"] == want.body["gradcam"]["class"]:
+            heatmap = torch.tensor(got.body["gradcam"]["heatmap"]).flatten()
+            reference_map = torch.tensor(want.body["gradcam"]["heatmap"]).flatten()
+            if settings.precision == "fp32":
+                assert torch.allclose(heatmap, reference_map, atol=2e-3)
+            else:  # low-valued cells move with bf16 rounding; the map's shape must not
+                assert torch.corrcoef(torch.stack([heatmap, reference_map]))[0, 1] > 0.9
+
+
+def test_unknown_runtime_or_precision_is_refused_at_load_time():
+    with pytest.raises(ValueError, match="unknown runtime"):
+        HandlerSettings.from_mapping({"runtime": "tensorrt"})
+    with pytest.raises(ValueError, match="unknown precision"):
+        HandlerSettings.from_mapping({"precision": "int4"})
+
+
+def test_thread_setting_is_applied(tiny_checkpoint):
+    before = torch.get_num_threads()
+    try:
+        prepare_for_serving(load_checkpoint(tiny_checkpoint), HandlerSettings(torch_threads=1))
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
