@@ -832,8 +832,12 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         from handler.inference import HandlerSettings
         from handler.model import load_checkpoint
 
+        from handler.inference import prepare_for_serving
+
         loaded = load_checkpoint(args.checkpoint)
-        settings = HandlerSettings.from_mapping(served_config.get("handler"))
+        # The in-process limit is one process using every core, whatever a served worker's thread share is.
+        settings = dataclasses.replace(HandlerSettings.from_mapping(served_config.get("handler")), torch_threads=0)
+        prepare_for_serving(loaded, settings)
         if "gradcam" in sections:
             rounds = 3 if args.quick else args.rounds
             gradcam_batch_sizes = args.batch_sizes or ([batch_size] if args.quick else sorted({1, batch_size}))

@@ -4,9 +4,9 @@ Labels come as HAM10000 metadata (``image_id``, ``dx``) or ISIC 2018 Task 3 grou
 truth (``image,MEL,NV,BCC,AKIEC,BKL,DF,VASC``). Images named in the labels but missing
 from the folders are an error, never silently skipped.
 
-The serving decode, preprocessing, test-time augmentation, calibration and referral
-threshold are used: TTA mode and threshold come from the ``handler:`` block of
-``--model-config`` unless given. Writes ``metrics.json``, ``predictions.csv``,
+The serving decode, preprocessing, runtime, test-time augmentation, calibration and
+referral threshold are used: they come from the ``handler:`` block of ``--model-config``
+(TTA mode and threshold can be overridden). Writes ``metrics.json``, ``predictions.csv``,
 ``confusion_matrix.png`` and ``reliability.png`` and prints a summary table.
 
 Example:
@@ -18,6 +18,7 @@ Example:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -31,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from handler.data import attach_paths, read_labels  # noqa: E402
 from handler.calibration import TTA_MODES  # noqa: E402
 from handler.evaluation import classification_report, format_report, logits_for_files, reliability_bins  # noqa: E402
-from handler.inference import HandlerSettings  # noqa: E402
+from handler.inference import HandlerSettings, prepare_for_serving  # noqa: E402
 from handler.model import load_checkpoint  # noqa: E402
 from handler.plots import plot_confusion_matrix, plot_reliability  # noqa: E402
 
@@ -72,9 +73,11 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     tta = args.tta or settings.tta
     threshold = args.referral_threshold if args.referral_threshold is not None else settings.referral_threshold
     loaded = load_checkpoint(args.checkpoint)
+    # The served runtime and precision; all cores, since evaluation is one process.
+    prepare_for_serving(loaded, dataclasses.replace(settings, tta=tta, torch_threads=0))
     calibration = loaded.calibration(tta)
     print(f"evaluating {len(records)} images with {args.checkpoint} (version {loaded.version}), TTA {tta}, "
-          f"referral threshold {threshold}", flush=True)
+          f"{settings.runtime} {settings.precision}, referral threshold {threshold}", flush=True)
     logits = logits_for_files(loaded, [r.path for r in records], tta, args.batch_size)
     probs = calibration.apply(logits).numpy()
     labels = np.array([r.label for r in records])

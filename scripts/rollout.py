@@ -97,9 +97,10 @@ def wait_for_worker(management: Management, version: str, timeout: float) -> Non
         if log.exists():
             with open(log, errors="replace") as handle:
                 handle.seek(log_start)
-                new_lines = handle.read()
-            if "Traceback" in new_lines:
-                tail = "\n".join(new_lines.splitlines()[-12:])
+                # Only this version's workers: with several workers and versions, the log interleaves them.
+                own_lines = [line for line in handle.read().splitlines() if f"{MODEL}_{version}-" in line]
+            if any("Traceback" in line for line in own_lines):
+                tail = "\n".join(own_lines[-12:])
                 raise RolloutError(f"version {version} failed to load:\n{tail}")
         time.sleep(0.5)
     raise RolloutError(f"version {version} has no READY worker after {timeout:.0f} s")

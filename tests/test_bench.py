@@ -3,9 +3,10 @@
 import json
 
 import pytest
+import yaml
 
 from scripts import bench
-from tests.conftest import RELEASED_CHECKPOINT
+from tests.conftest import RELEASED_CHECKPOINT, ROOT
 
 SUMMARY_KEYS = ("served_throughput_ratio", "speedup_vs_unbatched", "gradcam_cost_ratio", "p99_over_p50_at_70pct")
 
@@ -124,13 +125,14 @@ def test_bench_through_real_torchserve(samples_dir, tmp_path):
         assert row["images_per_s"] > 0
         assert row["p50_ms"] <= row["p95_ms"] <= row["p99_ms"]
         assert row["avg_batch_size"] >= 1
-    # 8 clients in flight against batchSize 8 / maxBatchDelay 50 ms: the server must batch.
+    # 8 clients in flight against the release batchSize (4) and two workers: the server must batch.
     assert levels[-1]["avg_batch_size"] > 1
     assert result["unbatched"]["model_config"]["batchSize"] == 1
     assert result["unbatched"]["levels"][0]["avg_batch_size"] == 1
-    assert result["served"]["model_config"]["batchSize"] == 8
+    released = yaml.safe_load((ROOT / "config" / "model-config.yaml").read_text())
+    assert result["served"]["model_config"]["batchSize"] == released["batchSize"]
     assert all(row["images_per_s"] > 0 for row in result["in_process"])
-    assert {row["batch_size"] for row in result["in_process"]} == {1, 8}
+    assert {row["batch_size"] for row in result["in_process"]} == {1, released["batchSize"]}
 
     summary = result["summary"]
     for key in SUMMARY_KEYS + ("p99_ms_at_best", "best_served_images_per_s"):

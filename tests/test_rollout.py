@@ -6,6 +6,7 @@ import time
 import pytest
 import requests
 import torch
+import yaml
 
 from handler.model import build_model, default_preprocess_config, make_checkpoint
 from scripts import package, rollout, serve
@@ -38,7 +39,8 @@ def versioned_server(tmp_path, samples_dir):
     release(store, "9.0", tmp_path / "wrong_shape.pt")
     torch.manual_seed(0)
     untrained = make_checkpoint(build_model("efficientnet_lite0"), "efficientnet_lite0",
-                                default_preprocess_config("efficientnet_lite0"), {})
+                                default_preprocess_config("efficientnet_lite0"),
+                                {"calibration": {"none": {"temperature": 1.0, "class_bias": None}}})
     torch.save(untrained, tmp_path / "untrained.pt")
     release(store, "9.1", tmp_path / "untrained.pt")
     server = start_server(tmp_path / "run", store)
@@ -72,7 +74,8 @@ def test_rollout_and_rollback_under_load_lose_no_request(versioned_server, sampl
         assert run("rollout", server, "1.1") == 0
         time.sleep(2)
         status = rollout.status(server)
-        assert status["default"] == "1.1" and status["versions"] == {"1.0.0": ["READY"], "1.1": ["READY"]}
+        workers = ["READY"] * yaml.safe_load((ROOT / "config" / "model-config.yaml").read_text())["minWorkers"]
+        assert status["default"] == "1.1" and status["versions"] == {"1.0.0": workers, "1.1": workers}
         assert results[-1][1] == "1.1"
         assert run("rollback", server) == 0
         time.sleep(2)
