@@ -128,7 +128,8 @@ def decode_image(data: bytes, limits: DecodeLimits = DecodeLimits(), draft_size:
         orientation = image.getexif().get(ExifTags.Base.Orientation, 1)
         if draft_size is not None and image.format == "JPEG":
             image.draft("RGB", (draft_size, draft_size))
-        rgb = to_rgb(ImageOps.exif_transpose(image))
+        # exif_transpose copies the image even when there is nothing to turn; most images are upright.
+        rgb = to_rgb(ImageOps.exif_transpose(image) if orientation != 1 else image)
     except (OSError, ValueError, SyntaxError) as exc:
         raise InvalidImageError(f"image data is truncated or corrupted ({exc})") from exc
     upright_size = (height, width) if orientation in _ORIENTATIONS_ON_SIDE else (width, height)
@@ -156,6 +157,9 @@ def to_rgb(image: Image.Image) -> Image.Image:
         rgba = image.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
         image = Image.alpha_composite(background, rgba)
+    if image.mode == "RGB":
+        image.load()  # decodes in place; convert() would add a full copy
+        return image
     rgb = image.convert("RGB")
     rgb.load()
     return rgb
