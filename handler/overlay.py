@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import cv2
@@ -79,13 +80,22 @@ def render_overlay(image: Image.Image, heatmap: np.ndarray, preprocess: Preproce
         image = image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))), Image.Resampling.BILINEAR)
     rgb = np.asarray(image, dtype=np.uint8)
     left, top, right, bottom = model_view_box(image.size, preprocess)
-    upsampled = cv2.resize(heatmap.astype(np.float32), (right - left, bottom - top), interpolation=cv2.INTER_CUBIC)
-    levels = (np.clip(upsampled, 0.0, 1.0) * 255).astype(np.uint8)
-    colored = cv2.cvtColor(cv2.applyColorMap(levels, COLORMAPS[style.colormap]), cv2.COLOR_BGR2RGB)
+    # Quantize the small map first: a uint8 bicubic upsample is several times cheaper than a
+    # float one, and saturating arithmetic clips the cubic overshoot at 0 and 255 for free.
+    levels = np.rint(np.clip(heatmap, 0.0, 1.0) * 255).astype(np.uint8)
+    levels = cv2.resize(levels, (right - left, bottom - top), interpolation=cv2.INTER_CUBIC)
+    colored = cv2.applyColorMap(levels, _rgb_colormap(style.colormap))
     overlay = rgb.copy()
     region = overlay[top:bottom, left:right]
     overlay[top:bottom, left:right] = cv2.addWeighted(region, 1.0 - style.alpha, colored, style.alpha, 0.0)
     return overlay
+
+
+@functools.lru_cache(maxsize=None)
+def _rgb_colormap(name: str) -> np.ndarray:
+    """OpenCV's colour map as a 256x1x3 RGB table, so applying it needs no BGR-to-RGB pass."""
+    table = cv2.applyColorMap(np.arange(256, dtype=np.uint8).reshape(256, 1), COLORMAPS[name])
+    return np.ascontiguousarray(table[:, :, ::-1])
 
 
 def encode_image(rgb: np.ndarray, style: OverlayStyle) -> bytes:
