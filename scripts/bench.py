@@ -660,6 +660,8 @@ def write_report(path: Path, result: dict[str, Any]) -> None:
         lines += [f"1-minute load average at start {fmt(load.get('start'), 2)}, at end {fmt(load.get('end'), 2)} "
                   f"(with the benchmark itself idle at the start, a figure near or above the core count means other "
                   f"work was competing for the CPU). Run took {result.get('wall_s', 0):.0f} s.", ""]
+    lines += ["How the serving settings were chosen, with before/after figures and what was rejected: "
+              "[TUNING.md](TUNING.md).", ""]
     lines += ["## Summary", "", "| figure | value | target | met |", "|---|---|---|---|"]
     for check in summary["checks"]:
         lines.append(f"| `{check['name']}` | {fmt(check['value'], 3)} | {check['target']} | {met_text(check['met'])} |")
