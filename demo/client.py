@@ -16,9 +16,8 @@ from typing import Any, Protocol
 
 import requests
 import torch
-import yaml
 
-from handler.inference import HandlerSettings, handle_batch
+from handler.inference import HandlerSettings, handle_batch, load_handler_settings  # noqa: F401 (re-exported for app and notebook)
 from handler.model import LoadedModel, load_checkpoint
 from handler.preprocessing import PreprocessConfig
 from scripts import package, serve
@@ -159,11 +158,6 @@ class LocalBackend:
             logger.warning("prediction failed: %s", message)
             raise DemoError(message)
         return response.body
-
-
-def load_handler_settings(model_config: Path) -> HandlerSettings:
-    """The ``handler:`` block of ``model-config.yaml``, exactly as the served handler reads it."""
-    return HandlerSettings.from_mapping(yaml.safe_load(model_config.read_text()).get("handler"))
 
 
 def load_preprocess(checkpoint: Path) -> PreprocessConfig:

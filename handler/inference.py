@@ -8,6 +8,7 @@ import json
 import logging
 import time
 from dataclasses import dataclass, fields, replace
+from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import torch
@@ -95,6 +96,13 @@ class HandlerSettings:
         """The Grad-CAM overlay style these settings imply."""
         return OverlayStyle(self.gradcam_alpha, self.gradcam_colormap, self.gradcam_format,
                             self.gradcam_jpeg_quality, self.gradcam_max_side)
+
+
+def load_handler_settings(model_config: str | Path) -> HandlerSettings:
+    """The ``handler:`` block of a ``model-config.yaml``, exactly as the served handler reads it."""
+    import yaml
+
+    return HandlerSettings.from_mapping((yaml.safe_load(Path(model_config).read_text()) or {}).get("handler"))
 
 
 @dataclass(frozen=True)

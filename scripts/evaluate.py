@@ -25,14 +25,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from handler.data import attach_paths, read_labels  # noqa: E402
 from handler.calibration import TTA_MODES  # noqa: E402
 from handler.evaluation import classification_report, format_report, logits_for_files, reliability_bins  # noqa: E402
-from handler.inference import HandlerSettings, prepare_for_serving  # noqa: E402
+from handler.inference import load_handler_settings, prepare_for_serving  # noqa: E402
 from handler.model import load_checkpoint  # noqa: E402
 from handler.plots import plot_confusion_matrix, plot_reliability  # noqa: E402
 
@@ -57,11 +56,6 @@ def get_args_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def serving_settings(path: str | Path) -> HandlerSettings:
-    """The handler settings of a ``model-config.yaml``."""
-    return HandlerSettings.from_mapping((yaml.safe_load(Path(path).read_text()) or {}).get("handler"))
-
-
 def main(args: argparse.Namespace) -> dict[str, Any]:
     """Run the evaluation, write the metrics, predictions and figures, print a summary."""
     records = read_labels(args.labels)
@@ -69,7 +63,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         wanted = set(json.loads(Path(args.subset).read_text())["val_image_ids"])
         records = [r for r in records if r.image_id in wanted]
     records = attach_paths(records, args.images)
-    settings = serving_settings(args.model_config)
+    settings = load_handler_settings(args.model_config)
     tta = args.tta or settings.tta
     threshold = args.referral_threshold if args.referral_threshold is not None else settings.referral_threshold
     loaded = load_checkpoint(args.checkpoint)

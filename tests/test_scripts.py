@@ -51,7 +51,9 @@ def test_evaluate_released_model_on_real_samples(samples_dir, tmp_path):
     assert sum(map(sum, metrics["confusion_matrix"])) == 70
     assert set(metrics["per_class"]["mel"]) >= {"recall", "precision", "auc"}
     # Defaults come from the serving config, so the figures describe what the service answers.
-    settings = evaluate.serving_settings(evaluate.ROOT / "config" / "model-config.yaml")
+    from handler.inference import load_handler_settings
+
+    settings = load_handler_settings(evaluate.ROOT / "config" / "model-config.yaml")
     assert metrics["tta"] == settings.tta and metrics["melanoma_threshold"] == settings.referral_threshold
     assert sum(row["count"] for row in metrics["reliability"]) == 70
     for name in ("confusion_matrix.png", "reliability.png"):
