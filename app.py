@@ -45,7 +45,7 @@ def analyse(backend: Backend, renderer: OverlayRenderer, path: str | None, targe
         backend: Where predictions come from.
         renderer: Draws the Grad-CAM overlay at the chosen opacity.
         path: The uploaded file, or None when the upload was cleared.
-        target_class: Class code to explain, or ``""`` for the top predicted class.
+        target_class: Class code to explain, or ``""`` for the suggested (predicted) class.
         opacity: Heatmap opacity, 0..1.
 
     Returns:

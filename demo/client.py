@@ -45,7 +45,7 @@ class Backend(Protocol):
     description: str
 
     def predict(self, image: bytes, target_class: str | None = None) -> dict[str, Any]:
-        """The response body for one image, with a Grad-CAM of ``target_class`` (the top class if None)."""
+        """The response body for one image, with a Grad-CAM of ``target_class`` (the predicted class if None)."""
         ...
 
 

@@ -23,7 +23,7 @@ RISK_COLOURS = {Risk.LOW.value: "#2e7d32", Risk.MEDIUM.value: "#ef6c00", Risk.HI
 
 def class_choices() -> list[tuple[str, str]]:
     """Dropdown entries ``(shown text, value)``: the predicted class, then each of the 7 classes by name."""
-    return [("Top predicted class", "")] + [(f"{lesion_class(code).name} ({code})", code) for code in CLASS_CODES]
+    return [("Suggested class", "")] + [(f"{lesion_class(code).name} ({code})", code) for code in CLASS_CODES]
 
 
 def example_images(samples_dir: Path, per_class: int = 1) -> list[tuple[Path, str]]:
@@ -76,7 +76,7 @@ def probability_figure(probabilities: dict[str, float]) -> Figure:
 
 
 def summary_html(body: dict[str, Any], source: str) -> str:
-    """The top diagnosis, colour-coded risk, malignant probability against the referral threshold, and model version.
+    """The suggested class, colour-coded risk, malignant probability against the referral threshold, and model version.
 
     Args:
         body: A prediction response.
@@ -86,14 +86,22 @@ def summary_html(body: dict[str, Any], source: str) -> str:
     colour = RISK_COLOURS[risk]
     malignant = 100.0 * body["malignant_probability"]
     threshold = 100.0 * body["referral"]["threshold"]
+    most_probable = body.get("most_probable", body["prediction"])  # archives before 1.1.0 do not send it
+    if most_probable != body["prediction"]:
+        # The balanced rule can name a rare class that is not the most probable; say so plainly.
+        rule_note = (f"<div id=\"decision-rule\" style=\"color:#555\">Suggested because its probability is high for a class "
+                     f"this rare (balanced decision rule); the most probable class is "
+                     f"{html.escape(lesion_class(most_probable).name)} ({100.0 * body['probabilities'][most_probable]:.1f}%).</div>")
+    else:
+        rule_note = ""
     if body["referral"]["refer"]:
         verdict = f"at or above the referral threshold of {threshold:.0f}%: <b>refer to a dermatologist</b>"
     else:
         verdict = f"below the referral threshold of {threshold:.0f}%: no referral flag (this does not rule out cancer)"
     return f"""
 <div id="summary" style="font-size:15px;line-height:1.5">
-  <div>Top diagnosis: <b id="top-diagnosis" style="font-size:20px">{html.escape(body['label'])}</b>
-       ({html.escape(body['prediction'])}), probability {100.0 * body['confidence']:.1f}%</div>
+  <div>Suggested class: <b id="top-diagnosis" style="font-size:20px">{html.escape(body['label'])}</b>
+       ({html.escape(body['prediction'])}), probability {100.0 * body['confidence']:.1f}%</div>{rule_note}
   <div>Risk level: <span id="risk" style="background:{colour};color:white;font-weight:bold;padding:2px 10px;
        border-radius:4px">{html.escape(risk.upper())}</span></div>
   <div id="malignant">Malignant probability (melanoma + basal cell carcinoma + actinic keratosis):

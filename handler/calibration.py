@@ -56,10 +56,16 @@ def merge_views(logits: torch.Tensor, mode: str) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class Calibration:
-    """``softmax(logits / temperature + class_bias)``; the identity is ``Calibration(1.0, None)``."""
+    """``softmax(logits / temperature + class_bias)``; the identity is ``Calibration(1.0, None)``.
+
+    ``class_prior`` is the class frequencies of the images it was fitted on: the prevalence
+    its probabilities carry, which the balanced decision rule (:mod:`handler.decision`)
+    divides out.
+    """
 
     temperature: float = 1.0
     class_bias: tuple[float, ...] | None = None
+    class_prior: tuple[float, ...] | None = None
 
     def apply(self, logits: torch.Tensor) -> torch.Tensor:
         """Calibrated probabilities from (N, K) logits."""
@@ -70,13 +76,15 @@ class Calibration:
 
     def to_dict(self) -> dict[str, Any]:
         """Plain types for the checkpoint's ``meta``."""
-        return {"temperature": self.temperature, "class_bias": list(self.class_bias) if self.class_bias is not None else None}
+        return {"temperature": self.temperature, "class_bias": list(self.class_bias) if self.class_bias is not None else None,
+                "class_prior": list(self.class_prior) if self.class_prior is not None else None}
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> "Calibration":
         """Inverse of :meth:`to_dict`."""
-        bias = values.get("class_bias")
-        return cls(float(values["temperature"]), tuple(float(b) for b in bias) if bias is not None else None)
+        bias, prior = values.get("class_bias"), values.get("class_prior")
+        return cls(float(values["temperature"]), tuple(float(b) for b in bias) if bias is not None else None,
+                   tuple(float(p) for p in prior) if prior is not None else None)
 
 
 def fit_calibration(logits: torch.Tensor, labels: torch.Tensor, class_bias: bool = True, max_iter: int = 500) -> Calibration:
@@ -89,7 +97,8 @@ def fit_calibration(logits: torch.Tensor, labels: torch.Tensor, class_bias: bool
         max_iter: L-BFGS iterations.
 
     Returns:
-        The fitted calibration.
+        The fitted calibration, with the label frequencies as its ``class_prior`` (a class
+        absent from ``labels`` counts as one image, so the prior stays positive).
     """
     logits = logits.detach().float().clone()  # a plain tensor, even if made under inference_mode
     log_temperature = torch.zeros(1, requires_grad=True)
@@ -107,4 +116,6 @@ def fit_calibration(logits: torch.Tensor, labels: torch.Tensor, class_bias: bool
     optimizer.step(closure)
     # Softmax is unchanged by a common shift, so centre the biases for a unique, readable answer.
     centred = (bias - bias.mean()).tolist() if class_bias else None
-    return Calibration(float(log_temperature.exp().item()), tuple(round(b, 6) for b in centred) if centred else None)
+    counts = torch.bincount(labels, minlength=logits.shape[1]).clamp(min=1).double()
+    prior = tuple(round(float(p), 6) for p in counts / counts.sum())
+    return Calibration(float(log_temperature.exp().item()), tuple(round(b, 6) for b in centred) if centred else None, prior)

@@ -63,12 +63,17 @@ def referral_threshold_for_sensitivity(probabilities: np.ndarray, labels: np.nda
     return float(max(meeting)) if meeting else float(step)
 
 
-def classification_report(probabilities: np.ndarray, labels: np.ndarray, referral_threshold: float | None = None) -> dict[str, Any]:
+def classification_report(probabilities: np.ndarray, labels: np.ndarray, referral_threshold: float | None = None,
+                          predictions: np.ndarray | None = None) -> dict[str, Any]:
     """Compute the service's quality metrics.
 
     Args:
         probabilities: (N, 7) predicted probabilities in :data:`CLASS_CODES` order.
         labels: (N,) true class indices.
+        predictions: (N,) the class each image is called (see :mod:`handler.decision`);
+            None calls the most probable class. Accuracy, balanced accuracy, per-class
+            recall/precision and the confusion matrix use these; AUC and ECE use the
+            probabilities.
         referral_threshold: If given, melanoma sensitivity/specificity are measured for the
             service's referral flag ``malignant_probability >= threshold`` (see
             :func:`malignant_probability`); otherwise for "melanoma is the top class".
@@ -82,7 +87,7 @@ def classification_report(probabilities: np.ndarray, labels: np.ndarray, referra
     """
     from sklearn.metrics import confusion_matrix, roc_auc_score
 
-    predictions = probabilities.argmax(axis=1)
+    predictions = probabilities.argmax(axis=1) if predictions is None else np.asarray(predictions)
     k = len(CLASS_CODES)
     matrix = confusion_matrix(labels, predictions, labels=list(range(k)))
     support = matrix.sum(axis=1)

@@ -17,6 +17,7 @@ from handler.errors import (
     EmptyBodyError, InvalidBase64Error, InvalidOptionError, MalformedJSONError, MissingImageError, PayloadTooLargeError,
     RequestError, error_response)
 from handler.calibration import augmented_views, check_tta_mode, merge_views
+from handler.decision import check_decision_rule, decide
 from handler.gradcam import gradcam_from_features, normalize_maps
 from handler.labels import CLASS_CODES, REFERRAL_CLASSES, Risk, class_index, lesion_class
 from handler.model import LoadedModel
@@ -43,6 +44,9 @@ class HandlerSettings:
         min_side: Smallest accepted image side, in pixels.
         referral_threshold: ``malignant_probability`` at or above which the response
             raises the referral flag and the risk becomes ``high``.
+        decision_rule: Which class ``prediction`` names, one of
+            :data:`handler.decision.DECISION_RULES`: ``most_probable``, or ``balanced``
+            (highest probability relative to the class's prevalence).
         tta: Test-time augmentation, one of :data:`handler.calibration.TTA_MODES`
             (``none``, ``hflip``: 2 views, ``flip4``: 4 flipped views in one forward pass).
         runtime: ``eager`` or ``torchscript`` (traced and frozen at worker start).
@@ -60,6 +64,7 @@ class HandlerSettings:
     max_pixels: int = 40_000_000
     min_side: int = 8
     referral_threshold: float = 0.5
+    decision_rule: str = "most_probable"
     tta: str = "none"
     runtime: str = "eager"
     precision: str = "fp32"
@@ -73,6 +78,7 @@ class HandlerSettings:
 
     def __post_init__(self) -> None:
         check_tta_mode(self.tta)
+        check_decision_rule(self.decision_rule)
         check_runtime(self.runtime, self.precision)
         self.overlay_style  # validates the Grad-CAM settings at load time
 
@@ -257,12 +263,17 @@ def prepare_for_serving(loaded: LoadedModel, settings: HandlerSettings) -> None:
 
     Sets the intra-op thread count, enables cuDNN autotuning on GPUs (every batch has the
     same image size, so the tuned kernels are reused), builds the runtime (eager or
-    frozen TorchScript, with autocast) and checks a calibration exists for the TTA mode.
+    frozen TorchScript, with autocast) and checks a calibration exists for the TTA mode,
+    with the class prior the decision rule needs.
 
     Raises:
-        ValueError: If the checkpoint has no calibration for ``settings.tta``.
+        ValueError: If the checkpoint has no calibration for ``settings.tta``, or it lacks
+            the class prior of the ``balanced`` decision rule.
     """
-    loaded.calibration(settings.tta)
+    calibration = loaded.calibration(settings.tta)
+    if settings.decision_rule == "balanced" and calibration.class_prior is None:
+        raise ValueError(f"checkpoint {loaded.version}'s {settings.tta!r} calibration has no class prior, which the "
+                         "balanced decision rule needs; rerun scripts/calibrate.py")
     if settings.torch_threads > 0:
         torch.set_num_threads(settings.torch_threads)
     device = next(loaded.model.parameters()).device
@@ -287,20 +298,25 @@ def predict_probabilities(loaded: LoadedModel, batch: torch.Tensor, tta: str = "
     return loaded.calibration(tta).apply(logits).cpu()
 
 
-def format_prediction(probabilities: Sequence[float], model_version: str, referral_threshold: float) -> dict[str, Any]:
+def format_prediction(probabilities: Sequence[float], model_version: str, referral_threshold: float,
+                      predicted: int | None = None, decision_rule: str = "most_probable") -> dict[str, Any]:
     """The JSON object returned for one image.
 
     Args:
         probabilities: The 7 class probabilities in :data:`CLASS_CODES` order.
         model_version: Version of the served model.
         referral_threshold: Malignant probability that raises the referral flag.
+        predicted: Index of the class the decision rule names; None names the most probable.
+        decision_rule: The rule that chose ``predicted``, reported in the response.
 
     Returns:
-        ``prediction``, ``label``, ``confidence``, ``probabilities``, ``malignant_probability``,
-        ``risk``, ``referral``, ``model_version`` and ``notice``.
+        ``prediction``, ``label``, ``confidence`` (the calibrated probability of the named
+        class), ``most_probable``, ``decision_rule``, ``probabilities``,
+        ``malignant_probability``, ``risk``, ``referral``, ``model_version`` and ``notice``.
     """
     probs = {code: round(float(p), 6) for code, p in zip(CLASS_CODES, probabilities)}
-    top = max(probs, key=probs.get)
+    most_probable = max(probs, key=probs.get)
+    top = most_probable if predicted is None else CLASS_CODES[predicted]
     malignant = float(sum(probabilities[class_index(code)] for code in REFERRAL_CLASSES))
     refer = malignant >= referral_threshold
     risk = Risk.HIGH if refer else lesion_class(top).risk
@@ -308,6 +324,8 @@ def format_prediction(probabilities: Sequence[float], model_version: str, referr
         "prediction": top,
         "label": lesion_class(top).name,
         "confidence": probs[top],
+        "most_probable": most_probable,
+        "decision_rule": decision_rule,
         "probabilities": probs,
         "malignant_probability": round(malignant, 6),
         "risk": risk.value,
@@ -387,7 +405,9 @@ def handle_batch(loaded: LoadedModel, settings: HandlerSettings, rows: Sequence[
         return responses  # type: ignore[return-value]
     started = time.perf_counter()
     features, logits = run_model(loaded, torch.stack(inputs), settings.tta)
-    probabilities = loaded.calibration(settings.tta).apply(logits).cpu()
+    calibration = loaded.calibration(settings.tta)
+    probabilities = calibration.apply(logits).cpu()
+    predicted = decide(probabilities, settings.decision_rule, calibration.class_prior)
     timings.inference = time.perf_counter() - started
     started = time.perf_counter()
     explained = [position for position, (_, parsed) in enumerate(requests) if parsed.gradcam]
@@ -395,11 +415,12 @@ def handle_batch(loaded: LoadedModel, settings: HandlerSettings, rows: Sequence[
     if explained:
         rows_at = torch.tensor(explained, device=features.device)
         targets = torch.tensor([requests[p][1].target_class if requests[p][1].target_class is not None
-                                else int(probabilities[p].argmax()) for p in explained], device=features.device)
+                                else int(predicted[p]) for p in explained], device=features.device)
         maps = normalize_maps(gradcam_from_features(loaded.model, features[rows_at], targets)).cpu()
         heatmaps = {p: (maps[i], int(targets[i])) for i, p in enumerate(explained)}
     for position, (index, parsed) in enumerate(requests):
-        body = format_prediction(probabilities[position].tolist(), model_version, settings.referral_threshold)
+        body = format_prediction(probabilities[position].tolist(), model_version, settings.referral_threshold,
+                                 int(predicted[position]), settings.decision_rule)
         if position in heatmaps:
             heatmap, target = heatmaps[position]
             body["gradcam"] = format_gradcam(parsed, heatmap, target, loaded, settings)

@@ -51,7 +51,9 @@ def batch_metric_updates(model_name: str, responses: Sequence[Response], explain
         if response.status != 200:
             continue
         updates.append((PREDICTIONS, "counter", 1.0, [model_name, response.body["prediction"]]))
-        updates.append((CONFIDENCE, "histogram", 10.0 * response.body["confidence"], [model_name]))
+        # The most probable class's probability, whichever class the decision rule named: its drift is the model's.
+        top_probability = max(response.body["probabilities"].values())
+        updates.append((CONFIDENCE, "histogram", 10.0 * top_probability, [model_name]))
         if response.body["referral"]["refer"]:
             updates.append((REFERRALS, "counter", 1.0, [model_name]))
     return updates

@@ -93,6 +93,33 @@ def features_and_logits(model: nn.Module, inputs: torch.Tensor) -> tuple[torch.T
     return features, forward_head(model, features)
 
 
+def freeze_early_layers(model: nn.Module, blocks: int) -> list[nn.Module]:
+    """Freeze the stem and the first ``blocks`` stages, for cheaper fine-tuning of an adapted model.
+
+    The early, high-resolution stages hold most of the compute but the most generic
+    features; freezing them roughly triples training throughput on a CPU. Their batch-norm
+    statistics must stay fixed as well, so the caller puts the returned modules back in
+    eval mode after every ``model.train()``.
+
+    Args:
+        model: A network from :func:`build_model`.
+        blocks: Number of stages after the stem to freeze (0 freezes nothing).
+
+    Returns:
+        The frozen modules.
+    """
+    if blocks <= 0:
+        return []
+    if hasattr(model, "conv_stem"):  # timm: conv_stem, bn1, blocks[0..6]
+        stages = [model.conv_stem, model.bn1, *model.blocks[:blocks]]
+    else:  # torchvision: features[0] is the stem, features[1..7] the stages
+        stages = list(model.features[: blocks + 1])
+    for module in stages:
+        module.requires_grad_(False)
+        module.eval()
+    return stages
+
+
 def imagenet_weights_path(arch: str) -> str | None:
     """Where ImageNet weights for ``arch`` already are on this machine, if anywhere.
 

@@ -7,7 +7,9 @@ both in-sample and out-of-fold (5-fold cross-fitting on the validation split, so
 figure is not flattered by fitting and scoring on the same images). It then picks the
 highest referral threshold on ``malignant_probability`` that keeps melanoma sensitivity
 at or above ``--target-sensitivity`` (out-of-fold probabilities) and reports the
-specificity and referral rate that threshold costs.
+specificity and referral rate that threshold costs. Balanced accuracy is reported for both
+decision rules (:mod:`handler.decision`); each calibration records the class frequencies
+it was fitted on, which the ``balanced`` rule divides out.
 
 The calibrations go into ``meta["calibration"]`` of the output checkpoint and the
 operating point into ``meta["operating_point"]``; the weights are untouched. Put the
@@ -37,6 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from handler.calibration import TTA_MODES, Calibration, fit_calibration  # noqa: E402
 from handler.data import attach_paths, read_labels  # noqa: E402
+from handler.decision import decide  # noqa: E402
 from handler.evaluation import classification_report, logits_for_files, referral_threshold_for_sensitivity  # noqa: E402
 from handler.model import load_checkpoint  # noqa: E402
 
@@ -61,21 +64,35 @@ def get_args_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def out_of_fold_probabilities(logits: torch.Tensor, labels: np.ndarray, folds: int, seed: int) -> np.ndarray:
-    """Calibrated probabilities where each image's calibration was fitted without it."""
+def out_of_fold_probabilities(logits: torch.Tensor, labels: np.ndarray, folds: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Calibrated probabilities where each image's calibration was fitted without it.
+
+    Returns:
+        The (N, K) probabilities and the (N,) balanced-rule calls, each image's made with its
+        fold's class prior.
+    """
     probabilities = np.zeros(tuple(logits.shape), dtype=np.float32)
+    balanced_calls = np.zeros(len(labels), dtype=np.int64)
     splitter = StratifiedKFold(folds, shuffle=True, random_state=seed)
     for fit_rows, score_rows in splitter.split(np.zeros(len(labels)), labels):
         calibration = fit_calibration(logits[fit_rows], torch.as_tensor(labels[fit_rows]))
-        probabilities[score_rows] = calibration.apply(logits[score_rows]).numpy()
-    return probabilities
+        fold_probabilities = calibration.apply(logits[score_rows])
+        probabilities[score_rows] = fold_probabilities.numpy()
+        balanced_calls[score_rows] = decide(fold_probabilities, "balanced", calibration.class_prior).numpy()
+    return probabilities, balanced_calls
 
 
-def summarize(report: dict[str, Any]) -> dict[str, Any]:
-    """The headline figures of a classification report."""
+def summarize(probabilities: np.ndarray, labels: np.ndarray, threshold: float | None,
+              balanced_calls: np.ndarray | None = None) -> dict[str, Any]:
+    """Headline figures: those of the most-probable-class rule, plus the balanced rule's when its calls are given."""
     keys = ("balanced_accuracy", "accuracy", "macro_auc", "ece", "melanoma_sensitivity", "melanoma_specificity",
             "malignant_sensitivity", "referral_rate", "melanoma_threshold")
-    return {key: report[key] for key in keys}
+    report = classification_report(probabilities, labels, threshold)
+    figures = {key: report[key] for key in keys}
+    if balanced_calls is not None:
+        balanced = classification_report(probabilities, labels, threshold, balanced_calls)
+        figures |= {"balanced_rule": {key: balanced[key] for key in ("balanced_accuracy", "accuracy")}}
+    return figures
 
 
 def main(args: argparse.Namespace) -> dict[str, Any]:
@@ -91,16 +108,18 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         started = time.perf_counter()
         logits = logits_for_files(loaded, paths, tta, args.batch_size)
         calibrations[tta] = fit_calibration(logits, torch.as_tensor(labels))
-        out_of_fold = out_of_fold_probabilities(logits, labels, args.folds, args.seed)
+        out_of_fold, out_of_fold_calls = out_of_fold_probabilities(logits, labels, args.folds, args.seed)
         threshold = referral_threshold_for_sensitivity(out_of_fold, labels, args.target_sensitivity)
         temperature_only = fit_calibration(logits, torch.as_tensor(labels), class_bias=False)
+        in_sample = calibrations[tta].apply(logits)
+        in_sample_calls = decide(in_sample, "balanced", calibrations[tta].class_prior).numpy()
         figures[tta] = {
             "calibration": calibrations[tta].to_dict(),
-            "in_sample": summarize(classification_report(calibrations[tta].apply(logits).numpy(), labels, threshold)),
-            "out_of_fold": summarize(classification_report(out_of_fold, labels, threshold)),
-            "temperature_only": summarize(classification_report(temperature_only.apply(logits).numpy(), labels))
+            "in_sample": summarize(in_sample.numpy(), labels, threshold, in_sample_calls),
+            "out_of_fold": summarize(out_of_fold, labels, threshold, out_of_fold_calls),
+            "temperature_only": summarize(temperature_only.apply(logits).numpy(), labels, None)
                                 | {"temperature": temperature_only.temperature},
-            "uncalibrated": summarize(classification_report(torch.softmax(logits, 1).numpy(), labels)),
+            "uncalibrated": summarize(torch.softmax(logits, 1).numpy(), labels, None),
             "referral_threshold": threshold,
             "seconds": time.perf_counter() - started,
         }

@@ -4,9 +4,9 @@ Labels come as HAM10000 metadata (``image_id``, ``dx``) or ISIC 2018 Task 3 grou
 truth (``image,MEL,NV,BCC,AKIEC,BKL,DF,VASC``). Images named in the labels but missing
 from the folders are an error, never silently skipped.
 
-The serving decode, preprocessing, runtime, test-time augmentation, calibration and
-referral threshold are used: they come from the ``handler:`` block of ``--model-config``
-(TTA mode and threshold can be overridden). Writes ``metrics.json``, ``predictions.csv``,
+The serving decode, preprocessing, runtime, test-time augmentation, calibration, decision
+rule and referral threshold are used: they come from the ``handler:`` block of
+``--model-config`` (TTA mode, decision rule and threshold can be overridden). Writes ``metrics.json``, ``predictions.csv``,
 ``confusion_matrix.png`` and ``reliability.png`` and prints a summary table.
 
 Example:
@@ -30,7 +30,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from handler.data import attach_paths, read_labels  # noqa: E402
 from handler.calibration import TTA_MODES  # noqa: E402
+from handler.decision import DECISION_RULES, decide  # noqa: E402
 from handler.evaluation import classification_report, format_report, logits_for_files, reliability_bins  # noqa: E402
+from handler.labels import CLASS_CODES  # noqa: E402
 from handler.inference import load_handler_settings, prepare_for_serving  # noqa: E402
 from handler.model import load_checkpoint  # noqa: E402
 from handler.plots import plot_confusion_matrix, plot_reliability  # noqa: E402
@@ -50,6 +52,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--model-config", default=str(ROOT / "config" / "model-config.yaml"),
                         help="serving config whose handler settings (tta, referral_threshold) are the defaults")
     parser.add_argument("--tta", choices=TTA_MODES, help="test-time augmentation; default: the serving config's")
+    parser.add_argument("--decision-rule", choices=DECISION_RULES,
+                        help="which class an image is called (see handler/decision.py); default: the serving config's")
     parser.add_argument("--referral-threshold", type=float,
                         help="melanoma sensitivity/specificity are measured for the referral flag "
                              "malignant_probability >= this; default: the serving config's")
@@ -65,26 +69,34 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     records = attach_paths(records, args.images)
     settings = load_handler_settings(args.model_config)
     tta = args.tta or settings.tta
+    rule = args.decision_rule or settings.decision_rule
     threshold = args.referral_threshold if args.referral_threshold is not None else settings.referral_threshold
     loaded = load_checkpoint(args.checkpoint)
     # The served runtime and precision; all cores, since evaluation is one process.
-    prepare_for_serving(loaded, dataclasses.replace(settings, tta=tta, torch_threads=0))
+    prepare_for_serving(loaded, dataclasses.replace(settings, tta=tta, decision_rule=rule, torch_threads=0))
     calibration = loaded.calibration(tta)
     print(f"evaluating {len(records)} images with {args.checkpoint} (version {loaded.version}), TTA {tta}, "
+          f"decision rule {rule}, "
           f"{settings.runtime} {settings.precision}, referral threshold {threshold}", flush=True)
     logits = logits_for_files(loaded, [r.path for r in records], tta, args.batch_size)
-    probs = calibration.apply(logits).numpy()
+    probabilities = calibration.apply(logits)
+    probs = probabilities.numpy()
     labels = np.array([r.label for r in records])
-    report = classification_report(probs, labels, threshold)
-    report.update(checkpoint=str(args.checkpoint), model_version=loaded.version, tta=tta,
+    called = {name: decide(probabilities, name, calibration.class_prior).numpy() for name in DECISION_RULES
+              if name == "most_probable" or calibration.class_prior is not None}
+    report = classification_report(probs, labels, threshold, called[rule])
+    report.update(checkpoint=str(args.checkpoint), model_version=loaded.version, tta=tta, decision_rule=rule,
+                  balanced_accuracy_by_rule={name: classification_report(probs, labels, threshold, calls)["balanced_accuracy"]
+                                             for name, calls in called.items()},
                   calibration=calibration.to_dict(), reliability=reliability_bins(probs, labels))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "metrics.json").write_text(json.dumps(report, indent=2))
     with open(out / "predictions.csv", "w") as handle:
-        handle.write("image_id,label," + ",".join(report["per_class"]) + "\n")
-        for record, row in zip(records, probs):
-            handle.write(f"{record.image_id},{list(report['per_class'])[record.label]}," + ",".join(f"{p:.6f}" for p in row) + "\n")
+        handle.write("image_id,label,prediction," + ",".join(report["per_class"]) + "\n")
+        for record, call, row in zip(records, called[rule], probs):
+            handle.write(f"{record.image_id},{CLASS_CODES[record.label]},{CLASS_CODES[call]},"
+                         + ",".join(f"{p:.6f}" for p in row) + "\n")
     plot_confusion_matrix(report["confusion_matrix"], out / "confusion_matrix.png",
                           f"{loaded.version}, {len(records)} images, balanced accuracy {report['balanced_accuracy']:.3f}")
     plot_reliability(report["reliability"], report["ece"], out / "reliability.png", f"{loaded.version}, TTA {tta}")

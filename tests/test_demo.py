@@ -69,11 +69,11 @@ def test_server_down_is_a_readable_message(tmp_path):
 
 
 @pytest.mark.data
-def test_local_backend_answers_with_the_server_contract(local_backend, samples_dir):
+def test_local_backend_answers_with_the_server_contract(local_backend, samples_dir, released_version):
     body = local_backend.predict((samples_dir / NEVUS).read_bytes())
     assert list(body["probabilities"]) == list(CLASS_CODES)
     assert body["gradcam"]["class"] == body["prediction"]
-    assert body["model_version"] == "1.0.0" and "not a diagnosis" in body["notice"]
+    assert body["model_version"] == released_version and "not a diagnosis" in body["notice"]
     melanoma = local_backend.predict((samples_dir / NEVUS).read_bytes(), target_class="mel")
     assert melanoma["gradcam"]["class"] == "mel"
     assert melanoma["probabilities"] == body["probabilities"]
@@ -112,6 +112,16 @@ def test_summary_shows_diagnosis_colour_coded_risk_threshold_and_version():
     not_referred = {**body, "risk": "low", "malignant_probability": 0.1, "referral": {"refer": False, "threshold": 0.5}}
     low = summary_html(not_referred, "in-process handler")
     assert "#2e7d32" in low and "no referral flag" in low
+    assert "decision-rule" not in html
+
+
+def test_summary_says_when_the_suggested_class_is_not_the_most_probable():
+    body = {"prediction": "df", "label": "Dermatofibroma", "confidence": 0.06, "most_probable": "nv",
+            "decision_rule": "balanced", "probabilities": {"df": 0.06, "nv": 0.81}, "risk": "low",
+            "malignant_probability": 0.05, "referral": {"refer": False, "threshold": 0.08}, "model_version": "1.1.0"}
+    html = summary_html(body, "in-process handler")
+    assert "Dermatofibroma" in html and "6.0%" in html
+    assert "decision-rule" in html and "most probable class is Melanocytic nevus (81.0%)" in html
 
 
 @pytest.mark.data
@@ -134,14 +144,14 @@ def test_overlay_redrawn_locally_matches_the_handler_and_follows_opacity(local_b
 @pytest.mark.slow
 @pytest.mark.data
 @pytest.mark.timeout(180)
-def test_connect_starts_torchserve_when_none_answers(release_store, samples_dir, tmp_path):
+def test_connect_starts_torchserve_when_none_answers(release_store, samples_dir, tmp_path, released_version):
     url = f"http://127.0.0.1:{free_port()}"
     ports = {"management_address": f"http://127.0.0.1:{free_port()}", "metrics_address": f"http://127.0.0.1:{free_port()}",
              "grpc_inference_port": str(free_port()), "grpc_management_port": str(free_port())}
     backend, started = connect(url, tmp_path / "run", model_store=release_store, overrides=ports)
     try:
         assert started is not None and started.is_running()
-        assert backend.predict((samples_dir / NEVUS).read_bytes())["model_version"] == "1.0.0"
+        assert backend.predict((samples_dir / NEVUS).read_bytes())["model_version"] == released_version
         attached, started_again = connect(url, tmp_path / "run", model_store=release_store)
         assert started_again is None and attached.url == url
     finally:

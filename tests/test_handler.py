@@ -95,6 +95,6 @@ def test_handle_publishes_metrics_per_request_and_per_batch(context, sample_jpeg
     assert predicted == [bodies[0]["prediction"]] * 2
     assert [v for name, v, _ in log if name == "skin_lesion_batch_size"] == [3.0]
     confidences = [v for name, v, _ in log if name == "skin_lesion_top_confidence_tenths"]
-    assert confidences == [10 * bodies[0]["confidence"]] * 2
+    assert confidences == [10 * max(bodies[0]["probabilities"].values())] * 2
     for name in ("skin_lesion_preprocess_seconds", "skin_lesion_inference_seconds", "skin_lesion_gradcam_seconds"):
         assert [v for n, v, _ in log if n == name][0] > 0

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from handler.errors import EmptyBodyError, InvalidBase64Error, MalformedJSONError, MissingImageError
-from handler.inference import HandlerSettings, parse_request, format_prediction, handle_batch, predict_probabilities
+from handler.inference import (HandlerSettings, format_prediction, handle_batch, parse_request, predict_probabilities,
+                               prepare_for_serving)
 from handler.labels import CLASS_CODES
 from handler.model import load_checkpoint
 from handler.preprocessing import load_model_input
@@ -44,6 +45,45 @@ def test_format_prediction_contract():
     assert body["risk"] == "high"  # escalated by the referral flag although nv is low risk
     assert body["model_version"] == "1.2.3" and "not a diagnosis" in body["notice"]
     assert format_prediction(probs, "1", referral_threshold=0.9)["risk"] == "low"
+    assert body["most_probable"] == "nv" and body["decision_rule"] == "most_probable"
+
+
+def test_format_prediction_names_the_class_the_rule_chose():
+    probs = [0.02, 0.01, 0.05, 0.04, 0.03, 0.83, 0.02]
+    body = format_prediction(probs, "1", referral_threshold=0.5, predicted=3, decision_rule="balanced")
+    assert (body["prediction"], body["label"], body["confidence"]) == ("df", "Dermatofibroma", pytest.approx(0.04))
+    assert body["most_probable"] == "nv" and body["decision_rule"] == "balanced"
+    assert body["risk"] == "low" and body["referral"]["refer"] is False
+
+
+def test_balanced_rule_calls_and_explains_the_prior_corrected_class(tiny_checkpoint, samples_dir):
+    from handler.decision import decide
+
+    loaded = load_checkpoint(tiny_checkpoint)
+    images = [(samples_dir / name).read_bytes() for name in sorted(p.name for p in samples_dir.glob("*.jpg"))[:8]]
+    rows = [{"body": {"image": base64.b64encode(i).decode(), "gradcam": True}} for i in images]
+    usual = handle_batch(loaded, HandlerSettings(), rows, "t")[0].body["prediction"]
+    # Make the random model's usual top class very common, so the prior correction has work to do.
+    prior = [0.01] * 7
+    prior[CLASS_CODES.index(usual)] = 0.94
+    loaded.meta["calibration"]["none"]["class_prior"] = prior
+    settings = HandlerSettings(decision_rule="balanced")
+    prepare_for_serving(loaded, settings)
+    bodies = [r.body for r in handle_batch(loaded, settings, rows, "t")]
+    probabilities = torch.tensor([list(b["probabilities"].values()) for b in bodies])
+    assert [b["prediction"] for b in bodies] == [CLASS_CODES[i] for i in decide(probabilities, "balanced", prior)]
+    assert all(b["decision_rule"] == "balanced" and b["gradcam"]["class"] == b["prediction"] for b in bodies)
+    assert all(b["most_probable"] == max(b["probabilities"], key=b["probabilities"].get) for b in bodies)
+    assert any(b["prediction"] != b["most_probable"] for b in bodies)  # the rule made a difference here
+
+
+def test_balanced_rule_refuses_a_calibration_without_a_prior(tiny_checkpoint):
+    loaded = load_checkpoint(tiny_checkpoint)
+    with pytest.raises(ValueError, match="no class prior"):
+        prepare_for_serving(loaded, HandlerSettings(decision_rule="balanced", tta="flip4"))
+    prepare_for_serving(loaded, HandlerSettings(decision_rule="most_probable", tta="flip4"))
+    with pytest.raises(ValueError, match="unknown decision rule"):
+        HandlerSettings.from_mapping({"decision_rule": "bayes"})
 
 
 def test_settings_come_from_config_and_reject_typos():

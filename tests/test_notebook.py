@@ -45,7 +45,7 @@ def test_committed_notebook_is_valid_and_has_no_outputs():
 @pytest.mark.slow
 @pytest.mark.data
 @pytest.mark.timeout(240)
-def test_notebook_runs_top_to_bottom_against_real_torchserve(torchserve, samples_dir, monkeypatch):
+def test_notebook_runs_top_to_bottom_against_real_torchserve(torchserve, samples_dir, monkeypatch, released_version):
     url = torchserve.url("inference")
     notebook = execute(monkeypatch, url, str(torchserve.run_dir))
     EXECUTED_ARTIFACT.parent.mkdir(parents=True, exist_ok=True)
@@ -55,8 +55,8 @@ def test_notebook_runs_top_to_bottom_against_real_torchserve(torchserve, samples
     figures = [output for cell in code for output in cell.outputs if "image/png" in output.get("data", {})]
     assert len(figures) >= 3  # Grad-CAM grid, evaluation figures, served Grad-CAM
     printed = "\n".join(text_of(cell) for cell in code)
-    assert "version     1.0.0" in printed and "images 70" in printed
-    assert f"served by TorchServe at {url}, model version 1.0.0" in printed
+    assert f"version     {released_version}" in printed and "images 70" in printed
+    assert f"served by TorchServe at {url}, model version {released_version}" in printed
     difference = float(re.search(r"largest difference from the in-process handler: (\S+)", printed).group(1))
     assert difference < 1e-4
     assert "Grad-CAM of mel: 600x450 png" in printed

@@ -118,7 +118,7 @@ def test_prometheus_scrapes_the_custom_metrics_with_the_right_values(prometheus_
     referrals = sum(body["referral"]["refer"] for body in bodies)
     assert (prometheus.scalar("sum(skin_lesion_referrals_total)") or 0) == referrals
     assert prometheus.scalar("sum(skin_lesion_top_confidence_tenths_count)") == 5
-    assert prometheus.scalar("sum(skin_lesion_top_confidence_tenths_sum)") == pytest.approx(10 * sum(b["confidence"] for b in bodies), abs=1e-3)
+    assert prometheus.scalar("sum(skin_lesion_top_confidence_tenths_sum)") == pytest.approx(10 * sum(max(b["probabilities"].values()) for b in bodies), abs=1e-3)
     assert prometheus.scalar("sum(skin_lesion_batch_size_count)") == 7
     assert prometheus.scalar("sum(skin_lesion_batch_size_sum)") == 7
     assert prometheus.scalar("sum(skin_lesion_inference_seconds_count)") == 5

@@ -30,7 +30,7 @@ def run(action, server, version=None):
 @pytest.fixture()
 def versioned_server(tmp_path, samples_dir):
     store = tmp_path / "store"
-    release(store, None)  # skin_lesion.mar, version 1.0.0, served at start
+    release(store, None)  # skin_lesion.mar, the released version, served at start
     release(store, "1.1")
     wrong_shape = build_model("efficientnet_lite0", num_classes=5)
     checkpoint = make_checkpoint(wrong_shape, "efficientnet_lite0", default_preprocess_config("efficientnet_lite0"), {})
@@ -40,7 +40,7 @@ def versioned_server(tmp_path, samples_dir):
     torch.manual_seed(0)
     untrained = make_checkpoint(build_model("efficientnet_lite0"), "efficientnet_lite0",
                                 default_preprocess_config("efficientnet_lite0"),
-                                {"calibration": {"none": {"temperature": 1.0, "class_bias": None}}})
+                                {"calibration": {"none": {"temperature": 1.0, "class_bias": None, "class_prior": [1 / 7] * 7}}})
     torch.save(untrained, tmp_path / "untrained.pt")
     release(store, "9.1", tmp_path / "untrained.pt")
     server = start_server(tmp_path / "run", store)
@@ -51,7 +51,7 @@ def versioned_server(tmp_path, samples_dir):
         serve.stop(server)
 
 
-def test_rollout_and_rollback_under_load_lose_no_request(versioned_server, samples_dir, capsys):
+def test_rollout_and_rollback_under_load_lose_no_request(versioned_server, samples_dir, capsys, released_version):
     server = versioned_server
     image = (samples_dir / "ISIC_0025248.jpg").read_bytes()
     results, stop = [], threading.Event()
@@ -75,15 +75,15 @@ def test_rollout_and_rollback_under_load_lose_no_request(versioned_server, sampl
         time.sleep(2)
         status = rollout.status(server)
         workers = ["READY"] * yaml.safe_load((ROOT / "config" / "model-config.yaml").read_text())["minWorkers"]
-        assert status["default"] == "1.1" and status["versions"] == {"1.0.0": workers, "1.1": workers}
+        assert status["default"] == "1.1" and status["versions"] == {released_version: workers, "1.1": workers}
         assert results[-1][1] == "1.1"
         assert run("rollback", server) == 0
         time.sleep(2)
-        assert rollout.status(server)["default"] == "1.0.0" and results[-1][1] == "1.0.0"
+        assert rollout.status(server)["default"] == released_version and results[-1][1] == released_version
 
         assert run("rollout", server, "9.0") == 1  # wrong-shaped checkpoint: fails to load
         err = capsys.readouterr().err
-        assert "9.0 aborted, 1.0.0 is still the default" in err and "size mismatch" in err
+        assert f"9.0 aborted, {released_version} is still the default" in err and "size mismatch" in err
         assert run("rollout", server, "9.1") == 1  # loads, but fails the golden smoke test
         assert "smoke test failed" in capsys.readouterr().err
         time.sleep(1)
@@ -92,12 +92,12 @@ def test_rollout_and_rollback_under_load_lose_no_request(versioned_server, sampl
         for thread in clients:
             thread.join(timeout=90)
     final = rollout.status(server)
-    assert final["default"] == "1.0.0" and set(final["versions"]) == {"1.0.0", "1.1"}
+    assert final["default"] == released_version and set(final["versions"]) == {released_version, "1.1"}
     failed = [r for r in results if r[0] != 200]
     print(f"\nrollout under load: {len(results)} requests, {len(failed)} failed, versions served "
           f"{sorted({r[1] for r in results if r[0] == 200})}")
     assert not failed
-    assert {r[1] for r in results} == {"1.0.0", "1.1"}
+    assert {r[1] for r in results} == {released_version, "1.1"}
 
 
 def test_release_writes_a_versioned_archive(tmp_path):

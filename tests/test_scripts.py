@@ -35,6 +35,24 @@ def test_train_pauses_resumes_and_writes_a_release_checkpoint(ham224_dir, tmp_pa
                for t in ("none", "hflip", "flip4"))
     split = json.loads((tmp_path / "run" / "split.json").read_text())
     assert len(split["val_image_ids"]) == loaded.meta["data"]["val_images"]
+    assert sum(loaded.calibration("none").class_prior) == pytest.approx(1.0, abs=1e-4)
+
+    # Second stage: continue from that checkpoint with the stem and first two stages frozen.
+    stage2 = ["--metadata", str(ham224_dir / "metadata.csv"), "--images", str(ham224_dir / "images"),
+              "--output", str(tmp_path / "stage2"), "--limit", "70", "--epochs", "1", "--image-size", "64",
+              "--batch-size", "8", "--workers", "0", "--val-fraction", "0.3", "--lr", "1e-2",
+              "--init-checkpoint", str(tmp_path / "run" / "best.pt"), "--freeze-blocks", "2"]
+    train.main(train.get_args_parser().parse_args(stage2))
+    tuned = load_checkpoint(tmp_path / "stage2" / "best.pt")
+    assert tuned.meta["initialization"].startswith("checkpoint best.pt (version 0.0.9, sha256 ")
+    before, after = loaded.model.state_dict(), tuned.model.state_dict()
+    frozen = [k for k in before if k.startswith(("conv_stem.", "bn1.", "blocks.0.", "blocks.1."))]
+    trained = [k for k in before if k.startswith(("blocks.2.", "conv_head.", "classifier.")) and before[k].is_floating_point()]
+    assert frozen and all(torch.equal(before[k], after[k]) for k in frozen)  # batch-norm statistics included
+    assert all(not torch.equal(before[k], after[k]) for k in trained)
+    with pytest.raises(ValueError, match="other preprocessing"):
+        train.main(train.get_args_parser().parse_args(stage2[:-4] + ["--image-size", "96", "--init-checkpoint",
+                                                                      str(tmp_path / "run" / "best.pt")]))
 
 
 @pytest.mark.data
@@ -55,6 +73,13 @@ def test_evaluate_released_model_on_real_samples(samples_dir, tmp_path):
 
     settings = load_handler_settings(evaluate.ROOT / "config" / "model-config.yaml")
     assert metrics["tta"] == settings.tta and metrics["melanoma_threshold"] == settings.referral_threshold
+    assert metrics["decision_rule"] == settings.decision_rule
+    assert set(metrics["balanced_accuracy_by_rule"]) == {"most_probable", "balanced"}
+    assert metrics["balanced_accuracy"] == metrics["balanced_accuracy_by_rule"][settings.decision_rule]
+    rows = (tmp_path / "predictions.csv").read_text().splitlines()
+    assert rows[0].startswith("image_id,label,prediction,akiec")
+    called = [line.split(",")[2] for line in rows[1:]]
+    assert [called.count(code) for code in metrics["per_class"]] == [sum(column) for column in zip(*metrics["confusion_matrix"])]
     assert sum(row["count"] for row in metrics["reliability"]) == 70
     for name in ("confusion_matrix.png", "reliability.png"):
         with Image.open(tmp_path / name) as figure:
@@ -108,6 +133,9 @@ def test_calibrate_fits_every_tta_mode_and_an_operating_point(samples_dir, tiny_
     # calibration is never worse than the identity by much; the figures must be recorded.
     assert figures["none"]["in_sample"]["ece"] <= figures["none"]["uncalibrated"]["ece"] + 0.05
     assert json.loads((tmp_path / "cal.json").read_text())["hflip"]["referral_threshold"] > 0
+    # Each calibration records the class frequencies it was fitted on: the 70 samples are 10 per class.
+    assert loaded.calibration("none").class_prior == pytest.approx([1 / 7] * 7, abs=1e-6)
+    assert set(figures["none"]["out_of_fold"]["balanced_rule"]) == {"balanced_accuracy", "accuracy"}
     original = load_checkpoint(tiny_checkpoint)
     for name, tensor in original.model.state_dict().items():
         assert torch.equal(tensor, loaded.model.state_dict()[name])

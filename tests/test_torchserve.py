@@ -13,7 +13,8 @@ import yaml
 from PIL import Image
 
 from handler.model import load_checkpoint
-from handler.inference import predict_probabilities
+from handler.decision import decide
+from handler.inference import load_handler_settings, predict_probabilities
 from handler.labels import CLASS_CODES
 from handler.preprocessing import load_model_input
 from scripts import serve
@@ -28,7 +29,7 @@ def predict(server, data=None, **kwargs):
                          headers={**server.headers("inference"), **kwargs.pop("headers", {})}, timeout=60, **kwargs)
 
 
-def test_real_jpeg_returns_the_prediction_contract(torchserve, samples_dir):
+def test_real_jpeg_returns_the_prediction_contract(torchserve, samples_dir, released_version):
     response = predict(torchserve, (samples_dir / "ISIC_0024354.jpg").read_bytes())
     assert response.status_code == 200, response.text
     assert response.headers["content-type"].startswith("application/json")
@@ -38,11 +39,15 @@ def test_real_jpeg_returns_the_prediction_contract(torchserve, samples_dir):
     probs = body["probabilities"]
     assert list(probs) == list(CLASS_CODES)
     assert sum(probs.values()) == pytest.approx(1.0, abs=1e-4)
-    assert body["prediction"] == max(probs, key=probs.get)
+    assert body["most_probable"] == max(probs, key=probs.get)
+    settings = load_handler_settings(ROOT / "config" / "model-config.yaml")
+    calibration = load_checkpoint(RELEASED_CHECKPOINT).calibration(settings.tta)
+    called = decide(torch.tensor([list(probs.values())]), settings.decision_rule, calibration.class_prior)
+    assert body["decision_rule"] == settings.decision_rule and body["prediction"] == CLASS_CODES[int(called)]
     assert body["confidence"] == probs[body["prediction"]]
     assert body["malignant_probability"] == pytest.approx(probs["mel"] + probs["bcc"] + probs["akiec"], abs=1e-5)
     assert body["risk"] in {"low", "medium", "high"}
-    assert body["model_version"] == "1.0.0"
+    assert body["model_version"] == released_version
 
 
 def test_multipart_and_base64_json_match_raw_body(torchserve, samples_dir):
