@@ -52,7 +52,7 @@ def batch_metric_updates(model_name: str, responses: Sequence[Response], explain
             continue
         updates.append((PREDICTIONS, "counter", 1.0, [model_name, response.body["prediction"]]))
         # The most probable class's probability, whichever class the decision rule named: its drift is the model's.
-        top_probability = max(response.body["probabilities"].values())
+        top_probability = response.body["probabilities"][response.body["most_probable"]]
         updates.append((CONFIDENCE, "histogram", 10.0 * top_probability, [model_name]))
         if response.body["referral"]["refer"]:
             updates.append((REFERRALS, "counter", 1.0, [model_name]))
