@@ -9,7 +9,8 @@ weights (the spatial mean of that gradient) are therefore ``W[c, k] / (h * w)``,
 
 exactly, with no backward pass, no hooks and no autograd state: the explanation of a
 batch costs the one forward pass that also yields its predictions. The tests check this
-against autograd and against the independent ``grad-cam`` package.
+against autograd and against the independent ``grad-cam`` package. A logit-averaging
+ensemble (:mod:`handler.ensemble`) has the same form over its concatenated features.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from handler.model import classifier_layer
+from handler.model import head_weight
 
 
 def gradcam_from_features(model: nn.Module, features: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -31,7 +32,7 @@ def gradcam_from_features(model: nn.Module, features: torch.Tensor, targets: tor
     Returns:
         (N, h, w) float32 maps, ReLU applied, not normalized (the raw Grad-CAM).
     """
-    weight = classifier_layer(model).weight  # (K, C)
+    weight = head_weight(model)  # (K, C)
     channel_weights = weight[targets].float() / (features.shape[2] * features.shape[3])  # (N, C)
     cams = torch.einsum("nc,nchw->nhw", channel_weights, features.float())
     return torch.relu(cams)

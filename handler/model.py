@@ -9,8 +9,10 @@ version and the provenance of the weights.
 
 from __future__ import annotations
 
+import hashlib
 import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
@@ -22,6 +24,7 @@ from handler.preprocessing import PreprocessConfig
 
 ARCHITECTURES: tuple[str, ...] = ("efficientnet_lite0", "efficientnet_b0")
 CHECKPOINT_FORMAT = 1
+ENSEMBLE_ARCH = "logit_average"  # config["arch"] of a handler.ensemble.LogitAverage checkpoint
 
 
 def build_model(arch: str, num_classes: int = NUM_CLASSES, dropout: float = 0.2) -> nn.Module:
@@ -58,6 +61,8 @@ def default_preprocess_config(arch: str, image_size: int = 224) -> PreprocessCon
 
 def feature_layer(model: nn.Module) -> nn.Module:
     """The module whose output is the last convolutional feature map (after its activation)."""
+    if hasattr(model, "feature_map"):  # an ensemble: handler.ensemble.LogitAverage
+        return model.feature_map
     if hasattr(model, "conv_head"):  # timm EfficientNet: conv_head -> bn2 (BN + activation)
         return model.bn2
     return model.features[-1]  # torchvision EfficientNet: Conv2dNormActivation
@@ -70,9 +75,16 @@ def classifier_layer(model: nn.Module) -> nn.Linear:
     return model.classifier[-1]
 
 
+def head_weight(model: nn.Module) -> torch.Tensor:
+    """The (K, C) linear map from globally average-pooled last features to logits."""
+    if hasattr(model, "head_weight"):  # an ensemble: handler.ensemble.LogitAverage
+        return model.head_weight()
+    return classifier_layer(model).weight
+
+
 def forward_features(model: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
     """The last convolutional feature map, i.e. the output of :func:`feature_layer`."""
-    if hasattr(model, "conv_head"):
+    if hasattr(model, "forward_head"):  # timm networks and handler.ensemble.LogitAverage
         return model.forward_features(inputs)
     return model.features(inputs)
 
@@ -82,7 +94,7 @@ def forward_head(model: nn.Module, features: torch.Tensor) -> torch.Tensor:
 
     ``forward_head(model, forward_features(model, x))`` equals ``model(x)``.
     """
-    if hasattr(model, "conv_head"):
+    if hasattr(model, "forward_head"):
         return model.forward_head(features)
     return model.classifier(torch.flatten(model.avgpool(features), 1))
 
@@ -234,6 +246,21 @@ def make_checkpoint(model: nn.Module, arch: str, preprocess: PreprocessConfig, m
     return {"state_dict": state_dict, "config": config, "meta": {**meta, "preprocessing": preprocess.to_dict()}}
 
 
+def build_from_config(config: dict[str, Any]) -> nn.Module:
+    """The untrained network a checkpoint's ``config`` describes: one architecture, or an ensemble of them."""
+    if config["arch"] == ENSEMBLE_ARCH:
+        from handler.ensemble import LogitAverage  # deferred: the ensemble module builds on this one
+
+        return LogitAverage([build_from_config({**member, "num_classes": config["num_classes"]}) for member in config["members"]])
+    return build_model(config["arch"], int(config["num_classes"]), float(config.get("dropout", 0.2)))
+
+
+def checkpoint_provenance(path: str | os.PathLike, meta: dict[str, Any]) -> str:
+    """A line naming a checkpoint file, its version and its SHA-256 prefix, for a derived model's metadata."""
+    digest = hashlib.sha256(Path(path).read_bytes()).hexdigest()[:12]
+    return f"checkpoint {os.path.basename(path)} (version {meta.get('version')}, sha256 {digest})"
+
+
 def load_checkpoint(path: str | os.PathLike, device: torch.device | str = "cpu") -> LoadedModel:
     """Load a checkpoint safely and rebuild its model.
 
@@ -251,7 +278,7 @@ def load_checkpoint(path: str | os.PathLike, device: torch.device | str = "cpu")
     config, meta = checkpoint["config"], checkpoint["meta"]
     if tuple(config["classes"]) != CLASS_CODES:
         raise ValueError(f"{path}: classes {config['classes']} differ from {list(CLASS_CODES)}")
-    model = build_model(config["arch"], int(config["num_classes"]), float(config.get("dropout", 0.2)))
+    model = build_from_config(config)
     model.load_state_dict(checkpoint["state_dict"])
     model = model.to(device).eval().to(memory_format=torch.channels_last)
     return LoadedModel(model, config, meta, PreprocessConfig.from_dict(meta["preprocessing"]))

@@ -40,8 +40,8 @@ from handler.calibration import TTA_MODES, augmented_views, fit_calibration, mer
 from handler.evaluation import classification_report, format_report  # noqa: E402
 from handler.labels import CLASS_CODES  # noqa: E402
 from handler.model import (  # noqa: E402
-    ARCHITECTURES, build_model, default_preprocess_config, freeze_early_layers, imagenet_weights_path, load_imagenet_backbone,
-    make_checkpoint)
+    ARCHITECTURES, build_model, checkpoint_provenance, default_preprocess_config, freeze_early_layers, imagenet_weights_path,
+    load_imagenet_backbone, make_checkpoint)
 from handler.preprocessing import PreprocessConfig, build_eval_transform, build_train_transform, normalize_batch  # noqa: E402
 
 
@@ -203,16 +203,13 @@ def load_release_weights(model: nn.Module, arch: str, preprocess: PreprocessConf
     Raises:
         ValueError: If the checkpoint has another architecture or preprocessing.
     """
-    import hashlib
-
     checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     if checkpoint["config"]["arch"] != arch:
         raise ValueError(f"{path} is a {checkpoint['config']['arch']}, not {arch}")
     if PreprocessConfig.from_dict(checkpoint["meta"]["preprocessing"]) != preprocess:
         raise ValueError(f"{path} was trained with other preprocessing: {checkpoint['meta']['preprocessing']}")
     model.load_state_dict(checkpoint["state_dict"])
-    digest = hashlib.sha256(Path(path).read_bytes()).hexdigest()[:12]
-    return f"checkpoint {os.path.basename(path)} (version {checkpoint['meta'].get('version')}, sha256 {digest})"
+    return checkpoint_provenance(path, checkpoint["meta"])
 
 
 def autocast(device: torch.device, dtype: torch.dtype | None):

@@ -10,6 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
+from handler.ensemble import LogitAverage
 from handler.gradcam import gradcam_from_features, normalize_maps
 from handler.inference import HandlerSettings, handle_batch
 from handler.labels import class_index
@@ -34,25 +35,36 @@ def random_model(arch, seed):
     return model
 
 
+def random_ensemble(seed):
+    """Two random Lite0 networks averaged: the released model's structure, with nothing learned."""
+    return LogitAverage([random_model("efficientnet_lite0", seed), random_model("efficientnet_lite0", seed + 100)]).eval()
+
+
+def random_network(source, seed):
+    if source == "ensemble":
+        return random_ensemble(seed), default_preprocess_config("efficientnet_lite0")
+    return random_model(source, seed), default_preprocess_config(source)
+
+
 def real_batch(samples_dir, preprocess, count=4):
     names = sorted(n for n in os.listdir(samples_dir) if n.endswith(".jpg"))[::17][:count]
     batch = torch.stack([load_model_input((samples_dir / n).read_bytes(), preprocess)[0] for n in names])
     return normalize_batch(batch, preprocess)
 
 
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch", [*ARCHS, "ensemble"])
 def test_feature_and_head_split_reproduces_the_model(arch):
-    model = random_model(arch, 0)
+    model, _ = random_network(arch, 0)
     x = torch.randn(2, 3, 96, 96)
     with torch.no_grad():
         assert torch.allclose(forward_head(model, forward_features(model, x)), model(x), atol=1e-5)
 
 
 @pytest.mark.data
-@pytest.mark.parametrize("arch,seed", [(a, s) for a in ARCHS for s in (0, 1)])
+@pytest.mark.parametrize("arch,seed", [(a, s) for a in [*ARCHS, "ensemble"] for s in (0, 1)])
 def test_closed_form_equals_autograd_on_real_images(arch, seed, samples_dir):
-    model = random_model(arch, seed)
-    inputs = real_batch(samples_dir, default_preprocess_config(arch))
+    model, preprocess = random_network(arch, seed)
+    inputs = real_batch(samples_dir, preprocess)
     targets = torch.tensor([0, 4, 5, 6])
     with torch.no_grad():
         ours = gradcam_from_features(model, forward_features(model, inputs), targets)
@@ -63,7 +75,7 @@ def test_closed_form_equals_autograd_on_real_images(arch, seed, samples_dir):
 
 
 @pytest.mark.data
-@pytest.mark.parametrize("model_source", ["released", "efficientnet_lite0", "efficientnet_b0"])
+@pytest.mark.parametrize("model_source", ["released", *ARCHS, "ensemble"])
 def test_matches_the_grad_cam_package(model_source, samples_dir):
     from pytorch_grad_cam import GradCAM
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
@@ -72,7 +84,7 @@ def test_matches_the_grad_cam_package(model_source, samples_dir):
         loaded = load_checkpoint(RELEASED_CHECKPOINT)
         model, preprocess = loaded.model, loaded.preprocess
     else:
-        model, preprocess = random_model(model_source, 3), default_preprocess_config(model_source)
+        model, preprocess = random_network(model_source, 3)
     inputs = real_batch(samples_dir, preprocess)
     targets = [class_index("mel"), class_index("nv"), class_index("bcc"), class_index("bkl")]
     with GradCAM(model=model, target_layers=[feature_layer(model)]) as cam:

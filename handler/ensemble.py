@@ -1,0 +1,94 @@
+"""An ensemble of classifiers that share one input, served as a single network.
+
+Averaging the members' logits keeps the ensemble in the same family as its members:
+each member ends in ``features -> global average pool -> linear``, so the average is
+``concatenated features -> global average pool -> [W_1 ... W_M] / M``. Everything that
+relies on that structure (the closed-form Grad-CAM, the one-pass features-and-logits
+runtime, calibration on logits) therefore works on the ensemble unchanged and exactly.
+Averaging logits or log-probabilities gives the same softmax: per image they differ by a
+constant.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping, Sequence
+
+import torch
+from torch import nn
+
+from handler.model import CHECKPOINT_FORMAT, ENSEMBLE_ARCH, forward_features, forward_head, head_weight
+from handler.preprocessing import PreprocessConfig
+
+
+class LogitAverage(nn.Module):
+    """Members applied to the same input, their logits averaged.
+
+    Args:
+        members: Classifiers over the same classes whose last feature maps have the same
+            spatial size for the same input (e.g. EfficientNets at one input size).
+    """
+
+    def __init__(self, members: Sequence[nn.Module]) -> None:
+        super().__init__()
+        if len(members) < 2:
+            raise ValueError(f"an ensemble needs at least 2 members, got {len(members)}")
+        self.members = nn.ModuleList(members)
+        self.member_channels = [int(head_weight(member).shape[1]) for member in members]
+        # The point the concatenated map passes through, so that forward hooks (Grad-CAM
+        # references, the grad-cam package) find the ensemble's last feature map as they
+        # find a single network's (handler.model.feature_layer).
+        self.feature_map = nn.Identity()
+
+    def forward_features(self, inputs: torch.Tensor) -> torch.Tensor:
+        """The members' last feature maps, concatenated along the channels."""
+        return self.feature_map(torch.cat([forward_features(member, inputs) for member in self.members], dim=1))
+
+    def forward_head(self, features: torch.Tensor) -> torch.Tensor:
+        """The mean of the members' logits, from :meth:`forward_features` output."""
+        chunks = torch.split(features, self.member_channels, dim=1)
+        return torch.stack([forward_head(member, chunk) for member, chunk in zip(self.members, chunks)]).mean(dim=0)
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(inputs))
+
+    def head_weight(self) -> torch.Tensor:
+        """The (K, total channels) linear map from pooled features to the averaged logits."""
+        return torch.cat([head_weight(member) for member in self.members], dim=1) / len(self.members)
+
+
+def combine_checkpoints(checkpoints: Sequence[Mapping[str, Any]], meta: Mapping[str, Any]) -> dict[str, Any]:
+    """One release-format checkpoint holding the members' weights, for :class:`LogitAverage`.
+
+    Args:
+        checkpoints: Member checkpoints (``{"state_dict", "config", "meta"}``), single networks
+            with the same classes and the same preprocessing.
+        meta: The ensemble's metadata (version, provenance); its calibration is fitted
+            afterwards on the ensemble's own logits (``scripts/calibrate.py``).
+
+    Returns:
+        A checkpoint that :func:`handler.model.load_checkpoint` rebuilds as a :class:`LogitAverage`.
+
+    Raises:
+        ValueError: Fewer than two members, a member that is itself an ensemble, or
+            members that differ in classes or preprocessing.
+    """
+    if len(checkpoints) < 2:
+        raise ValueError(f"an ensemble needs at least 2 members, got {len(checkpoints)}")
+    first = checkpoints[0]
+    preprocess = PreprocessConfig.from_dict(first["meta"]["preprocessing"])
+    state_dict: dict[str, torch.Tensor] = {}
+    members = []
+    for index, checkpoint in enumerate(checkpoints):
+        config = checkpoint["config"]
+        if config["arch"] == ENSEMBLE_ARCH:
+            raise ValueError(f"member {index} is itself an ensemble; list its members instead")
+        if list(config["classes"]) != list(first["config"]["classes"]):
+            raise ValueError(f"member {index} has classes {config['classes']}, member 0 {first['config']['classes']}")
+        if PreprocessConfig.from_dict(checkpoint["meta"]["preprocessing"]) != preprocess:
+            raise ValueError(f"member {index} was trained with other preprocessing than member 0: every member "
+                             "must see the same input tensor")
+        members.append({"arch": config["arch"], "dropout": config.get("dropout", 0.2)})
+        state_dict.update({f"members.{index}.{name}": tensor for name, tensor in checkpoint["state_dict"].items()})
+    config = {"format": CHECKPOINT_FORMAT, "arch": ENSEMBLE_ARCH, "members": members,
+              "num_classes": first["config"]["num_classes"], "classes": list(first["config"]["classes"])}
+    return {"state_dict": state_dict, "config": config, "meta": {**meta, "preprocessing": preprocess.to_dict()}}

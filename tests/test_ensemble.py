@@ -1,0 +1,133 @@
+"""The logit-averaging ensemble: its arithmetic, its checkpoint, the script that builds it, and serving it."""
+
+import base64
+
+import pytest
+import torch
+
+from handler.calibration import Calibration
+from handler.ensemble import LogitAverage, combine_checkpoints
+from handler.inference import HandlerSettings, handle_batch, prepare_for_serving
+from handler.model import build_model, default_preprocess_config, features_and_logits, load_checkpoint, make_checkpoint
+from handler.preprocessing import load_model_input, normalize_batch
+from handler.runtime import build_runner
+from scripts import ensemble as ensemble_script
+from tests.conftest import TINY_CALIBRATION
+
+
+def member_checkpoint(seed, image_size=64, version="0.0.1-test"):
+    torch.manual_seed(seed)
+    model = build_model("efficientnet_lite0").eval()
+    preprocess = default_preprocess_config("efficientnet_lite0", image_size=image_size)
+    meta = {"version": version, "command": f"python scripts/train.py --seed {seed}", "calibration": TINY_CALIBRATION}
+    return make_checkpoint(model, "efficientnet_lite0", preprocess, meta)
+
+
+@pytest.fixture()
+def member_files(tmp_path):
+    paths = []
+    for seed in (1, 2):
+        paths.append(tmp_path / f"member{seed}.pt")
+        torch.save(member_checkpoint(seed, version=f"0.{seed}.0"), paths[-1])
+    return paths
+
+
+def test_logits_are_the_members_mean_and_probabilities_the_geometric_mean():
+    members = [load_member(member_checkpoint(seed)) for seed in (1, 2)]
+    ensemble = LogitAverage(members).eval()
+    x = torch.randn(3, 3, 64, 64)
+    with torch.no_grad():
+        member_logits = torch.stack([m(x) for m in members])
+        features, logits = features_and_logits(ensemble, x)
+    assert torch.allclose(logits, member_logits.mean(0), atol=1e-5)
+    assert torch.allclose(ensemble(x), logits, atol=1e-6)
+    assert features.shape[1] == sum(ensemble.member_channels) == 2 * 1280
+    # Averaging log-probabilities instead of logits gives the same distribution.
+    log_mean = torch.log_softmax(member_logits, 2).mean(0)
+    assert torch.allclose(torch.softmax(logits, 1), torch.softmax(log_mean, 1), atol=1e-6)
+    with pytest.raises(ValueError, match="at least 2"):
+        LogitAverage(members[:1])
+
+
+def load_member(checkpoint):
+    model = build_model(checkpoint["config"]["arch"])
+    model.load_state_dict(checkpoint["state_dict"])
+    return model.eval()
+
+
+def test_checkpoint_round_trip_keeps_every_member_weight(tmp_path):
+    members = [member_checkpoint(seed) for seed in (1, 2)]
+    path = tmp_path / "ensemble.pt"
+    torch.save(combine_checkpoints(members, {"version": "9.9.9"}), path)
+    loaded = load_checkpoint(path)  # weights_only=True inside
+    assert isinstance(loaded.model, LogitAverage) and loaded.version == "9.9.9"
+    assert loaded.preprocess == default_preprocess_config("efficientnet_lite0", image_size=64)
+    for index, member in enumerate(members):
+        restored = loaded.model.members[index].state_dict()
+        assert all(torch.equal(restored[name], tensor) for name, tensor in member["state_dict"].items())
+
+
+@pytest.mark.parametrize("problem,match", [
+    ("one member", "at least 2"),
+    ("preprocessing", "other preprocessing"),
+    ("classes", "classes"),
+    ("nested", "itself an ensemble"),
+])
+def test_incompatible_members_are_refused(problem, match):
+    first, second = member_checkpoint(1), member_checkpoint(2)
+    if problem == "one member":
+        members = [first]
+    elif problem == "preprocessing":
+        members = [first, member_checkpoint(2, image_size=96)]
+    elif problem == "classes":
+        second["config"]["classes"] = list(reversed(second["config"]["classes"]))
+        members = [first, second]
+    else:
+        members = [combine_checkpoints([first, second], {}), member_checkpoint(3)]
+    with pytest.raises(ValueError, match=match):
+        combine_checkpoints(members, {})
+
+
+def test_script_records_member_provenance_and_needs_calibration(member_files, tmp_path):
+    output = tmp_path / "ensemble.pt"
+    args = ensemble_script.get_args_parser().parse_args(
+        ["--members", *map(str, member_files), "--output", str(output), "--model-version", "2.0.0-test"])
+    ensemble_script.main(args)
+    loaded = load_checkpoint(output)
+    assert loaded.meta["command"].startswith("python scripts/ensemble.py --members ")
+    sources = [member["source"] for member in loaded.meta["members"]]
+    assert sources[0].startswith("checkpoint member1.pt (version 0.1.0, sha256 ")
+    assert [member["command"] for member in loaded.meta["members"]] == [
+        "python scripts/train.py --seed 1", "python scripts/train.py --seed 2"]
+    # The members' calibrations do not describe the ensemble's logits: serving waits for calibrate.py.
+    with pytest.raises(ValueError, match="no calibration"):
+        prepare_for_serving(loaded, HandlerSettings())
+
+
+@pytest.mark.data
+def test_handler_serves_the_ensembles_calibrated_mean_logits_and_explains_it(member_files, tmp_path, samples_dir):
+    output = tmp_path / "ensemble.pt"
+    ensemble_script.main(ensemble_script.get_args_parser().parse_args(
+        ["--members", *map(str, member_files), "--output", str(output), "--model-version", "2.0.0-test"]))
+    loaded = load_checkpoint(output)
+    loaded.meta["calibration"] = TINY_CALIBRATION  # what calibrate.py would add
+    images = [(samples_dir / name).read_bytes() for name in sorted(p.name for p in samples_dir.glob("*.jpg"))[:5]]
+    rows = [{"body": {"image": base64.b64encode(i).decode(), "gradcam": True}} for i in images]
+    eager = [r.body for r in handle_batch(loaded, HandlerSettings(runtime="eager"), rows, "2.0.0-test")]
+    batch = normalize_batch(torch.stack([load_model_input(i, loaded.preprocess)[0] for i in images]), loaded.preprocess)
+    with torch.no_grad():
+        member_logits = torch.stack([features_and_logits(m, batch)[1] for m in loaded.model.members]).mean(0)
+    expected = Calibration.from_dict(TINY_CALIBRATION["none"]).apply(member_logits)
+    served = torch.tensor([list(body["probabilities"].values()) for body in eager])
+    assert torch.allclose(served, expected, atol=1e-4)
+    assert all(body["gradcam"]["class"] == body["prediction"] for body in eager)
+
+
+def test_torchscript_runner_traces_the_ensemble():
+    ensemble = LogitAverage([load_member(member_checkpoint(seed)) for seed in (1, 2)]).eval()
+    x = torch.randn(2, 3, 64, 64).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        eager_features, eager_logits = features_and_logits(ensemble, x)
+        features, logits = build_runner(ensemble, "torchscript", "fp32", 64)(x)
+    assert torch.allclose(logits, eager_logits, atol=1e-4)
+    assert torch.allclose(features, eager_features, atol=1e-4)
