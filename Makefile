@@ -19,10 +19,11 @@ SOAK_ARGS ?=
 TRAIN_ARGS ?=
 EVAL_ARGS ?=
 CALIBRATE_ARGS ?=
+MEMBERS ?=
 PYTEST_ARGS ?=
 DEMO_ARGS ?=
 
-.PHONY: help install java train calibrate evaluate archive serve stop status release rollout rollback predict explain bench soak demo test clean
+.PHONY: help install java train ensemble calibrate evaluate archive serve stop status release rollout rollback predict explain bench soak demo test clean
 
 help:
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | sort
@@ -48,6 +49,10 @@ java: ## Install Java 17 (TorchServe's frontend) if no Java 17+ is on PATH
 
 train: install ## Fine-tune on $(DATA) into $(RUN) (resumable: rerun to continue)
 	$(PY) scripts/train.py --metadata $(DATA)/metadata.csv --images $(DATA)/images --output $(RUN) $(TRAIN_ARGS)
+
+ensemble: install ## Average trained checkpoints into $(or $(CHECKPOINT),runs/ensemble.pt), then calibrate it: make ensemble MEMBERS="a.pt b.pt" VERSION=x.y
+	$(PY) scripts/ensemble.py --members $(MEMBERS) --output $(or $(CHECKPOINT),runs/ensemble.pt) --model-version $(VERSION)
+	$(MAKE) calibrate CHECKPOINT=$(or $(CHECKPOINT),runs/ensemble.pt)
 
 evaluate: install ## Evaluate like the service answers: make evaluate IMAGES=dir LABELS=csv OUT=dir [CHECKPOINT=file] [EVAL_ARGS=...]
 	$(PY) scripts/evaluate.py --images $(IMAGES) --labels $(LABELS) --out $(OUT) $(if $(CHECKPOINT),--checkpoint $(CHECKPOINT)) $(EVAL_ARGS)

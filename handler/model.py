@@ -223,6 +223,13 @@ class LoadedModel:
         return Calibration.from_dict(fitted[tta])
 
     @property
+    def architecture(self) -> str:
+        """The network's description, e.g. ``efficientnet_lite0`` or ``logit_average(efficientnet_lite0, efficientnet_lite0)``."""
+        if self.config["arch"] == ENSEMBLE_ARCH:
+            return f"{ENSEMBLE_ARCH}({', '.join(member['arch'] for member in self.config['members'])})"
+        return str(self.config["arch"])
+
+    @property
     def version(self) -> str:
         """The model version recorded at release time."""
         return str(self.meta.get("version", "unversioned"))

@@ -41,7 +41,7 @@ class SkinLesionHandler(BaseHandler):
         self.model_name = manifest.get("modelName", "skin_lesion")
         self.initialized = True
         logger.info("loaded %s (%s, version %s) on %s: runtime %s, precision %s, TTA %s, %d threads", checkpoint,
-                    self.loaded.config["arch"], self.model_version, self.device, self.settings.runtime,
+                    self.loaded.architecture, self.model_version, self.device, self.settings.runtime,
                     self.settings.precision, self.settings.tta, torch.get_num_threads())
 
     def handle(self, data: list[dict[str, Any]], context: Any) -> list[str]:

@@ -61,6 +61,7 @@ def test_checkpoint_round_trip_keeps_every_member_weight(tmp_path):
     torch.save(combine_checkpoints(members, {"version": "9.9.9"}), path)
     loaded = load_checkpoint(path)  # weights_only=True inside
     assert isinstance(loaded.model, LogitAverage) and loaded.version == "9.9.9"
+    assert loaded.architecture == "logit_average(efficientnet_lite0, efficientnet_lite0)"
     assert loaded.preprocess == default_preprocess_config("efficientnet_lite0", image_size=64)
     for index, member in enumerate(members):
         restored = loaded.model.members[index].state_dict()
