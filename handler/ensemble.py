@@ -70,7 +70,7 @@ def combine_checkpoints(checkpoints: Sequence[Mapping[str, Any]], meta: Mapping[
 
     Raises:
         ValueError: Fewer than two members, a member that is itself an ensemble, or
-            members that differ in classes or preprocessing.
+            members that differ in classes, preprocessing or training/validation split.
     """
     if len(checkpoints) < 2:
         raise ValueError(f"an ensemble needs at least 2 members, got {len(checkpoints)}")
@@ -87,6 +87,11 @@ def combine_checkpoints(checkpoints: Sequence[Mapping[str, Any]], meta: Mapping[
         if PreprocessConfig.from_dict(checkpoint["meta"]["preprocessing"]) != preprocess:
             raise ValueError(f"member {index} was trained with other preprocessing than member 0: every member "
                              "must see the same input tensor")
+        # The ensemble is calibrated and measured on the members' validation split, which is
+        # only honest if no member trained on any of those images.
+        if "data" not in checkpoint["meta"] or checkpoint["meta"]["data"] != first["meta"].get("data"):
+            raise ValueError(f"member {index} records data {checkpoint['meta'].get('data')}, member 0 "
+                             f"{first['meta'].get('data')}: members must share one training/validation split")
         members.append({"arch": config["arch"], "dropout": config.get("dropout", 0.2)})
         state_dict.update({f"members.{index}.{name}": tensor for name, tensor in checkpoint["state_dict"].items()})
     config = {"format": CHECKPOINT_FORMAT, "arch": ENSEMBLE_ARCH, "members": members,

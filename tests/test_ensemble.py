@@ -19,7 +19,8 @@ def member_checkpoint(seed, image_size=64, version="0.0.1-test"):
     torch.manual_seed(seed)
     model = build_model("efficientnet_lite0").eval()
     preprocess = default_preprocess_config("efficientnet_lite0", image_size=image_size)
-    meta = {"version": version, "command": f"python scripts/train.py --seed {seed}", "calibration": TINY_CALIBRATION}
+    meta = {"version": version, "command": f"python scripts/train.py --seed {seed}", "calibration": TINY_CALIBRATION,
+            "data": {"metadata": "metadata.csv", "train_images": 5129, "val_images": 855, "split": "seed 42"}}
     return make_checkpoint(model, "efficientnet_lite0", preprocess, meta)
 
 
@@ -73,6 +74,8 @@ def test_checkpoint_round_trip_keeps_every_member_weight(tmp_path):
     ("preprocessing", "other preprocessing"),
     ("classes", "classes"),
     ("nested", "itself an ensemble"),
+    ("split", "share one training/validation split"),
+    ("no split", "share one training/validation split"),
 ])
 def test_incompatible_members_are_refused(problem, match):
     first, second = member_checkpoint(1), member_checkpoint(2)
@@ -82,6 +85,12 @@ def test_incompatible_members_are_refused(problem, match):
         members = [first, member_checkpoint(2, image_size=96)]
     elif problem == "classes":
         second["config"]["classes"] = list(reversed(second["config"]["classes"]))
+        members = [first, second]
+    elif problem == "split":
+        second["meta"]["data"]["split"] = "seed 7"  # its validation images were another member's training images
+        members = [first, second]
+    elif problem == "no split":
+        del second["meta"]["data"]
         members = [first, second]
     else:
         members = [combine_checkpoints([first, second], {}), member_checkpoint(3)]
