@@ -4,7 +4,8 @@ A checkpoint is a plain dict ``{"state_dict", "config", "meta"}`` that loads wit
 ``torch.load(..., weights_only=True)``: ``config`` says how to build the network,
 ``meta`` carries the preprocessing parameters, one calibration per test-time
 augmentation mode (``meta["calibration"]``, see :mod:`handler.calibration`), the
-version and the provenance of the weights.
+version and the provenance of the weights. An ensemble's ``config`` lists its members'
+architectures and its ``state_dict`` their weights (:mod:`handler.ensemble`).
 """
 
 from __future__ import annotations
