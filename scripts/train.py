@@ -76,6 +76,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--patience", type=int, default=8, help="early stop after this many epochs without improvement")
     parser.add_argument("--val-fraction", type=float, default=0.15)
     parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--split-seed", type=int,
+                        help="seed of the train/validation split (default: --seed); give ensemble members "
+                             "different --seed values and one --split-seed")
     parser.add_argument("--amp", choices=("auto", "bf16", "fp16", "off"), default="auto",
                         help="autocast: auto = bf16 on CUDA with bf16 support, fp16 on other CUDA, fp32 on CPU "
                              "(bf16 autocast made CPU training 12x slower on this machine's depthwise convolutions)")
@@ -227,6 +230,7 @@ def main(args: argparse.Namespace) -> dict[str, Any] | None:
         the run paused early because of ``--epochs-this-run``.
     """
     seed_everything(args.seed)
+    split_seed = args.seed if args.split_seed is None else args.split_seed
     device = resolve_device(args.device)
     amp = autocast_dtype(args.amp, device)
     if device.type == "cuda":
@@ -236,14 +240,14 @@ def main(args: argparse.Namespace) -> dict[str, Any] | None:
 
     records = attach_paths(read_labels(args.metadata), args.images)
     if args.limit:
-        records = random.Random(args.seed).sample(records, min(args.limit, len(records)))
-    train, val = lesion_grouped_split(records, args.val_fraction, args.seed)
+        records = random.Random(split_seed).sample(records, min(args.limit, len(records)))
+    train, val = lesion_grouped_split(records, args.val_fraction, split_seed)
     if {r.lesion_id for r in train} & {r.lesion_id for r in val}:
         raise RuntimeError("lesion-grouped split leaked a lesion into both sides")
     counts = class_counts(train)
     print(f"train {len(train)} images {dict(zip(CLASS_CODES, counts))}; val {len(val)} images "
           f"{dict(zip(CLASS_CODES, class_counts(val)))}; device {device}, autocast {amp}", flush=True)
-    (output / "split.json").write_text(json.dumps({"seed": args.seed, "val_fraction": args.val_fraction,
+    (output / "split.json").write_text(json.dumps({"seed": split_seed, "val_fraction": args.val_fraction,
                                                    "val_image_ids": sorted(r.image_id for r in val)}, indent=0))
 
     preprocess = default_preprocess_config(args.arch, args.image_size)
@@ -358,7 +362,7 @@ def main(args: argparse.Namespace) -> dict[str, Any] | None:
         # Training-split class frequencies: the prior that the balanced decision rule divides out.
         "class_prior": [count / sum(counts) for count in counts],
         "data": {"metadata": os.path.basename(args.metadata), "train_images": len(train), "val_images": len(val),
-                 "split": f"StratifiedGroupKFold by lesion_id, val_fraction {args.val_fraction}, seed {args.seed}"},
+                 "split": f"StratifiedGroupKFold by lesion_id, val_fraction {args.val_fraction}, seed {split_seed}"},
         "validation": {k: calibrated[k] for k in ("balanced_accuracy", "accuracy", "macro_auc", "ece")}
                       | {"ece_uncalibrated": uncalibrated_ece["none"]},
         "command": "python scripts/train.py " + shlex.join(sys.argv[1:]),

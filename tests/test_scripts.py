@@ -6,7 +6,8 @@ import math
 import pytest
 import torch
 
-from handler.model import load_checkpoint
+from handler.ensemble import combine_checkpoints
+from handler.model import ENSEMBLE_ARCH, load_checkpoint
 from scripts import evaluate, train
 from tests.conftest import RELEASED_CHECKPOINT
 
@@ -53,6 +54,15 @@ def test_train_pauses_resumes_and_writes_a_release_checkpoint(ham224_dir, tmp_pa
     with pytest.raises(ValueError, match="other preprocessing"):
         train.main(train.get_args_parser().parse_args(stage2[:-4] + ["--image-size", "96", "--init-checkpoint",
                                                                       str(tmp_path / "run" / "best.pt")]))
+
+    # An independent ensemble member: another training seed on the same split.
+    member = common[:5] + [str(tmp_path / "member")] + common[6:] + ["--epochs", "1", "--seed", "7", "--split-seed", "42"]
+    train.main(train.get_args_parser().parse_args(member))
+    assert json.loads((tmp_path / "member" / "split.json").read_text()) == split
+    other = load_checkpoint(tmp_path / "member" / "best.pt")
+    assert not torch.equal(other.model.state_dict()["classifier.weight"], before["classifier.weight"])
+    checkpoints = [torch.load(tmp_path / name / "best.pt", weights_only=True) for name in ("run", "member")]
+    assert combine_checkpoints(checkpoints, {})["config"]["arch"] == ENSEMBLE_ARCH
 
 
 @pytest.mark.data
