@@ -56,7 +56,8 @@ class LogitAverage(nn.Module):
         return torch.cat([head_weight(member) for member in self.members], dim=1) / len(self.members)
 
 
-def combine_checkpoints(checkpoints: Sequence[Mapping[str, Any]], meta: Mapping[str, Any]) -> dict[str, Any]:
+def combine_checkpoints(checkpoints: Sequence[Mapping[str, Any]], meta: Mapping[str, Any],
+                        storage_dtype: torch.dtype = torch.float32) -> dict[str, Any]:
     """One release-format checkpoint holding the members' weights, for :class:`LogitAverage`.
 
     Args:
@@ -64,6 +65,9 @@ def combine_checkpoints(checkpoints: Sequence[Mapping[str, Any]], meta: Mapping[
             with the same classes and the same preprocessing.
         meta: The ensemble's metadata (version, provenance); its calibration is fitted
             afterwards on the ensemble's own logits (``scripts/calibrate.py``).
+        storage_dtype: Dtype the floating-point tensors are stored in. ``torch.float16`` halves
+            the file; loading casts back to the model's fp32 parameters, and a calibration fitted
+            afterwards measures exactly those weights.
 
     Returns:
         A checkpoint that :func:`handler.model.load_checkpoint` rebuilds as a :class:`LogitAverage`.
@@ -93,7 +97,8 @@ def combine_checkpoints(checkpoints: Sequence[Mapping[str, Any]], meta: Mapping[
             raise ValueError(f"member {index} records data {checkpoint['meta'].get('data')}, member 0 "
                              f"{first['meta'].get('data')}: members must share one training/validation split")
         members.append({"arch": config["arch"], "dropout": config.get("dropout", 0.2)})
-        state_dict.update({f"members.{index}.{name}": tensor for name, tensor in checkpoint["state_dict"].items()})
+        state_dict.update({f"members.{index}.{name}": tensor.to(storage_dtype) if tensor.is_floating_point() else tensor
+                           for name, tensor in checkpoint["state_dict"].items()})
     config = {"format": CHECKPOINT_FORMAT, "arch": ENSEMBLE_ARCH, "members": members,
               "num_classes": first["config"]["num_classes"], "classes": list(first["config"]["classes"])}
     return {"state_dict": state_dict, "config": config, "meta": {**meta, "preprocessing": preprocess.to_dict()}}

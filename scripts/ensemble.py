@@ -37,6 +37,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--members", nargs="+", required=True, help="member checkpoints (at least 2)")
     parser.add_argument("--output", required=True, help="where to write the ensemble checkpoint")
     parser.add_argument("--model-version", required=True, help="version written into the ensemble's meta")
+    parser.add_argument("--storage-dtype", choices=("float16", "float32"), default="float16",
+                        help="dtype of the stored weights: float16 halves the file (weights run in fp32 either way; "
+                             "calibrate the result, so its figures measure the stored weights)")
     return parser
 
 
@@ -48,10 +51,11 @@ def main(args: argparse.Namespace) -> Path:
                for path, checkpoint in zip(args.members, checkpoints)]
     meta = {"version": args.model_version, "members": members,
             "command": "python scripts/ensemble.py " + shlex.join(
-                ["--members", *args.members, "--output", args.output, "--model-version", args.model_version])}
+                ["--members", *args.members, "--output", args.output, "--model-version", args.model_version,
+                 "--storage-dtype", args.storage_dtype])}
     output = Path(args.output)
     output.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(combine_checkpoints(checkpoints, meta), output)
+    torch.save(combine_checkpoints(checkpoints, meta, getattr(torch, args.storage_dtype)), output)
     loaded = load_checkpoint(output)
     size = loaded.preprocess.image_size
     with torch.inference_mode():

@@ -109,6 +109,11 @@ def test_script_records_member_provenance_and_needs_calibration(member_files, tm
     assert sources[0].startswith("checkpoint member1.pt (version 0.1.0, sha256 ")
     assert [member["command"] for member in loaded.meta["members"]] == [
         "python scripts/train.py --seed 1", "python scripts/train.py --seed 2"]
+    # Stored in float16 by default (half the file), run in float32.
+    stored = torch.load(output, weights_only=True)["state_dict"]
+    assert stored["members.0.classifier.weight"].dtype == torch.float16
+    assert loaded.model.members[0].classifier.weight.dtype == torch.float32
+    assert torch.equal(loaded.model.members[0].classifier.weight, stored["members.0.classifier.weight"].float())
     # The members' calibrations do not describe the ensemble's logits: serving waits for calibrate.py.
     with pytest.raises(ValueError, match="no calibration"):
         prepare_for_serving(loaded, HandlerSettings())
