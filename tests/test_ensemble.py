@@ -8,7 +8,7 @@ import torch
 from handler.calibration import Calibration
 from handler.ensemble import LogitAverage, combine_checkpoints
 from handler.inference import HandlerSettings, handle_batch, prepare_for_serving
-from handler.model import build_model, default_preprocess_config, features_and_logits, load_checkpoint, make_checkpoint
+from handler.model import build_from_config, build_model, default_preprocess_config, features_and_logits, load_checkpoint, make_checkpoint
 from handler.preprocessing import load_model_input, normalize_batch
 from handler.runtime import build_runner
 from scripts import ensemble as ensemble_script
@@ -51,7 +51,7 @@ def test_logits_are_the_members_mean_and_probabilities_the_geometric_mean():
 
 
 def load_member(checkpoint):
-    model = build_model(checkpoint["config"]["arch"])
+    model = build_from_config(checkpoint["config"])
     model.load_state_dict(checkpoint["state_dict"])
     return model.eval()
 
