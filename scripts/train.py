@@ -1,7 +1,8 @@
 """Fine-tune an EfficientNet on HAM10000-style data (metadata CSV + image folders).
 
 Resumable: every epoch writes ``last.pt`` (model, EMA, optimizer, schedule, history);
-rerunning the same command continues from it. The best epoch by validation balanced
+rerunning the same command continues from it, drawing the same data order and
+augmentations as an uninterrupted run (every generator is reseeded per epoch). The best epoch by validation balanced
 accuracy is written as a release-format checkpoint ``best.pt`` with a calibration
 (temperature and class biases) fitted on the validation split for every test-time
 augmentation mode.
@@ -99,6 +100,16 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def seed_epoch(seed: int, epoch: int) -> None:
+    """Reseed every generator from (seed, epoch) at the start of an epoch.
+
+    The shuffle order, the augmentations (drawn in fresh workers seeded from the global
+    generator) and dropout then depend only on the epoch, so a resumed run continues exactly
+    as an uninterrupted one would.
+    """
+    seed_everything(seed * 100_003 + epoch)
+
+
 def resolve_device(name: str) -> torch.device:
     """``auto`` picks CUDA when present."""
     if name == "auto":
@@ -161,15 +172,18 @@ def make_loaders(args: argparse.Namespace, train, val, preprocess: PreprocessCon
     """Training and validation data loaders; the sampler variant draws classes by weight."""
     train_set = LesionDataset(train, build_train_transform(preprocess, args.min_crop_scale))
     val_set = LesionDataset(val, build_eval_transform(preprocess))
-    common = dict(num_workers=args.workers, pin_memory=device.type == "cuda", persistent_workers=args.workers > 0)
+    common = dict(num_workers=args.workers, pin_memory=device.type == "cuda")
     sampler = None
     if args.imbalance == "sampler":
         per_class = class_weights(class_counts(train), args.class_weight_power)
         sample_weights = per_class[torch.tensor([r.label for r in train])]
         sampler = torch.utils.data.WeightedRandomSampler(sample_weights, num_samples=len(train), replacement=True)
+    # Training workers are not persistent: fresh workers take their seeds from the generator
+    # that seed_epoch resets, which is what makes resuming exact.
     train_loader = torch.utils.data.DataLoader(train_set, batch_size=args.batch_size, shuffle=sampler is None,
                                                sampler=sampler, drop_last=True, **common)
-    val_loader = torch.utils.data.DataLoader(val_set, batch_size=args.batch_size * 2, shuffle=False, **common)
+    val_loader = torch.utils.data.DataLoader(val_set, batch_size=args.batch_size * 2, shuffle=False,
+                                             persistent_workers=args.workers > 0, **common)
     return train_loader, val_loader
 
 
@@ -292,6 +306,7 @@ def main(args: argparse.Namespace) -> dict[str, Any] | None:
 
     eval_model = ema.module if ema is not None else model
     for epoch in range(start_epoch, args.epochs):
+        seed_epoch(args.seed, epoch)
         model.train()
         for module in frozen:
             module.eval()

@@ -30,6 +30,11 @@ def test_train_pauses_resumes_and_writes_a_release_checkpoint(ham224_dir, tmp_pa
     assert loaded.version == "0.0.9" and loaded.preprocess.image_size == 64
     assert loaded.meta["initialization"].startswith("ImageNet")
     assert 0.0 <= report["balanced_accuracy"] <= 1.0
+    # Resuming is exact: the same weights as one uninterrupted run (same data order, augmentations, dropout).
+    train.main(train.get_args_parser().parse_args(common[:5] + [str(tmp_path / "straight")] + common[6:]))
+    resumed_state, straight_state = (torch.load(tmp_path / name / "last.pt", weights_only=True)["model"]
+                                     for name in ("run", "straight"))
+    assert all(torch.equal(value, straight_state[key]) for key, value in resumed_state.items())
     assert set(loaded.meta["calibration"]) == {"none", "hflip", "flip4"}
     # A 2-epoch model on 70 images may deserve any temperature; it must only be a usable one.
     assert all(math.isfinite(loaded.calibration(t).temperature) and loaded.calibration(t).temperature > 0
