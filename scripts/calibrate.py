@@ -4,7 +4,10 @@ For every test-time augmentation mode, runs the validation images through the se
 path (decode, preprocessing, forward pass), fits temperature scaling plus per-class
 biases (:func:`handler.calibration.fit_calibration`), and reports the calibration error
 both in-sample and out-of-fold (5-fold cross-fitting on the validation split, so the
-figure is not flattered by fitting and scoring on the same images). It then picks the
+figure is not flattered by fitting and scoring on the same images). The cross-fitting is
+repeated over ``--repeats`` fold partitions and reported as mean and standard deviation:
+with 8 dermatofibromas in a validation split, which fold an image falls in moves balanced
+accuracy by about 0.01. It then picks the
 highest referral threshold on ``malignant_probability`` that keeps melanoma sensitivity
 at or above ``--target-sensitivity`` (out-of-fold probabilities) and reports the
 specificity and referral rate that threshold costs. Balanced accuracy is reported for both
@@ -59,6 +62,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--serving-tta", choices=TTA_MODES, default="none", help="mode whose operating point is measured")
     parser.add_argument("--target-sensitivity", type=float, default=0.85, help="melanoma sensitivity the referral flag must keep")
     parser.add_argument("--folds", type=int, default=5, help="folds for the out-of-fold figures")
+    parser.add_argument("--repeats", type=int, default=10,
+                        help="fold partitions for the repeated out-of-fold figures (seeds --seed .. --seed+repeats-1)")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--seed", type=int, default=0)
     return parser
@@ -80,6 +85,32 @@ def out_of_fold_probabilities(logits: torch.Tensor, labels: np.ndarray, folds: i
         probabilities[score_rows] = fold_probabilities.numpy()
         balanced_calls[score_rows] = decide(fold_probabilities, "balanced", calibration.class_prior).numpy()
     return probabilities, balanced_calls
+
+
+def repeated_out_of_fold(logits: torch.Tensor, labels: np.ndarray, folds: int, seeds: range,
+                         threshold: float) -> dict[str, Any]:
+    """Mean and standard deviation of the out-of-fold figures over several fold partitions.
+
+    Args:
+        logits: (N, K) validation logits.
+        labels: (N,) true class indices.
+        folds: Folds per partition.
+        seeds: One partition per seed.
+        threshold: The referral threshold the melanoma figures are measured at.
+
+    Returns:
+        ``{"repeats", "folds", "mean", "sd"}``; ``mean``/``sd`` hold the balanced rule's
+        balanced accuracy and the threshold-free and melanoma figures.
+    """
+    keys = ("balanced_accuracy", "macro_auc", "ece", "melanoma_sensitivity", "melanoma_specificity", "referral_rate")
+    rows = []
+    for seed in seeds:
+        probabilities, balanced_calls = out_of_fold_probabilities(logits, labels, folds, seed)
+        report = classification_report(probabilities, labels, threshold, balanced_calls)
+        rows.append([report[key] for key in keys])
+    table = np.asarray(rows, dtype=np.float64)
+    return {"repeats": len(seeds), "folds": folds, "mean": dict(zip(keys, table.mean(0).tolist())),
+            "sd": dict(zip(keys, table.std(0).tolist()))}
 
 
 def summarize(probabilities: np.ndarray, labels: np.ndarray, threshold: float | None,
@@ -117,6 +148,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
             "calibration": calibrations[tta].to_dict(),
             "in_sample": summarize(in_sample.numpy(), labels, threshold, in_sample_calls),
             "out_of_fold": summarize(out_of_fold, labels, threshold, out_of_fold_calls),
+            "out_of_fold_repeated": repeated_out_of_fold(logits, labels, args.folds,
+                                                         range(args.seed, args.seed + args.repeats), threshold),
             "temperature_only": summarize(temperature_only.apply(logits).numpy(), labels, None)
                                 | {"temperature": temperature_only.temperature},
             "uncalibrated": summarize(torch.softmax(logits, 1).numpy(), labels, None),
@@ -140,6 +173,9 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     print(f"wrote {args.output}; serving TTA {args.serving_tta}: referral_threshold {serving['referral_threshold']}, "
           f"out-of-fold melanoma sensitivity {serving['out_of_fold']['melanoma_sensitivity']:.3f}, "
           f"specificity {serving['out_of_fold']['melanoma_specificity']:.3f}, ECE {serving['out_of_fold']['ece']:.4f}")
+    repeated = serving["out_of_fold_repeated"]
+    print(f"out of fold over {repeated['repeats']} partitions: " + ", ".join(
+        f"{key} {repeated['mean'][key]:.4f} +- {repeated['sd'][key]:.4f}" for key in repeated["mean"]))
     return figures
 
 

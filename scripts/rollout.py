@@ -69,6 +69,8 @@ class Management:
 
     def register(self, archive: str) -> None:
         """Register an archive from the model store, without waiting for its workers."""
+        # The archive's model-config.yaml minWorkers/maxWorkers take precedence over initial_workers
+        # (TorchServe's registration); 1 only applies to an archive without them.
         response = self._call("POST", "/models", params={"url": archive, "model_name": MODEL, "initial_workers": 1,
                                                           "synchronous": "false"})
         if not response.ok:

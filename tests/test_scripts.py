@@ -139,7 +139,7 @@ def test_calibrate_fits_every_tta_mode_and_an_operating_point(samples_dir, tiny_
     figures = calibrate.main(calibrate.get_args_parser().parse_args(
         ["--checkpoint", str(tiny_checkpoint), "--images", str(samples_dir), "--labels", str(samples_dir / "metadata.csv"),
          "--subset", str(subset), "--output", str(output), "--report", str(tmp_path / "cal.json"),
-         "--tta-modes", "none", "hflip", "--folds", "2", "--target-sensitivity", "0.9"]))
+         "--tta-modes", "none", "hflip", "--folds", "2", "--repeats", "3", "--target-sensitivity", "0.9"]))
     loaded = load_checkpoint(output)
     assert set(loaded.meta["calibration"]) == {"none", "hflip"}
     point = loaded.meta["operating_point"]
@@ -151,9 +151,28 @@ def test_calibrate_fits_every_tta_mode_and_an_operating_point(samples_dir, tiny_
     # Each calibration records the class frequencies it was fitted on: the 70 samples are 10 per class.
     assert loaded.calibration("none").class_prior == pytest.approx([1 / 7] * 7, abs=1e-6)
     assert set(figures["none"]["out_of_fold"]["balanced_rule"]) == {"balanced_accuracy", "accuracy"}
+    repeated = figures["none"]["out_of_fold_repeated"]
+    assert repeated["repeats"] == 3 and repeated["folds"] == 2 and set(repeated["mean"]) == set(repeated["sd"])
     original = load_checkpoint(tiny_checkpoint)
     for name, tensor in original.model.state_dict().items():
         assert torch.equal(tensor, loaded.model.state_dict()[name])
+
+
+def test_repeated_out_of_fold_averages_independent_partitions():
+    from scripts import calibrate
+
+    generator = torch.Generator().manual_seed(0)
+    labels = torch.arange(7).repeat(30)
+    logits = torch.nn.functional.one_hot(labels, 7).float() * 2 + torch.randn(len(labels), 7, generator=generator) * 1.5
+    labels = labels.numpy()
+    single = calibrate.repeated_out_of_fold(logits, labels, 5, range(3, 4), 0.2)
+    probabilities, calls = calibrate.out_of_fold_probabilities(logits, labels, 5, 3)
+    expected = calibrate.summarize(probabilities, labels, 0.2, calls)
+    assert single["mean"]["balanced_accuracy"] == pytest.approx(expected["balanced_rule"]["balanced_accuracy"])
+    assert single["mean"]["macro_auc"] == pytest.approx(expected["macro_auc"])
+    assert single["sd"]["balanced_accuracy"] == 0.0
+    several = calibrate.repeated_out_of_fold(logits, labels, 5, range(3, 8), 0.2)
+    assert several["repeats"] == 5 and several["sd"]["balanced_accuracy"] > 0  # the partitions differ
 
 
 def test_evaluate_names_missing_images(tmp_path):
