@@ -38,6 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from handler.data import LesionDataset, attach_paths, class_counts, lesion_grouped_split, read_labels  # noqa: E402
 from handler.calibration import TTA_MODES, augmented_views, fit_calibration, merge_views  # noqa: E402
+from handler.decision import decide  # noqa: E402
 from handler.evaluation import classification_report, format_report  # noqa: E402
 from handler.labels import CLASS_CODES  # noqa: E402
 from handler.model import (  # noqa: E402
@@ -359,14 +360,19 @@ def main(args: argparse.Namespace) -> dict[str, Any] | None:
 
     best = torch.load(output / "best_weights.pt", map_location=device, weights_only=True)
     eval_model.load_state_dict(best["state_dict"])
-    calibrations, reports, uncalibrated_ece = {}, {}, {}
+    calibrations, reports, uncalibrated_ece, balanced_rule_accuracy = {}, {}, {}, {}
     for tta in TTA_MODES:
         logits, labels = predict_logits(eval_model, val_loader, preprocess, device, amp, tta)
         calibrations[tta] = fit_calibration(logits, labels)
-        reports[tta] = classification_report(calibrations[tta].apply(logits).numpy(), labels.numpy())
+        probabilities = calibrations[tta].apply(logits)
+        reports[tta] = classification_report(probabilities.numpy(), labels.numpy())
+        calls = decide(probabilities, "balanced", calibrations[tta].class_prior).numpy()
+        balanced_rule_accuracy[tta] = classification_report(probabilities.numpy(), labels.numpy(),
+                                                            predictions=calls)["balanced_accuracy"]
         uncalibrated_ece[tta] = classification_report(torch.softmax(logits, 1).numpy(), labels.numpy())["ece"]
-        print(f"TTA {tta}: {calibrations[tta]}, balanced accuracy {reports[tta]['balanced_accuracy']:.4f}, "
-              f"macro AUC {reports[tta]['macro_auc']:.4f}, ECE {reports[tta]['ece']:.4f}", flush=True)
+        print(f"TTA {tta}: {calibrations[tta]}, balanced accuracy {reports[tta]['balanced_accuracy']:.4f} "
+              f"(balanced rule {balanced_rule_accuracy[tta]:.4f}), macro AUC {reports[tta]['macro_auc']:.4f}, "
+              f"ECE {reports[tta]['ece']:.4f}", flush=True)
     calibrated = reports["none"]
     meta = {
         "version": args.model_version,
@@ -374,12 +380,12 @@ def main(args: argparse.Namespace) -> dict[str, Any] | None:
         "trained_epochs": len(history),
         "best_epoch": best["epoch"],
         "initialization": weights_source,
-        # Training-split class frequencies: the prior that the balanced decision rule divides out.
-        "class_prior": [count / sum(counts) for count in counts],
         "data": {"metadata": os.path.basename(args.metadata), "train_images": len(train), "val_images": len(val),
+                 "train_class_counts": dict(zip(CLASS_CODES, counts)),
                  "split": f"StratifiedGroupKFold by lesion_id, val_fraction {args.val_fraction}, seed {split_seed}"},
         "validation": {k: calibrated[k] for k in ("balanced_accuracy", "accuracy", "macro_auc", "ece")}
-                      | {"ece_uncalibrated": uncalibrated_ece["none"]},
+                      | {"ece_uncalibrated": uncalibrated_ece["none"],
+                         "balanced_rule_balanced_accuracy": balanced_rule_accuracy["none"]},
         "command": "python scripts/train.py " + shlex.join(sys.argv[1:]),
         "torch": str(torch.__version__),
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

@@ -29,6 +29,8 @@ def test_train_pauses_resumes_and_writes_a_release_checkpoint(ham224_dir, tmp_pa
     loaded = load_checkpoint(tmp_path / "run" / "best.pt")
     assert loaded.version == "0.0.9" and loaded.preprocess.image_size == 64
     assert loaded.meta["initialization"].startswith("ImageNet")
+    assert sum(loaded.meta["data"]["train_class_counts"].values()) == loaded.meta["data"]["train_images"]
+    assert 0.0 <= loaded.meta["validation"]["balanced_rule_balanced_accuracy"] <= 1.0
     assert 0.0 <= report["balanced_accuracy"] <= 1.0
     # Resuming is exact: the same weights as one uninterrupted run (same data order, augmentations, dropout).
     train.main(train.get_args_parser().parse_args(common[:5] + [str(tmp_path / "straight")] + common[6:]))
