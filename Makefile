@@ -57,10 +57,10 @@ ensemble: install ## Average trained checkpoints into $(or $(CHECKPOINT),runs/en
 evaluate: install ## Evaluate like the service answers: make evaluate IMAGES=dir LABELS=csv OUT=dir [CHECKPOINT=file] [EVAL_ARGS=...]
 	$(PY) scripts/evaluate.py --images $(IMAGES) --labels $(LABELS) --out $(OUT) $(if $(CHECKPOINT),--checkpoint $(CHECKPOINT)) $(EVAL_ARGS)
 
-calibrate: install ## Refit calibrations and the referral operating point of $(or $(CHECKPOINT),models/skin_lesion.pt) on the validation split
+calibrate: install ## Refit calibrations and the referral operating point of $(or $(CHECKPOINT),models/skin_lesion.pt) on the validation split (report: models/provenance/calibration.json, or CHECKPOINT's name + -calibration.json)
 	$(PY) scripts/calibrate.py --checkpoint $(or $(CHECKPOINT),models/skin_lesion.pt) --output $(or $(CHECKPOINT),models/skin_lesion.pt) \
 	  --images $(DATA)/images --labels $(DATA)/metadata.csv --subset models/provenance/val_split.json \
-	  --report models/provenance/calibration.json $(CALIBRATE_ARGS)
+	  --report $(if $(CHECKPOINT),$(basename $(CHECKPOINT))-calibration.json,models/provenance/calibration.json) $(CALIBRATE_ARGS)
 
 model_store/skin_lesion.mar: models/skin_lesion.pt config/model-config.yaml $(wildcard handler/*.py) scripts/package.py | $(VENV)/.installed
 	$(PY) scripts/package.py
