@@ -94,6 +94,11 @@ def summary_html(body: dict[str, Any], source: str) -> str:
                      f"{html.escape(lesion_class(most_probable).name)} ({100.0 * body['probabilities'][most_probable]:.1f}%).</div>")
     else:
         rule_note = ""
+    gradcam = body.get("gradcam")
+    if gradcam is not None and not gradcam.get("has_evidence", True):
+        # A blank overlay would read as "looked nowhere"; it means no region supports the class.
+        rule_note += (f"<div id=\"no-evidence\" style=\"color:#555\">Grad-CAM: no region of this image raises the score "
+                      f"of {html.escape(lesion_class(gradcam['class']).name)}, so the overlay shows the plain image.</div>")
     if body["referral"]["refer"]:
         verdict = f"at or above the referral threshold of {threshold:.0f}%: <b>refer to a dermatologist</b>"
     else:

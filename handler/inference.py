@@ -358,6 +358,9 @@ def format_gradcam(request: ParsedRequest, heatmap: torch.Tensor, target: int, l
         "width": int(overlay.shape[1]),
         "height": int(overlay.shape[0]),
         "heatmap": [[round(float(v), settings.heatmap_decimals) for v in row] for row in heatmap.tolist()],
+        # Grad-CAM is zero everywhere when no region raises the class's score (e.g. "mel" asked
+        # of a clear nevus): say so rather than leave a blank overlay to interpretation.
+        "has_evidence": bool(heatmap.max() > 0),
         # Where the heatmap lies in the overlay: the centre crop the model saw.
         "heatmap_box": list(model_view_box((overlay.shape[1], overlay.shape[0]), loaded.preprocess)),
     }

@@ -122,6 +122,18 @@ def test_summary_says_when_the_suggested_class_is_not_the_most_probable():
     html = summary_html(body, "in-process handler")
     assert "Dermatofibroma" in html and "6.0%" in html
     assert "decision-rule" in html and "most probable class is Melanocytic nevus (81.0%)" in html
+    assert "no-evidence" not in html
+
+
+def test_summary_says_when_gradcam_finds_no_evidence_for_the_class():
+    body = {"prediction": "nv", "label": "Melanocytic nevus", "confidence": 0.95, "most_probable": "nv",
+            "probabilities": {"nv": 0.95}, "risk": "low", "malignant_probability": 0.02,
+            "referral": {"refer": False, "threshold": 0.1}, "model_version": "1.3.0",
+            "gradcam": {"class": "mel", "has_evidence": False}}
+    html = summary_html(body, "in-process handler")
+    assert "no-evidence" in html and "raises the score of Melanoma" in html
+    body["gradcam"]["has_evidence"] = True
+    assert "no-evidence" not in summary_html(body, "in-process handler")
 
 
 @pytest.mark.data
