@@ -95,10 +95,11 @@ def summary_html(body: dict[str, Any], source: str) -> str:
     else:
         rule_note = ""
     gradcam = body.get("gradcam")
+    evidence_note = ""
     if gradcam is not None and not gradcam.get("has_evidence", True):
         # A blank overlay would read as "looked nowhere"; it means no region supports the class.
-        rule_note += (f"<div id=\"no-evidence\" style=\"color:#555\">Grad-CAM: no region of this image raises the score "
-                      f"of {html.escape(lesion_class(gradcam['class']).name)}, so the overlay shows the plain image.</div>")
+        evidence_note = (f"<div id=\"no-evidence\" style=\"color:#555\">Grad-CAM: no region of this image raises the score "
+                         f"of {html.escape(lesion_class(gradcam['class']).name)}, so the overlay shows the plain image.</div>")
     if body["referral"]["refer"]:
         verdict = f"at or above the referral threshold of {threshold:.0f}%: <b>refer to a dermatologist</b>"
     else:
@@ -106,7 +107,7 @@ def summary_html(body: dict[str, Any], source: str) -> str:
     return f"""
 <div id="summary" style="font-size:15px;line-height:1.5">
   <div>Suggested class: <b id="top-diagnosis" style="font-size:20px">{html.escape(body['label'])}</b>
-       ({html.escape(body['prediction'])}), probability {100.0 * body['confidence']:.1f}%</div>{rule_note}
+       ({html.escape(body['prediction'])}), probability {100.0 * body['confidence']:.1f}%</div>{rule_note}{evidence_note}
   <div>Risk level: <span id="risk" style="background:{colour};color:white;font-weight:bold;padding:2px 10px;
        border-radius:4px">{html.escape(risk.upper())}</span></div>
   <div id="malignant">Malignant probability (melanoma + basal cell carcinoma + actinic keratosis):

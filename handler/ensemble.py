@@ -56,6 +56,16 @@ class LogitAverage(nn.Module):
         return torch.cat([head_weight(member) for member in self.members], dim=1) / len(self.members)
 
 
+def recorded_split(checkpoint: Mapping[str, Any]) -> dict[str, Any]:
+    """The fields of ``meta["data"]`` that define a training/validation split.
+
+    Descriptive fields that later versions of ``train.py`` add (such as class counts) are
+    left out, so members trained by different script versions on one split still match.
+    """
+    data = checkpoint["meta"].get("data") or {}
+    return {key: data.get(key) for key in ("metadata", "train_images", "val_images", "split")}
+
+
 def combine_checkpoints(checkpoints: Sequence[Mapping[str, Any]], meta: Mapping[str, Any],
                         storage_dtype: torch.dtype = torch.float32) -> dict[str, Any]:
     """One release-format checkpoint holding the members' weights, for :class:`LogitAverage`.
@@ -93,7 +103,7 @@ def combine_checkpoints(checkpoints: Sequence[Mapping[str, Any]], meta: Mapping[
                              "must see the same input tensor")
         # The ensemble is calibrated and measured on the members' validation split, which is
         # only honest if no member trained on any of those images.
-        if "data" not in checkpoint["meta"] or checkpoint["meta"]["data"] != first["meta"].get("data"):
+        if "data" not in checkpoint["meta"] or recorded_split(checkpoint) != recorded_split(first):
             raise ValueError(f"member {index} records data {checkpoint['meta'].get('data')}, member 0 "
                              f"{first['meta'].get('data')}: members must share one training/validation split")
         members.append({"arch": config["arch"], "dropout": config.get("dropout", 0.2)})

@@ -69,6 +69,12 @@ def test_checkpoint_round_trip_keeps_every_member_weight(tmp_path):
         assert all(torch.equal(restored[name], tensor) for name, tensor in member["state_dict"].items())
 
 
+def test_members_from_different_train_script_versions_on_one_split_combine():
+    older, newer = member_checkpoint(1), member_checkpoint(2)
+    newer["meta"]["data"]["train_class_counts"] = {"nv": 3706}  # recorded by train.py since 1.3.0
+    assert combine_checkpoints([older, newer], {})["config"]["arch"] == "logit_average"
+
+
 @pytest.mark.parametrize("problem,match", [
     ("one member", "at least 2"),
     ("preprocessing", "other preprocessing"),
