@@ -146,7 +146,7 @@ def test_mixed_batch_explains_per_request_in_one_forward(samples_dir, monkeypatc
         assert decoded.size == (600, 450) == (gradcam["width"], gradcam["height"])
         heat = np.array(gradcam["heatmap"])
         # A map is scaled to peak 1, or is zero everywhere when nothing supports the class
-        # (release 1.3.0 finds no melanoma evidence in this nevus).
+        # (release 1.3.0 found no melanoma evidence in this nevus).
         assert heat.shape == (7, 7) and heat.min() >= 0
         assert heat.max() == (pytest.approx(1.0) if gradcam["has_evidence"] else 0.0)
         assert responses[index].body["probabilities"] == responses[0].body["probabilities"]
