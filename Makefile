@@ -20,6 +20,7 @@ TRAIN_ARGS ?=
 EVAL_ARGS ?=
 CALIBRATE_ARGS ?=
 MEMBERS ?=
+STORAGE ?= float16
 PYTEST_ARGS ?=
 DEMO_ARGS ?=
 
@@ -50,8 +51,8 @@ java: ## Install Java 17 (TorchServe's frontend) if no Java 17+ is on PATH
 train: install ## Fine-tune on $(DATA) into $(RUN) (resumable: rerun to continue)
 	$(PY) scripts/train.py --metadata $(DATA)/metadata.csv --images $(DATA)/images --output $(RUN) $(TRAIN_ARGS)
 
-ensemble: install ## Average trained checkpoints into $(or $(CHECKPOINT),runs/ensemble.pt), then calibrate it: make ensemble MEMBERS="a.pt b.pt" VERSION=x.y
-	$(PY) scripts/ensemble.py --members $(MEMBERS) --output $(or $(CHECKPOINT),runs/ensemble.pt) --model-version $(VERSION)
+ensemble: install ## Average trained checkpoints into $(or $(CHECKPOINT),runs/ensemble.pt), then calibrate it: make ensemble MEMBERS="a.pt b.pt" VERSION=x.y [STORAGE=int8]
+	$(PY) scripts/ensemble.py --members $(MEMBERS) --output $(or $(CHECKPOINT),runs/ensemble.pt) --model-version $(VERSION) --storage-dtype $(STORAGE)
 	$(MAKE) calibrate CHECKPOINT=$(or $(CHECKPOINT),runs/ensemble.pt)
 
 evaluate: install ## Evaluate like the service answers: make evaluate IMAGES=dir LABELS=csv OUT=dir [CHECKPOINT=file] [EVAL_ARGS=...]

@@ -18,6 +18,7 @@ from torch import nn
 
 from handler.model import CHECKPOINT_FORMAT, ENSEMBLE_ARCH, forward_features, forward_head, head_weight
 from handler.preprocessing import PreprocessConfig
+from handler.storage import pack_state_dict, unpack_state_dict
 
 
 class LogitAverage(nn.Module):
@@ -67,7 +68,7 @@ def recorded_split(checkpoint: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def combine_checkpoints(checkpoints: Sequence[Mapping[str, Any]], meta: Mapping[str, Any],
-                        storage_dtype: torch.dtype = torch.float32) -> dict[str, Any]:
+                        storage: str = "float32") -> dict[str, Any]:
     """One release-format checkpoint holding the members' weights, for :class:`LogitAverage`.
 
     Args:
@@ -75,9 +76,9 @@ def combine_checkpoints(checkpoints: Sequence[Mapping[str, Any]], meta: Mapping[
             with the same classes and the same preprocessing.
         meta: The ensemble's metadata (version, provenance); its calibration is fitted
             afterwards on the ensemble's own logits (``scripts/calibrate.py``).
-        storage_dtype: Dtype the floating-point tensors are stored in. ``torch.float16`` halves
-            the file; loading casts back to the model's fp32 parameters, and a calibration fitted
-            afterwards measures exactly those weights.
+        storage: How the weights are stored (:data:`handler.storage.STORAGE_DTYPES`):
+            ``float16`` halves the file, ``int8`` quarters the convolutions. Loading rebuilds
+            fp32 parameters, and a calibration fitted afterwards measures exactly those weights.
 
     Returns:
         A checkpoint that :func:`handler.model.load_checkpoint` rebuilds as a :class:`LogitAverage`.
@@ -107,8 +108,41 @@ def combine_checkpoints(checkpoints: Sequence[Mapping[str, Any]], meta: Mapping[
             raise ValueError(f"member {index} records data {checkpoint['meta'].get('data')}, member 0 "
                              f"{first['meta'].get('data')}: members must share one training/validation split")
         members.append({"arch": config["arch"], "dropout": config.get("dropout", 0.2)})
-        state_dict.update({f"members.{index}.{name}": tensor.to(storage_dtype) if tensor.is_floating_point() else tensor
-                           for name, tensor in checkpoint["state_dict"].items()})
+        state_dict.update({f"members.{index}.{name}": tensor
+                           for name, tensor in pack_state_dict(checkpoint["state_dict"], storage).items()})
     config = {"format": CHECKPOINT_FORMAT, "arch": ENSEMBLE_ARCH, "members": members,
               "num_classes": first["config"]["num_classes"], "classes": list(first["config"]["classes"])}
     return {"state_dict": state_dict, "config": config, "meta": {**meta, "preprocessing": preprocess.to_dict()}}
+
+
+def split_members(checkpoint: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The single-network checkpoints an ensemble checkpoint holds: the inverse of :func:`combine_checkpoints`.
+
+    This lets a released ensemble grow or shrink without its members' original files. The
+    weights are those the ensemble stored (float16 or int8 rounding included), back in fp32.
+
+    Args:
+        checkpoint: A release-format checkpoint whose arch is :data:`ENSEMBLE_ARCH`.
+
+    Returns:
+        One ``{"state_dict", "config", "meta"}`` per member, in order. Each ``meta`` is the
+        provenance the ensemble recorded for that member (``data`` included, so the split
+        check still applies) plus the ensemble's preprocessing.
+
+    Raises:
+        ValueError: If ``checkpoint`` is not an ensemble.
+    """
+    config = checkpoint["config"]
+    if config["arch"] != ENSEMBLE_ARCH:
+        raise ValueError(f"checkpoint is a single {config['arch']}, not an ensemble")
+    state_dict = unpack_state_dict(checkpoint["state_dict"])
+    members = []
+    for index, member in enumerate(config["members"]):
+        prefix = f"members.{index}."
+        members.append({
+            "state_dict": {name[len(prefix):]: tensor for name, tensor in state_dict.items() if name.startswith(prefix)},
+            "config": {"format": CHECKPOINT_FORMAT, "arch": member["arch"], "num_classes": config["num_classes"],
+                       "classes": list(config["classes"]), "dropout": member.get("dropout", 0.2)},
+            "meta": {**checkpoint["meta"]["members"][index], "preprocessing": checkpoint["meta"]["preprocessing"]},
+        })
+    return members

