@@ -49,9 +49,13 @@ def test_checkpoint_round_trip_is_weights_only_and_exact(tmp_path):
     assert loaded.preprocess == preprocess and loaded.version == "9.9" and loaded.calibration().temperature == 1.3
     with pytest.raises(ValueError, match="no calibration for TTA mode 'flip4'"):
         loaded.calibration("flip4")
+    restored = loaded.model.state_dict()
+    assert all(torch.equal(restored[name], tensor) for name, tensor in model.state_dict().items())
+    # The loaded model runs channels-last, whose kernels sum in another order on some CPUs
+    # (oneDNN on Intel Xeon differs by ~1e-5 relative on logits of ~20).
     x = torch.randn(2, 3, 96, 96)
     with torch.no_grad():
-        assert torch.allclose(model(x), loaded.model(x), atol=1e-5)
+        assert torch.allclose(model(x), loaded.model(x), rtol=1e-4, atol=1e-4)
 
 
 def test_checkpoint_with_other_classes_is_refused(tmp_path):
