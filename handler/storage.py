@@ -10,7 +10,9 @@ per output channel, stored beside it under ``<name>`` + :data:`SCALE_SUFFIX`; ev
 floating-point tensor (batch-norm, biases, the linear classifier) is stored in float16.
 EfficientNet-Lite was designed for 8-bit deployment (ReLU6, no squeeze-and-excitation),
 and per-channel scales give even a 3x3 depthwise kernel its own range, so the rounding
-error is a fraction of a percent of each channel's largest weight.
+error is a fraction of a percent of each channel's largest weight. Compounded through a
+network's layers it still moves the logits (about a tenth of their spread for release
+1.5.0's members; models/MODEL_CARD.md, "Storage"), which is why calibration comes after storage.
 """
 
 from __future__ import annotations
