@@ -43,7 +43,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from handler.calibration import TTA_MODES, Calibration, fit_calibration  # noqa: E402
 from handler.data import attach_paths, read_labels  # noqa: E402
 from handler.decision import decide  # noqa: E402
-from handler.evaluation import classification_report, logits_for_files, referral_threshold_for_sensitivity  # noqa: E402
+from handler.evaluation import (bootstrap_intervals, classification_report, logits_for_files,  # noqa: E402
+                                referral_threshold_for_sensitivity)
 from handler.model import load_checkpoint  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -64,6 +65,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--folds", type=int, default=5, help="folds for the out-of-fold figures")
     parser.add_argument("--repeats", type=int, default=10,
                         help="fold partitions for the repeated out-of-fold figures (seeds --seed .. --seed+repeats-1)")
+    parser.add_argument("--bootstrap", type=int, default=1000,
+                        help="resamples for the 95%% confidence intervals of the out-of-fold figures")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--seed", type=int, default=0)
     return parser
@@ -148,6 +151,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
             "calibration": calibrations[tta].to_dict(),
             "in_sample": summarize(in_sample.numpy(), labels, threshold, in_sample_calls),
             "out_of_fold": summarize(out_of_fold, labels, threshold, out_of_fold_calls),
+            "out_of_fold_bootstrap": bootstrap_intervals(out_of_fold, labels, out_of_fold_calls, threshold,
+                                                         args.bootstrap, seed=args.seed),
             "out_of_fold_repeated": repeated_out_of_fold(logits, labels, args.folds,
                                                          range(args.seed, args.seed + args.repeats), threshold),
             "temperature_only": summarize(temperature_only.apply(logits).numpy(), labels, None)
@@ -176,6 +181,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     repeated = serving["out_of_fold_repeated"]
     print(f"out of fold over {repeated['repeats']} partitions: " + ", ".join(
         f"{key} {repeated['mean'][key]:.4f} +- {repeated['sd'][key]:.4f}" for key in repeated["mean"]))
+    print("95% intervals of the out-of-fold figures (images resampled within each class): " + ", ".join(
+        f"{key} {low:.3f}-{high:.3f}" for key, (low, high) in serving["out_of_fold_bootstrap"]["intervals"].items()))
     return figures
 
 

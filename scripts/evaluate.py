@@ -7,7 +7,9 @@ from the folders are an error, never silently skipped.
 The serving decode, preprocessing, runtime, test-time augmentation, calibration, decision
 rule and referral threshold are used: they come from the ``handler:`` block of
 ``--model-config`` (TTA mode, decision rule and threshold can be overridden). Writes ``metrics.json``, ``predictions.csv``,
-``confusion_matrix.png`` and ``reliability.png`` and prints a summary table.
+``confusion_matrix.png`` and ``reliability.png`` and prints a summary table. ``metrics.json``'s
+``bootstrap`` holds 95% intervals of the headline figures (images resampled within each
+class), since a few rare-class images move balanced accuracy by whole points.
 
 Example:
     python scripts/evaluate.py --images ../shared/data/ham10000-224/images \
@@ -31,7 +33,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from handler.data import attach_paths, read_labels  # noqa: E402
 from handler.calibration import TTA_MODES  # noqa: E402
 from handler.decision import DECISION_RULES, decide  # noqa: E402
-from handler.evaluation import classification_report, format_report, logits_for_files, reliability_bins  # noqa: E402
+from handler.evaluation import (bootstrap_intervals, classification_report, format_report, logits_for_files,  # noqa: E402
+                                reliability_bins)
 from handler.labels import CLASS_CODES  # noqa: E402
 from handler.inference import load_handler_settings, prepare_for_serving  # noqa: E402
 from handler.model import load_checkpoint  # noqa: E402
@@ -51,6 +54,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--model-config", default=str(ROOT / "config" / "model-config.yaml"),
                         help="serving config whose handler settings (tta, referral_threshold) are the defaults")
+    parser.add_argument("--bootstrap", type=int, default=1000,
+                        help="resamples for the 95%% confidence intervals in metrics.json (0: none)")
     parser.add_argument("--tta", choices=TTA_MODES, help="test-time augmentation; default: the serving config's")
     parser.add_argument("--decision-rule", choices=DECISION_RULES,
                         help="which class an image is called (see handler/decision.py); default: the serving config's")
@@ -89,6 +94,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
                   balanced_accuracy_by_rule={name: classification_report(probs, labels, threshold, calls)["balanced_accuracy"]
                                              for name, calls in called.items()},
                   calibration=calibration.to_dict(), reliability=reliability_bins(probs, labels))
+    if args.bootstrap:
+        report["bootstrap"] = bootstrap_intervals(probs, labels, called[rule], threshold, args.bootstrap)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "metrics.json").write_text(json.dumps(report, indent=2))

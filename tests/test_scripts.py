@@ -98,6 +98,10 @@ def test_evaluate_released_model_on_real_samples(samples_dir, tmp_path):
     called = [line.split(",")[2] for line in rows[1:]]
     assert [called.count(code) for code in metrics["per_class"]] == [sum(column) for column in zip(*metrics["confusion_matrix"])]
     assert sum(row["count"] for row in metrics["reliability"]) == 70
+    intervals = metrics["bootstrap"]["intervals"]
+    assert metrics["bootstrap"]["resamples"] == 1000 and set(intervals) >= {"balanced_accuracy", "macro_auc"}
+    for key, (low, high) in intervals.items():
+        assert low <= metrics[key] <= high, key
     for name in ("confusion_matrix.png", "reliability.png"):
         with Image.open(tmp_path / name) as figure:
             assert figure.format == "PNG" and figure.width > 400 and figure.height > 400
