@@ -24,7 +24,7 @@ STORAGE ?= float16
 PYTEST_ARGS ?=
 DEMO_ARGS ?=
 
-.PHONY: help install java train ensemble calibrate evaluate archive serve stop status release rollout rollback predict explain bench soak demo test clean
+.PHONY: help install java train compare ensemble calibrate evaluate archive serve stop status release rollout rollback predict explain bench soak demo test clean
 
 help:
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | sort
@@ -50,6 +50,10 @@ java: ## Install Java 17 (TorchServe's frontend) if no Java 17+ is on PATH
 
 train: install ## Fine-tune on $(DATA) into $(RUN) (resumable: rerun to continue)
 	$(PY) scripts/train.py --metadata $(DATA)/metadata.csv --images $(DATA)/images --output $(RUN) $(TRAIN_ARGS)
+
+compare: install ## Every combination of MEMBERS as a calibrated ensemble, out of fold on the validation split: make compare MEMBERS="a.pt b.pt" (report: runs/members.json)
+	$(PY) scripts/compare_members.py --members $(MEMBERS) --images $(DATA)/images --labels $(DATA)/metadata.csv \
+	  --subset models/provenance/val_split.json --cache-dir runs/logits --report runs/members.json $(COMPARE_ARGS)
 
 ensemble: install ## Average trained checkpoints into $(or $(CHECKPOINT),runs/ensemble.pt), then calibrate it: make ensemble MEMBERS="a.pt b.pt" VERSION=x.y [STORAGE=int8]
 	$(PY) scripts/ensemble.py --members $(MEMBERS) --output $(or $(CHECKPOINT),runs/ensemble.pt) --model-version $(VERSION) --storage-dtype $(STORAGE)

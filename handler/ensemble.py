@@ -89,10 +89,30 @@ def combine_checkpoints(checkpoints: Sequence[Mapping[str, Any]], meta: Mapping[
     """
     if len(checkpoints) < 2:
         raise ValueError(f"an ensemble needs at least 2 members, got {len(checkpoints)}")
+    check_compatible_members(checkpoints)
     first = checkpoints[0]
     preprocess = PreprocessConfig.from_dict(first["meta"]["preprocessing"])
     state_dict: dict[str, torch.Tensor] = {}
     members = []
+    for index, checkpoint in enumerate(checkpoints):
+        config = checkpoint["config"]
+        members.append({"arch": config["arch"], "dropout": config.get("dropout", 0.2)})
+        state_dict.update({f"members.{index}.{name}": tensor
+                           for name, tensor in pack_state_dict(checkpoint["state_dict"], storage).items()})
+    config = {"format": CHECKPOINT_FORMAT, "arch": ENSEMBLE_ARCH, "members": members,
+              "num_classes": first["config"]["num_classes"], "classes": list(first["config"]["classes"])}
+    return {"state_dict": state_dict, "config": config, "meta": {**meta, "preprocessing": preprocess.to_dict()}}
+
+
+def check_compatible_members(checkpoints: Sequence[Mapping[str, Any]]) -> None:
+    """Check that single-network checkpoints can be averaged and measured together.
+
+    Raises:
+        ValueError: A member that is itself an ensemble, or members that differ in classes,
+            preprocessing or training/validation split.
+    """
+    first = checkpoints[0]
+    preprocess = PreprocessConfig.from_dict(first["meta"]["preprocessing"])
     for index, checkpoint in enumerate(checkpoints):
         config = checkpoint["config"]
         if config["arch"] == ENSEMBLE_ARCH:
@@ -107,12 +127,6 @@ def combine_checkpoints(checkpoints: Sequence[Mapping[str, Any]], meta: Mapping[
         if "data" not in checkpoint["meta"] or recorded_split(checkpoint) != recorded_split(first):
             raise ValueError(f"member {index} records data {checkpoint['meta'].get('data')}, member 0 "
                              f"{first['meta'].get('data')}: members must share one training/validation split")
-        members.append({"arch": config["arch"], "dropout": config.get("dropout", 0.2)})
-        state_dict.update({f"members.{index}.{name}": tensor
-                           for name, tensor in pack_state_dict(checkpoint["state_dict"], storage).items()})
-    config = {"format": CHECKPOINT_FORMAT, "arch": ENSEMBLE_ARCH, "members": members,
-              "num_classes": first["config"]["num_classes"], "classes": list(first["config"]["classes"])}
-    return {"state_dict": state_dict, "config": config, "meta": {**meta, "preprocessing": preprocess.to_dict()}}
 
 
 def split_members(checkpoint: Mapping[str, Any]) -> list[dict[str, Any]]:

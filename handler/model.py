@@ -291,10 +291,25 @@ def load_checkpoint(path: str | os.PathLike, device: torch.device | str = "cpu")
     Raises:
         ValueError: If the checkpoint's classes are not this service's classes.
     """
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    return model_from_checkpoint(torch.load(path, map_location="cpu", weights_only=True), device, str(path))
+
+
+def model_from_checkpoint(checkpoint: dict[str, Any], device: torch.device | str = "cpu",
+                          name: str = "checkpoint") -> LoadedModel:
+    """Rebuild the model of a checkpoint dict already in memory (see :func:`load_checkpoint`).
+
+    Args:
+        checkpoint: A ``{"state_dict", "config", "meta"}`` dict, such as one member of
+            :func:`handler.ensemble.split_members`.
+        device: Where to put the model.
+        name: What error messages call the checkpoint.
+
+    Raises:
+        ValueError: If the checkpoint's classes are not this service's classes.
+    """
     config, meta = checkpoint["config"], checkpoint["meta"]
     if tuple(config["classes"]) != CLASS_CODES:
-        raise ValueError(f"{path}: classes {config['classes']} differ from {list(CLASS_CODES)}")
+        raise ValueError(f"{name}: classes {config['classes']} differ from {list(CLASS_CODES)}")
     model = build_from_config(config)
     model.load_state_dict(unpack_state_dict(checkpoint["state_dict"]))
     model = model.to(device).eval().to(memory_format=torch.channels_last)

@@ -199,3 +199,53 @@ def test_torchscript_runner_traces_the_ensemble():
         features, logits = build_runner(ensemble, "torchscript", "fp32", 64)(x)
     assert torch.allclose(logits, eager_logits, atol=1e-4)
     assert torch.allclose(features, eager_features, atol=1e-4)
+
+
+@pytest.mark.data
+def test_compare_members_measures_each_combination_as_the_built_ensemble(member_files, tmp_path, samples_dir, monkeypatch):
+    import csv
+    import json
+
+    import numpy as np
+
+    from handler.evaluation import logits_for_files
+    from handler.labels import class_index
+    from scripts import compare_members
+
+    two = tmp_path / "two.pt"
+    ensemble_script.main(ensemble_script.get_args_parser().parse_args(
+        ["--members", *map(str, member_files), "--output", str(two), "--model-version", "2.0.0-test"]))
+    third = tmp_path / "member3.pt"
+    torch.save(member_checkpoint(3, version="0.3.0"), third)
+    rows = list(csv.DictReader(open(samples_dir / "metadata.csv")))
+    subset = tmp_path / "subset.json"
+    subset.write_text(json.dumps({"val_image_ids": [row["image_id"] for row in rows]}))
+    common = ["--members", str(two), str(third), "--images", str(samples_dir), "--labels", str(samples_dir / "metadata.csv"),
+              "--subset", str(subset), "--cache-dir", str(tmp_path / "cache"), "--repeats", "2"]
+    measured = compare_members.main(compare_members.get_args_parser().parse_args(common + ["--report", str(tmp_path / "r.json")]))
+    # The ensemble file's two members plus the single network: 7 combinations of 1-3 networks.
+    assert sorted(" + ".join(row["members"]) for row in measured) == sorted(
+        ["two[0]", "two[1]", "member3", "two[0] + two[1]", "two[0] + member3", "two[1] + member3", "two[0] + two[1] + member3"])
+    assert [row["mean"]["balanced_accuracy"] for row in measured] == sorted(
+        (row["mean"]["balanced_accuracy"] for row in measured), reverse=True)
+    assert json.loads((tmp_path / "r.json").read_text())["n_images"] == 70
+    # A combination reads exactly as the ensemble built from it (stored float16 weights included).
+    built = logits_for_files(load_checkpoint(two), [samples_dir / f"{row['image_id']}.jpg" for row in rows])
+    args = compare_members.get_args_parser().parse_args(common)
+    labels = np.array([class_index(row["dx"]) for row in rows])
+    direct = compare_members.measure_combination(built, labels, args)
+    pair = next(row for row in measured if row["members"] == ["two[0]", "two[1]"])
+    assert direct["referral_threshold"] == pair["referral_threshold"]
+    for key, value in direct["mean"].items():
+        assert value == pytest.approx(pair["mean"][key], abs=2e-3), key
+    # A rerun reads the cached logits instead of running the networks again.
+    monkeypatch.setattr(compare_members, "logits_for_files", lambda *a, **k: pytest.fail("logits recomputed"))
+    again = compare_members.main(compare_members.get_args_parser().parse_args(common + ["--min-size", "3"]))
+    assert again[0]["mean"] == next(row for row in measured if len(row["members"]) == 3)["mean"]
+    with pytest.raises(ValueError, match="3 distinct names"):
+        compare_members.main(compare_members.get_args_parser().parse_args(common + ["--names", "a", "b"]))
+    other_split = member_checkpoint(4)
+    other_split["meta"]["data"]["split"] = "seed 7"
+    torch.save(other_split, third)
+    with pytest.raises(ValueError, match="share one training/validation split"):
+        compare_members.main(compare_members.get_args_parser().parse_args(common))

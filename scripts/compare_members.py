@@ -1,0 +1,144 @@
+"""Compare every combination of trained networks as a calibrated logit-average ensemble, out of fold.
+
+Before building an ensemble (``scripts/ensemble.py``) and calibrating it (``scripts/calibrate.py``),
+this answers "which members?" the way the model card's "Which members" tables do. Each network's
+validation logits are computed once, through the serving decode and preprocessing, and cached.
+Then each combination's averaged logits are calibrated and measured out of fold over several
+fold partitions, at the referral threshold that keeps the target melanoma sensitivity. That is
+``calibrate.py``'s own measurement, so the chosen combination reads the same after calibration.
+An ensemble checkpoint, such as the released model, contributes its members as it stored them.
+
+Example:
+    python scripts/compare_members.py --members models/skin_lesion.pt runs/f/best.pt \
+        --images ../shared/data/ham10000-224/images --labels ../shared/data/ham10000-224/metadata.csv \
+        --subset models/provenance/val_split.json --cache-dir runs/logits --report runs/members.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import itertools
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from handler.data import attach_paths, read_labels  # noqa: E402
+from handler.ensemble import check_compatible_members, split_members  # noqa: E402
+from handler.evaluation import logits_for_files, referral_threshold_for_sensitivity  # noqa: E402
+from handler.model import ENSEMBLE_ARCH, model_from_checkpoint  # noqa: E402
+from scripts.calibrate import out_of_fold_probabilities, repeated_out_of_fold  # noqa: E402
+
+RUN_FILE_STEMS = ("best", "last", "best_weights")  # train.py's file names say nothing; their folder does
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    """Command-line options."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--members", nargs="+", required=True,
+                        help="network checkpoints; an ensemble checkpoint contributes each of its members")
+    parser.add_argument("--names", nargs="+", help="a short name per network (default: from the file names)")
+    parser.add_argument("--images", nargs="+", required=True, help="one or more image folders")
+    parser.add_argument("--labels", required=True, help="HAM10000 metadata or ISIC 2018 Task 3 ground-truth CSV")
+    parser.add_argument("--subset", required=True, help="the members' validation split: JSON with 'val_image_ids'")
+    parser.add_argument("--cache-dir", help="keep each network's validation logits here, keyed by file digest")
+    parser.add_argument("--min-size", type=int, default=1, help="smallest combination")
+    parser.add_argument("--max-size", type=int, default=0, help="largest combination (0: all networks)")
+    parser.add_argument("--target-sensitivity", type=float, default=0.85, help="melanoma sensitivity the referral flag keeps")
+    parser.add_argument("--folds", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=10, help="fold partitions (seeds --seed .. --seed+repeats-1)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--report", help="JSON file for every combination's figures")
+    return parser
+
+
+def load_networks(paths: list[str], names: list[str] | None) -> list[tuple[str, str, dict[str, Any]]]:
+    """``(name, cache key, checkpoint)`` for each network the files hold, ensembles split into members.
+
+    Raises:
+        ValueError: If ``names`` does not name each network once, or the networks cannot be
+            averaged together (:func:`handler.ensemble.check_compatible_members`).
+    """
+    networks = []
+    for path in paths:
+        digest = hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        stem = Path(path).parent.name if Path(path).stem in RUN_FILE_STEMS else Path(path).stem
+        if checkpoint["config"]["arch"] == ENSEMBLE_ARCH:
+            networks += [(f"{stem}[{index}]", f"{digest}-{index}", member)
+                         for index, member in enumerate(split_members(checkpoint))]
+        else:
+            networks.append((stem, digest, checkpoint))
+    if names is not None:
+        if len(names) != len(networks) or len(set(names)) != len(names):
+            raise ValueError(f"--names needs {len(networks)} distinct names, one per network "
+                             f"({', '.join(name for name, _, _ in networks)}), got {names}")
+        networks = [(name, key, checkpoint) for name, (_, key, checkpoint) in zip(names, networks)]
+    check_compatible_members([checkpoint for _, _, checkpoint in networks])
+    return networks
+
+
+def validation_logits(checkpoint: dict[str, Any], key: str, paths: list[str], image_ids: list[str],
+                      cache_dir: Path | None, batch_size: int) -> torch.Tensor:
+    """One network's (N, 7) validation logits, read from or written to the cache."""
+    subset = hashlib.sha256("\n".join(image_ids).encode()).hexdigest()[:16]
+    cached = cache_dir / f"{key}-{subset}.pt" if cache_dir is not None else None
+    if cached is not None and cached.exists():
+        return torch.load(cached, weights_only=True)["logits"]
+    logits = logits_for_files(model_from_checkpoint(checkpoint), paths, "none", batch_size)
+    if cached is not None:
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        torch.save({"logits": logits, "image_ids": image_ids}, cached)
+    return logits
+
+
+def measure_combination(logits: torch.Tensor, labels: np.ndarray, args: argparse.Namespace) -> dict[str, Any]:
+    """``calibrate.py``'s out-of-fold figures of one combination's averaged logits."""
+    probabilities, _ = out_of_fold_probabilities(logits, labels, args.folds, args.seed)
+    threshold = referral_threshold_for_sensitivity(probabilities, labels, args.target_sensitivity)
+    repeated = repeated_out_of_fold(logits, labels, args.folds, range(args.seed, args.seed + args.repeats), threshold)
+    return {"referral_threshold": threshold, **repeated}
+
+
+def main(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Measure every combination and print them, best balanced accuracy first."""
+    networks = load_networks(args.members, args.names)
+    wanted = set(json.loads(Path(args.subset).read_text())["val_image_ids"])
+    records = attach_paths([r for r in read_labels(args.labels) if r.image_id in wanted], args.images)
+    labels = np.array([r.label for r in records])
+    paths, image_ids = [r.path for r in records], [r.image_id for r in records]
+    cache_dir = Path(args.cache_dir) if args.cache_dir else None
+    logits = {}
+    for name, key, checkpoint in networks:
+        logits[name] = validation_logits(checkpoint, key, paths, image_ids, cache_dir, args.batch_size)
+        print(f"{name}: validation logits of {len(paths)} images", flush=True)
+    largest = args.max_size or len(networks)
+    rows = []
+    for size in range(max(args.min_size, 1), largest + 1):
+        for combination in itertools.combinations(logits, size):
+            averaged = torch.stack([logits[name] for name in combination]).mean(0)
+            rows.append({"members": list(combination), **measure_combination(averaged, labels, args)})
+    rows.sort(key=lambda row: -row["mean"]["balanced_accuracy"])
+    print(f"{len(rows)} combinations, {len(labels)} images, out of fold over {args.repeats} partitions of "
+          f"{args.folds} folds (mean ± sd); melanoma figures at the threshold keeping sensitivity {args.target_sensitivity}:")
+    print(f"{'members':<40}{'balanced acc.':>16}{'macro AUC':>11}{'ECE':>8}{'threshold':>11}{'mel sens/spec':>16}")
+    for row in rows:
+        mean, sd = row["mean"], row["sd"]
+        print(f"{' + '.join(row['members']):<40}{mean['balanced_accuracy']:>9.4f} ± {sd['balanced_accuracy']:.4f}"
+              f"{mean['macro_auc']:>11.4f}{mean['ece']:>8.4f}{row['referral_threshold']:>11.2f}"
+              f"{mean['melanoma_sensitivity']:>9.3f} / {mean['melanoma_specificity']:.3f}")
+    if args.report:
+        Path(args.report).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.report).write_text(json.dumps({"n_images": int(len(labels)), "combinations": rows}, indent=2))
+    return rows
+
+
+if __name__ == "__main__":
+    main(get_args_parser().parse_args())
