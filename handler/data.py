@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -82,6 +83,25 @@ def attach_paths(records: Sequence[LabelledImage], image_dirs: Sequence[str | os
         raise FileNotFoundError(f"{len(missing)} labelled images are missing from {list(map(str, image_dirs))}, "
                                 f"e.g. {missing[:5]}")
     return [LabelledImage(r.image_id, r.label, r.lesion_id, index[r.image_id]) for r in records]
+
+
+def read_labelled_images(labels_csv: str | os.PathLike, image_dirs: Sequence[str | os.PathLike],
+                         subset: str | os.PathLike | None = None) -> list[LabelledImage]:
+    """Labelled images with their files, optionally only those a split file names.
+
+    Args:
+        labels_csv: HAM10000 metadata or ISIC 2018 Task 3 ground truth (:func:`read_labels`).
+        image_dirs: Folders holding the images (:func:`attach_paths`).
+        subset: A JSON file with ``val_image_ids``, as ``scripts/train.py`` writes its split.
+
+    Raises:
+        FileNotFoundError: Naming the images that are in the labels but in no folder.
+    """
+    records = read_labels(labels_csv)
+    if subset is not None:
+        wanted = set(json.loads(Path(subset).read_text())["val_image_ids"])
+        records = [r for r in records if r.image_id in wanted]
+    return attach_paths(records, image_dirs)
 
 
 def lesion_grouped_split(records: Sequence[LabelledImage], val_fraction: float, seed: int) -> tuple[list[LabelledImage], list[LabelledImage]]:

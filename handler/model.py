@@ -274,8 +274,12 @@ def build_from_config(config: dict[str, Any]) -> nn.Module:
 
 def checkpoint_provenance(path: str | os.PathLike, meta: dict[str, Any]) -> str:
     """A line naming a checkpoint file, its version and its SHA-256 prefix, for a derived model's metadata."""
-    digest = hashlib.sha256(Path(path).read_bytes()).hexdigest()[:12]
-    return f"checkpoint {os.path.basename(path)} (version {meta.get('version')}, sha256 {digest})"
+    return f"checkpoint {os.path.basename(path)} (version {meta.get('version')}, sha256 {file_sha256(path)[:12]})"
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """The SHA-256 hex digest of a file's bytes: what names a checkpoint in provenance and caches."""
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def load_checkpoint(path: str | os.PathLike, device: torch.device | str = "cpu") -> LoadedModel:

@@ -41,7 +41,7 @@ from sklearn.model_selection import StratifiedKFold
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from handler.calibration import TTA_MODES, Calibration, fit_calibration  # noqa: E402
-from handler.data import attach_paths, read_labels  # noqa: E402
+from handler.data import read_labelled_images  # noqa: E402
 from handler.decision import decide  # noqa: E402
 from handler.evaluation import (bootstrap_intervals, classification_report, logits_for_files,  # noqa: E402
                                 referral_threshold_for_sensitivity)
@@ -131,8 +131,7 @@ def summarize(probabilities: np.ndarray, labels: np.ndarray, threshold: float | 
 
 def main(args: argparse.Namespace) -> dict[str, Any]:
     """Fit, measure, and write the recalibrated checkpoint."""
-    wanted = set(json.loads(Path(args.subset).read_text())["val_image_ids"])
-    records = attach_paths([r for r in read_labels(args.labels) if r.image_id in wanted], args.images)
+    records = read_labelled_images(args.labels, args.images, args.subset)
     labels = np.array([r.label for r in records])
     loaded = load_checkpoint(args.checkpoint)
     paths = [r.path for r in records]

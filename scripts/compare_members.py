@@ -29,10 +29,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from handler.data import attach_paths, read_labels  # noqa: E402
+from handler.data import read_labelled_images  # noqa: E402
 from handler.ensemble import check_compatible_members, split_members  # noqa: E402
 from handler.evaluation import logits_for_files, referral_threshold_for_sensitivity  # noqa: E402
-from handler.model import ENSEMBLE_ARCH, model_from_checkpoint  # noqa: E402
+from handler.model import ENSEMBLE_ARCH, file_sha256, model_from_checkpoint  # noqa: E402
 from scripts.calibrate import out_of_fold_probabilities, repeated_out_of_fold  # noqa: E402
 
 RUN_FILE_STEMS = ("best", "last", "best_weights")  # train.py's file names say nothing; their folder does
@@ -68,7 +68,7 @@ def load_networks(paths: list[str], names: list[str] | None) -> list[tuple[str, 
     """
     networks = []
     for path in paths:
-        digest = hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
+        digest = file_sha256(path)[:16]
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
         stem = Path(path).parent.name if Path(path).stem in RUN_FILE_STEMS else Path(path).stem
         if checkpoint["config"]["arch"] == ENSEMBLE_ARCH:
@@ -110,8 +110,7 @@ def measure_combination(logits: torch.Tensor, labels: np.ndarray, args: argparse
 def main(args: argparse.Namespace) -> list[dict[str, Any]]:
     """Measure every combination and print them, best balanced accuracy first."""
     networks = load_networks(args.members, args.names)
-    wanted = set(json.loads(Path(args.subset).read_text())["val_image_ids"])
-    records = attach_paths([r for r in read_labels(args.labels) if r.image_id in wanted], args.images)
+    records = read_labelled_images(args.labels, args.images, args.subset)
     labels = np.array([r.label for r in records])
     paths, image_ids = [r.path for r in records], [r.image_id for r in records]
     cache_dir = Path(args.cache_dir) if args.cache_dir else None

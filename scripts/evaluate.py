@@ -30,7 +30,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from handler.data import attach_paths, read_labels  # noqa: E402
+from handler.data import read_labelled_images  # noqa: E402
 from handler.calibration import TTA_MODES  # noqa: E402
 from handler.decision import DECISION_RULES, decide  # noqa: E402
 from handler.evaluation import (bootstrap_intervals, classification_report, format_report, logits_for_files,  # noqa: E402
@@ -67,11 +67,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def main(args: argparse.Namespace) -> dict[str, Any]:
     """Run the evaluation, write the metrics, predictions and figures, print a summary."""
-    records = read_labels(args.labels)
-    if args.subset:
-        wanted = set(json.loads(Path(args.subset).read_text())["val_image_ids"])
-        records = [r for r in records if r.image_id in wanted]
-    records = attach_paths(records, args.images)
+    records = read_labelled_images(args.labels, args.images, args.subset)
     settings = load_handler_settings(args.model_config)
     tta = args.tta or settings.tta
     rule = args.decision_rule or settings.decision_rule
