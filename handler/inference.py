@@ -31,6 +31,7 @@ NOTICE = ("Research and screening aid only, not a diagnosis. A dermatologist mus
           "a low-risk result does not rule out melanoma or skin cancer.")
 _TRUE = {"true", "1", "yes"}
 _FALSE = {"false", "0", "no", ""}
+_OPTION_FIELDS = frozenset({"gradcam", "target_class", "overlay_format"})
 
 
 @dataclass(frozen=True)
@@ -162,6 +163,8 @@ def parse_request(row: Mapping[str, Any], explain: bool = False, max_bytes: int 
     payload = row.get("data")
     if payload is None:
         payload = row.get("body")
+    if payload is None:
+        _refuse_misnamed_fields(row)
     if max_bytes is not None and isinstance(payload, (bytes, bytearray, str)) and len(payload) > max_bytes:
         raise PayloadTooLargeError(f"request body is {len(payload)} bytes; the limit is {max_bytes}")
     if isinstance(payload, str):
@@ -187,6 +190,16 @@ def parse_request(row: Mapping[str, Any], explain: bool = False, max_bytes: int 
     overlay_format = _parse_overlay_format(options.get("overlay_format"))
     gradcam = explain or _parse_flag(options.get("gradcam"), "gradcam") or target is not None
     return ParsedRequest(image, gradcam, target, overlay_format)
+
+
+def _refuse_misnamed_fields(row: Mapping[str, Any]) -> None:
+    # A multipart upload under another field name (curl -F file=@x.jpg) used to read as an
+    # empty body; naming the fields that did arrive tells the client what to rename.
+    fields = sorted(str(name) for name in row if name not in _OPTION_FIELDS)
+    if fields:
+        raise MissingImageError(
+            f"no image: multipart fields {fields} arrived, but the image must be the field named \"data\" "
+            "(curl -F data=@lesion.jpg) or the raw body (curl -T lesion.jpg)")
 
 
 def _decode_base64_image(payload: Mapping[str, Any]) -> bytes:

@@ -24,6 +24,8 @@ def test_raw_multipart_and_json_bodies(sample_jpeg):
 @pytest.mark.parametrize("row, error", [
     ({"body": b""}, EmptyBodyError),
     ({}, EmptyBodyError),
+    ({"gradcam": b"true"}, EmptyBodyError),
+    ({"file": b"\xff\xd8 a JPEG under another multipart name"}, MissingImageError),
     ({"body": b"{not json"}, MalformedJSONError),
     ({"body": {"picture": "abc"}}, MissingImageError),
     ({"body": {"image": "%%%not-base64%%%"}}, InvalidBase64Error),
@@ -32,6 +34,11 @@ def test_raw_multipart_and_json_bodies(sample_jpeg):
 def test_bad_bodies_raise_typed_errors(row, error):
     with pytest.raises(error):
         parse_request(row)
+
+
+def test_misnamed_multipart_field_is_named_in_the_error():
+    with pytest.raises(MissingImageError, match=r"\['file'\].*\"data\""):
+        parse_request({"file": b"\xff\xd8", "gradcam": b"true"})
 
 
 def test_format_prediction_contract():

@@ -59,8 +59,12 @@ def test_multipart_and_base64_json_match_raw_body(torchserve, samples_dir):
                       ).status_code  # an empty JSON request is a client error
     encoded = requests.post(f"{torchserve.url('inference')}/predictions/{MODEL}", json={"image": base64.b64encode(image).decode()},
                             headers=torchserve.headers("inference"), timeout=60).json()
+    misnamed = requests.post(f"{torchserve.url('inference')}/predictions/{MODEL}", files={"file": ("x.jpg", image, "image/jpeg")},
+                             headers=torchserve.headers("inference"), timeout=60)
     assert raw == multipart == encoded
     assert 400 <= as_json < 500
+    assert misnamed.status_code == 400 and misnamed.json()["error"]["code"] == "missing_image"
+    assert "['file']" in misnamed.json()["error"]["message"]
 
 
 def test_served_probabilities_equal_in_process_handler_code(torchserve, samples_dir):
