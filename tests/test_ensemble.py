@@ -2,6 +2,7 @@
 
 import base64
 
+import numpy as np
 import pytest
 import torch
 
@@ -221,8 +222,14 @@ def test_compare_members_measures_each_combination_as_the_built_ensemble(member_
     subset = tmp_path / "subset.json"
     subset.write_text(json.dumps({"val_image_ids": [row["image_id"] for row in rows]}))
     common = ["--members", str(two), str(third), "--images", str(samples_dir), "--labels", str(samples_dir / "metadata.csv"),
-              "--subset", str(subset), "--cache-dir", str(tmp_path / "cache"), "--repeats", "2"]
-    measured = compare_members.main(compare_members.get_args_parser().parse_args(common + ["--report", str(tmp_path / "r.json")]))
+              "--subset", str(subset), "--cache-dir", str(tmp_path / "cache"), "--repeats", "2",
+              "--nested-repeats", "0"]
+    report = compare_members.main(compare_members.get_args_parser().parse_args(
+        common + ["--report", str(tmp_path / "r.json"), "--nested-repeats", "1"]))
+    measured = report["combinations"]
+    # Each of the 5 outer folds picked one of the 7 combinations.
+    assert sum(report["selection_aware"]["picks"].values()) == 5
+    assert 0.0 <= report["selection_aware"]["mean"] <= 1.0
     # The ensemble file's two members plus the single network: 7 combinations of 1-3 networks.
     assert sorted(" + ".join(row["members"]) for row in measured) == sorted(
         ["two[0]", "two[1]", "member3", "two[0] + two[1]", "two[0] + member3", "two[1] + member3", "two[0] + two[1] + member3"])
@@ -240,7 +247,7 @@ def test_compare_members_measures_each_combination_as_the_built_ensemble(member_
         assert value == pytest.approx(pair["mean"][key], abs=2e-3), key
     # A rerun reads the cached logits instead of running the networks again.
     monkeypatch.setattr(compare_members, "logits_for_files", lambda *a, **k: pytest.fail("logits recomputed"))
-    again = compare_members.main(compare_members.get_args_parser().parse_args(common + ["--min-size", "3"]))
+    again = compare_members.main(compare_members.get_args_parser().parse_args(common + ["--min-size", "3"]))["combinations"]
     assert again[0]["mean"] == next(row for row in measured if len(row["members"]) == 3)["mean"]
     with pytest.raises(ValueError, match="3 distinct names"):
         compare_members.main(compare_members.get_args_parser().parse_args(common + ["--names", "a", "b"]))
@@ -249,3 +256,34 @@ def test_compare_members_measures_each_combination_as_the_built_ensemble(member_
     torch.save(other_split, third)
     with pytest.raises(ValueError, match="share one training/validation split"):
         compare_members.main(compare_members.get_args_parser().parse_args(common))
+
+
+def test_selection_aware_figure_removes_the_winners_luck():
+    from sklearn.metrics import balanced_accuracy_score
+    from sklearn.model_selection import StratifiedKFold
+
+    from scripts.calibrate import out_of_fold_probabilities
+    from scripts.compare_members import selection_aware_balanced_accuracy
+
+    folds, labels = 3, np.repeat(np.arange(7), 15)
+    generator = np.random.default_rng(0)
+    onehot = np.eye(7)[labels]
+    steady = torch.as_tensor(onehot + generator.normal(size=onehot.shape), dtype=torch.float32)
+    # "lucky k" is perfect on every image except outer fold k's, where it guesses: the inner
+    # contest for fold k always crowns it, and it always fails on the images it is then judged on.
+    outer = list(StratifiedKFold(folds, shuffle=True, random_state=0).split(np.zeros(len(labels)), labels))
+    contest = {("steady",): steady}
+    for k, (_, unseen) in enumerate(outer):
+        lucky = 6.0 * onehot
+        lucky[unseen] = 6.0 * generator.normal(size=(len(unseen), 7))
+        contest[(f"lucky{k}",)] = torch.as_tensor(lucky, dtype=torch.float32)
+    own = {name: balanced_accuracy_score(labels, out_of_fold_probabilities(logits, labels, folds, 0)[1])
+           for name, logits in contest.items()}
+    assert min(own[(f"lucky{k}",)] for k in range(folds)) > own[("steady",)] + 0.1
+    nested = selection_aware_balanced_accuracy(contest, labels, folds, range(1))
+    assert nested["picks"] == {f"lucky{k}": 1 for k in range(folds)}
+    assert nested["mean"] < 1 / 7 + 0.1
+    # Without the lucky ones, the steady network is picked and keeps its own accuracy.
+    alone = selection_aware_balanced_accuracy({("steady",): steady}, labels, folds, range(1))
+    assert alone["picks"] == {"steady": folds}
+    assert alone["mean"] == pytest.approx(own[("steady",)], abs=0.05)
