@@ -31,6 +31,7 @@ import json
 import shlex
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -72,6 +73,24 @@ def get_args_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def fold_partition(labels: np.ndarray, folds: int, seed: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """The seeded, class-stratified ``(fit_rows, score_rows)`` pairs of one fold partition."""
+    return StratifiedKFold(folds, shuffle=True, random_state=seed).split(np.zeros(len(labels)), labels)
+
+
+def calibrated_elsewhere(fit_logits: torch.Tensor, fit_labels: np.ndarray,
+                         score_logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Probabilities and balanced-rule calls for images whose calibration was fitted on others.
+
+    Returns:
+        The calibrated (M, K) probabilities of ``score_logits`` and their (M,) balanced-rule
+        calls, made with the class prior fitted on ``fit_labels``.
+    """
+    calibration = fit_calibration(fit_logits, torch.as_tensor(fit_labels))
+    probabilities = calibration.apply(score_logits)
+    return probabilities, decide(probabilities, "balanced", calibration.class_prior)
+
+
 def out_of_fold_probabilities(logits: torch.Tensor, labels: np.ndarray, folds: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Calibrated probabilities where each image's calibration was fitted without it.
 
@@ -81,12 +100,10 @@ def out_of_fold_probabilities(logits: torch.Tensor, labels: np.ndarray, folds: i
     """
     probabilities = np.zeros(tuple(logits.shape), dtype=np.float32)
     balanced_calls = np.zeros(len(labels), dtype=np.int64)
-    splitter = StratifiedKFold(folds, shuffle=True, random_state=seed)
-    for fit_rows, score_rows in splitter.split(np.zeros(len(labels)), labels):
-        calibration = fit_calibration(logits[fit_rows], torch.as_tensor(labels[fit_rows]))
-        fold_probabilities = calibration.apply(logits[score_rows])
+    for fit_rows, score_rows in fold_partition(labels, folds, seed):
+        fold_probabilities, fold_calls = calibrated_elsewhere(logits[fit_rows], labels[fit_rows], logits[score_rows])
         probabilities[score_rows] = fold_probabilities.numpy()
-        balanced_calls[score_rows] = decide(fold_probabilities, "balanced", calibration.class_prior).numpy()
+        balanced_calls[score_rows] = fold_calls.numpy()
     return probabilities, balanced_calls
 
 

@@ -33,17 +33,15 @@ from typing import Any
 import numpy as np
 import torch
 from sklearn.metrics import balanced_accuracy_score
-from sklearn.model_selection import StratifiedKFold
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from handler.calibration import fit_calibration  # noqa: E402
 from handler.data import read_labelled_images  # noqa: E402
-from handler.decision import decide  # noqa: E402
 from handler.ensemble import check_compatible_members, split_members  # noqa: E402
 from handler.evaluation import logits_for_files, referral_threshold_for_sensitivity  # noqa: E402
 from handler.model import ENSEMBLE_ARCH, file_sha256, model_from_checkpoint  # noqa: E402
-from scripts.calibrate import out_of_fold_probabilities, repeated_out_of_fold  # noqa: E402
+from scripts.calibrate import (  # noqa: E402
+    calibrated_elsewhere, fold_partition, out_of_fold_probabilities, repeated_out_of_fold)
 
 RUN_FILE_STEMS = ("best", "last", "best_weights")  # train.py's file names say nothing; their folder does
 
@@ -140,16 +138,14 @@ def selection_aware_balanced_accuracy(averaged: dict[tuple[str, ...], torch.Tens
     scores, picks = [], collections.Counter()
     for seed in seeds:
         calls = np.zeros(len(labels), dtype=np.int64)
-        splitter = StratifiedKFold(folds, shuffle=True, random_state=seed)
-        for fit_rows, score_rows in splitter.split(np.zeros(len(labels)), labels):
+        for fit_rows, score_rows in fold_partition(labels, folds, seed):
             inner = {combination: balanced_accuracy_score(
                          labels[fit_rows], out_of_fold_probabilities(logits[fit_rows], labels[fit_rows], folds, seed)[1])
                      for combination, logits in averaged.items()}
             picked = max(inner, key=inner.get)
             picks[" + ".join(picked)] += 1
-            calibration = fit_calibration(averaged[picked][fit_rows], torch.as_tensor(labels[fit_rows]))
-            calls[score_rows] = decide(calibration.apply(averaged[picked][score_rows]), "balanced",
-                                       calibration.class_prior).numpy()
+            _, fold_calls = calibrated_elsewhere(averaged[picked][fit_rows], labels[fit_rows], averaged[picked][score_rows])
+            calls[score_rows] = fold_calls.numpy()
         scores.append(balanced_accuracy_score(labels, calls))
     return {"repeats": len(seeds), "folds": folds, "mean": float(np.mean(scores)), "sd": float(np.std(scores)),
             "picks": dict(picks.most_common())}
