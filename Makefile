@@ -4,6 +4,9 @@ PYTHON ?= python3.11
 VENV := .venv
 PY := $(VENV)/bin/python
 DATA ?= ../shared/data/ham10000-224
+# The same lesions at their true 4:3 shape (all 10,015 images): how requests are shaped.
+DATA_43 ?= ../shared/data/ham10000-200x150
+OOD ?= ../shared/data/ood-imagenet/images
 RUN_DIR ?= run
 RUN ?= runs/train
 IMAGE ?= ../shared/data/samples-600x450/ISIC_0024354.jpg
@@ -23,19 +26,25 @@ MEMBERS ?=
 STORAGE ?= float16
 PYTEST_ARGS ?=
 DEMO_ARGS ?=
+REPLICAS ?= 3
+ARCHIVE ?= model_store/skin_lesion.mar
+CLUSTER_DIR ?= $(RUN_DIR)/cluster
 
-.PHONY: help install java train compare ensemble calibrate evaluate archive serve stop status release rollout rollback predict explain bench soak demo test clean
+.PHONY: fit-gate evaluate-ood help install java train compare ensemble calibrate evaluate archive serve stop status release rollout rollback predict explain bench soak demo test clean kserve-bundle cluster-up cluster-down cluster-rollout
 
 help:
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | sort
 
 # requirements-demo.txt goes in with --no-deps: gradio declares pillow<13, so that file pins
 # gradio's whole dependency closure itself, next to the project's pillow pin.
-$(VENV)/.installed: requirements.txt requirements-dev.txt requirements-demo.txt
+# The project itself goes in editable (pyproject.toml) so that scripts, tests, the demo and the
+# notebook import handler/, lab/ and ops/ as packages, without any sys.path edits.
+$(VENV)/.installed: requirements.txt requirements-dev.txt requirements-demo.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -r requirements-dev.txt
 	$(PY) -m pip install --quiet --no-deps -r requirements-demo.txt
+	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
 	touch $@
 
 install: $(VENV)/.installed java ## Virtual environment with pinned packages, plus Java 17
@@ -62,17 +71,26 @@ ensemble: install ## Average trained checkpoints into $(or $(CHECKPOINT),runs/en
 evaluate: install ## Evaluate like the service answers: make evaluate IMAGES=dir LABELS=csv OUT=dir [CHECKPOINT=file] [EVAL_ARGS=...]
 	$(PY) scripts/evaluate.py --images $(IMAGES) --labels $(LABELS) --out $(OUT) $(if $(CHECKPOINT),--checkpoint $(CHECKPOINT)) $(EVAL_ARGS)
 
+evaluate-ood: install ## Input gate on a folder of non-dermoscopic images: refusal rate, and AUROC against the validation dermoscopy at 4:3 (make evaluate-ood OOD=dir [CHECKPOINT=file])
+	$(PY) scripts/evaluate.py --images $(DATA_43)/images --labels $(DATA_43)/metadata.csv --subset models/provenance/val_split.json \
+	  --out $(OUT)-ood --bootstrap 0 --ood $(OOD) $(if $(CHECKPOINT),--checkpoint $(CHECKPOINT)) $(EVAL_ARGS)
+
 calibrate: install ## Refit calibrations and the referral operating point of $(or $(CHECKPOINT),models/skin_lesion.pt) on the validation split (report: models/provenance/calibration.json, or CHECKPOINT's name + -calibration.json)
 	$(PY) scripts/calibrate.py --checkpoint $(or $(CHECKPOINT),models/skin_lesion.pt) --output $(or $(CHECKPOINT),models/skin_lesion.pt) \
 	  --images $(DATA)/images --labels $(DATA)/metadata.csv --subset models/provenance/val_split.json \
 	  --report $(if $(CHECKPOINT),$(basename $(CHECKPOINT))-calibration.json,models/provenance/calibration.json) $(CALIBRATE_ARGS)
 
-model_store/skin_lesion.mar: models/skin_lesion.pt config/model-config.yaml $(wildcard handler/*.py) scripts/package.py | $(VENV)/.installed
+fit-gate: install ## Fit and measure the out-of-distribution gate, store it in $(or $(CHECKPOINT),models/skin_lesion.pt) (report: docs/ood_gate_report.json) [VERSION=x.y]
+	nice -n 10 $(PY) -m scripts.fit_input_gate --checkpoint $(or $(CHECKPOINT),models/skin_lesion.pt) \
+	  --write-into $(or $(CHECKPOINT),models/skin_lesion.pt) $(if $(VERSION),--model-version $(VERSION)) \
+	  --output runs/ood/input_gate.pt --report docs/ood_gate_report.json --histogram docs/ood_gate_histogram.png
+
+model_store/skin_lesion.mar: models/skin_lesion.pt config/model-config.yaml $(wildcard handler/*.py) ops/archive.py scripts/package.py | $(VENV)/.installed
 	$(PY) scripts/package.py
 
 archive: install model_store/skin_lesion.mar ## Build model_store/skin_lesion.mar
 
-serve: install model_store/skin_lesion.mar ## Start TorchServe on 127.0.0.1 and wait until the model is READY
+serve: install model_store/skin_lesion.mar ## Start TorchServe on 127.0.0.1 (with the rolled-out default and its predecessor, if any) and wait until READY
 	$(PY) scripts/serve.py start --run-dir $(RUN_DIR)
 
 stop: ## Stop the TorchServe started by `make serve`
@@ -84,7 +102,7 @@ status: ## Versions, default version, workers and health of the running server
 release: install ## Archive model_store/skin_lesion_vVERSION.mar: make release VERSION=x.y [CHECKPOINT=...]
 	$(PY) scripts/rollout.py release --version "$(VERSION)" $(if $(CHECKPOINT),--checkpoint $(CHECKPOINT))
 
-rollout: ## Register VERSION next to the default, smoke-test it, then make it the default: make rollout VERSION=x.y
+rollout: ## Register VERSION next to the default, smoke-test it, make it the default, unload older ones: make rollout VERSION=x.y
 	$(PY) scripts/rollout.py rollout --run-dir $(RUN_DIR) --version "$(VERSION)"
 
 rollback: ## Make the previous default the default again
@@ -93,8 +111,8 @@ rollback: ## Make the previous default the default again
 predict: ## Send one image to the running server: make predict IMAGE=path.jpg
 	$(PY) scripts/serve.py predict --run-dir $(RUN_DIR) --image $(IMAGE)
 
-explain: install ## Grad-CAM panels for IMAGE (space-separated list) into OUT_EXPLAIN [TARGET=mel]
-	$(PY) scripts/explain.py $(IMAGE) --out $(OUT_EXPLAIN) $(if $(TARGET),--target-class $(TARGET))
+explain: install ## Grad-CAM panels for IMAGE (space-separated list) into OUT_EXPLAIN, answered as the service answers [TARGET=mel] [CHECKPOINT=file]
+	$(PY) scripts/explain.py $(IMAGE) --out $(OUT_EXPLAIN) $(if $(TARGET),--target-class $(TARGET)) $(if $(CHECKPOINT),--checkpoint $(CHECKPOINT))
 
 bench: install ## Benchmarks through real TorchServe (concurrency sweep, in-process limit, unbatched, Grad-CAM) into runs/bench and docs/PERFORMANCE.md [BENCH_ARGS=--quick]
 	$(PY) scripts/bench.py $(BENCH_ARGS)
@@ -102,8 +120,20 @@ bench: install ## Benchmarks through real TorchServe (concurrency sweep, in-proc
 soak: install model_store/skin_lesion.mar ## 10-minute soak at 80 % of measured peak (uses the running server, or starts one)
 	$(PY) scripts/soak.py --run-dir $(RUN_DIR) $(SOAK_ARGS)
 
-demo: install model_store/skin_lesion.mar ## Gradio demo on http://127.0.0.1:7860 (uses the running server, or starts one) [DEMO_ARGS=--local]
+demo: install model_store/skin_lesion.mar ## Gradio demo on http://127.0.0.1:7860 (uses the running server, or starts one) [DEMO_ARGS="--local" or "--share --auth @FILE"]
 	$(PY) app.py --run-dir $(RUN_DIR) $(DEMO_ARGS)
+
+kserve-bundle: install model_store/skin_lesion.mar ## KServe storage layout (config/config.properties + model-store/skin_lesion.mar) in runs/kserve-bundle [ARCHIVE=model_store/skin_lesion_vX.mar]
+	$(PY) scripts/kserve_bundle.py --archive $(ARCHIVE) --out runs/kserve-bundle
+
+cluster-up: install model_store/skin_lesion.mar ## REPLICAS TorchServe replicas behind HAProxy on 127.0.0.1:8090, one bearer token (run/cluster/cluster.json) [REPLICAS=3]
+	$(PY) scripts/cluster.py up --cluster-dir $(CLUSTER_DIR) --replicas $(REPLICAS)
+
+cluster-down: ## Stop the replicas, HAProxy and the supervisor started by `make cluster-up`, by pid
+	@if [ -x $(PY) ]; then $(PY) scripts/cluster.py down --cluster-dir $(CLUSTER_DIR); else echo "nothing installed, nothing to stop"; fi
+
+cluster-rollout: ## Roll VERSION out replica by replica with the rollout smoke gate; a failure leaves every replica on the old one: make cluster-rollout VERSION=x.y
+	$(PY) scripts/cluster.py rollout --cluster-dir $(CLUSTER_DIR) --version "$(VERSION)"
 
 test: install ## Unit and integration tests (real TorchServe on free 127.0.0.1 ports)
 	$(PY) -m pytest $(PYTEST_ARGS)

@@ -2,8 +2,10 @@
 
 Both backends send the same request (``{"image": <base64>, "gradcam": true, "target_class": ...}``)
 and return the same response body, so the page cannot tell them apart. Every failure a
-person can cause or meet (a bad image, a server that is down, a stale token) becomes a
-:class:`DemoError` whose message is meant to be shown on the page as it is.
+person can cause or meet (a bad image, an image that is not dermoscopy, a server that is down)
+becomes a :class:`DemoError` whose message is meant to be shown on the page as it is; an image
+the model's input gate refuses is an :class:`OutOfDistribution`, with its score. Tokens are the
+server's (read from its run folder, renewed when they expire: :class:`ops.client.ServiceClient`).
 """
 
 from __future__ import annotations
@@ -15,28 +17,41 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import requests
-import torch
 
-from handler.inference import HandlerSettings, handle_batch, load_handler_settings  # noqa: F401 (re-exported for app and notebook)
-from handler.model import LoadedModel, load_checkpoint
+from handler.checkpoint import LoadedModel, load_checkpoint, read_checkpoint
+from handler.inference import handle_batch
 from handler.preprocessing import PreprocessConfig
-from scripts import package, serve
+from handler.settings import HandlerSettings
+from ops.archive import ArchiveSpec, ReleaseCheckError, build_archive
+from ops.client import ServiceClient
+from ops.paths import CHECKPOINT, MODEL_CONFIG, MODEL_NAME, MODEL_STORE, SERVER_CONFIG
+from ops.rollout import RolloutError, start_serving
+from ops.torchserve import Server
 
 logger = logging.getLogger(__name__)
 
-ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_URL = "http://127.0.0.1:8080"
-DEFAULT_RUN_DIR = ROOT / "run"
-DEFAULT_CHECKPOINT = ROOT / "models" / "skin_lesion.pt"
-DEFAULT_MODEL_CONFIG = ROOT / "config" / "model-config.yaml"
-DEFAULT_MODEL_STORE = ROOT / "model_store"
-DEFAULT_SERVER_CONFIG = ROOT / "config" / "config.properties"
 REQUEST_TIMEOUT_S = 60.0
 PROBE_TIMEOUT_S = 3.0
+OUT_OF_DISTRIBUTION = "out_of_distribution"
 
 
 class DemoError(Exception):
     """A failure explained in words a person using the demo can act on."""
+
+
+class OutOfDistribution(DemoError):
+    """The model's input gate judged the image not to be a dermoscopic photo of a skin lesion (HTTP 422).
+
+    Attributes:
+        score: The gate's out-of-distribution score (higher = less like dermoscopy), or None.
+        threshold: The score above which images are refused, or None.
+    """
+
+    def __init__(self, message: str, score: float | None, threshold: float | None) -> None:
+        super().__init__(message)
+        self.score = score
+        self.threshold = threshold
 
 
 class Backend(Protocol):
@@ -68,18 +83,28 @@ def error_message(status: int, body: Any, text: str) -> str:
     if isinstance(body, dict) and isinstance(body.get("error"), dict):
         error = body["error"]
         return f"The server says: {error.get('message')} ({error.get('code')}, HTTP {status})."
-    if status in (401, 403):
-        return (f"TorchServe refused the demo's token (HTTP {status}). The token is read from the run folder's "
-                "key_file.json; pass --run-dir of the server you are talking to.")
+    if status in (401, 403) or (status == 400 and "token" in text.lower()):
+        return (f"TorchServe refused the demo's token (HTTP {status}), even after renewing it. The token is read from "
+                "the run folder's key_file.json; pass --run-dir of the server you are talking to.")
     if status == 413 and not text.strip():
         return "The image is larger than the server accepts (HTTP 413)."
     detail = body.get("message") if isinstance(body, dict) and body.get("message") else text.strip()[:300]
     return f"TorchServe answered HTTP {status}: {detail or 'no details given'}."
 
 
+def refusal(status: int, body: Any, text: str) -> DemoError:
+    """The error to raise for a non-200 answer: :class:`OutOfDistribution` for the input gate's 422, else :class:`DemoError`."""
+    error = body.get("error") if isinstance(body, dict) else None
+    if status == 422 and isinstance(error, dict) and error.get("code") == OUT_OF_DISTRIBUTION:
+        score, threshold = error.get("score"), error.get("threshold")
+        return OutOfDistribution(str(error.get("message") or "out of distribution"),
+                                 None if score is None else float(score), None if threshold is None else float(threshold))
+    return DemoError(error_message(status, body, text))
+
+
 @dataclass
 class RemoteBackend:
-    """A client of a running TorchServe; the token is re-read from the run folder for every request.
+    """A client of a running TorchServe; the token comes from the run folder and is renewed when it expires.
 
     Attributes:
         url: Base URL of the inference API, e.g. ``http://127.0.0.1:8080``.
@@ -87,7 +112,11 @@ class RemoteBackend:
     """
 
     url: str
-    server: serve.Server
+    server: Server
+    client: ServiceClient = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.client = ServiceClient(self.server, inference_url=self.url, timeout=REQUEST_TIMEOUT_S)
 
     @property
     def description(self) -> str:
@@ -98,13 +127,12 @@ class RemoteBackend:
         """Send one image to ``/predictions/skin_lesion``.
 
         Raises:
+            OutOfDistribution: If the input gate refuses the image.
             DemoError: If the server is unreachable, slow, refuses the token or the image.
         """
-        endpoint = f"{self.url}/predictions/{serve.MODEL_NAME}"
+        endpoint = f"{self.url}/predictions/{MODEL_NAME}"
         try:
-            # Tokens expire (token_expiration_min); the key file always holds the current one.
-            response = requests.post(endpoint, json=prediction_request(image, target_class),
-                                     headers=self.server.headers("inference"), timeout=REQUEST_TIMEOUT_S)
+            response = self.client.predict(json=prediction_request(image, target_class))
         except requests.ConnectionError as exc:
             logger.warning("TorchServe unreachable at %s: %s", endpoint, exc)
             raise DemoError(f"TorchServe is not answering at {self.url}. Start it with `make serve` "
@@ -118,9 +146,9 @@ class RemoteBackend:
         except ValueError:
             body = None
         if response.status_code != 200 or not isinstance(body, dict):
-            message = error_message(response.status_code, body, response.text)
-            logger.warning("prediction failed: %s", message)
-            raise DemoError(message)
+            error = refusal(response.status_code, body, response.text)
+            logger.warning("prediction refused: %s", error)
+            raise error
         return body
 
 
@@ -149,36 +177,37 @@ class LocalBackend:
         """Run one image through the handler code.
 
         Raises:
+            OutOfDistribution: If the input gate refuses the image (the server's 422).
             DemoError: If the handler refuses the image (the same 4xx the server would send).
         """
         response = handle_batch(self.loaded, self.settings, [{"body": prediction_request(image, target_class)}],
                                 self.loaded.version)[0]
+        body = response.to_json()
         if response.status != 200:
-            message = error_message(response.status, response.body, "")
-            logger.warning("prediction failed: %s", message)
-            raise DemoError(message)
-        return response.body
+            error = refusal(response.status, body, "")
+            logger.warning("prediction refused: %s", error)
+            raise error
+        return body
 
 
 def load_preprocess(checkpoint: Path) -> PreprocessConfig:
     """The preprocessing stored in a checkpoint's metadata, without building the model."""
-    meta = torch.load(checkpoint, map_location="cpu", weights_only=True)["meta"]
-    return PreprocessConfig.from_dict(meta["preprocessing"])
+    return read_checkpoint(checkpoint).meta.preprocessing
 
 
-def server_answers(url: str, headers: dict[str, str]) -> bool:
-    """Whether anything answers HTTP at ``url``'s ``/ping`` (whatever the status: 401 and 500 are answers too)."""
+def server_answers(client: ServiceClient) -> bool:
+    """Whether anything answers HTTP at the inference API's ``/ping`` (whatever the status: 401 and 500 are answers too)."""
     try:
-        requests.get(f"{url}/ping", headers=headers, timeout=PROBE_TIMEOUT_S)
+        client.ping(timeout=PROBE_TIMEOUT_S)
     except (requests.ConnectionError, requests.Timeout) as exc:
-        logger.info("no server answers at %s (%s)", url, exc.__class__.__name__)
+        logger.info("no server answers at %s (%s)", client.base_url("inference"), exc.__class__.__name__)
         return False
     return True
 
 
-def connect(url: str, run_dir: Path, model_store: Path = DEFAULT_MODEL_STORE, server_config: Path = DEFAULT_SERVER_CONFIG,
+def connect(url: str, run_dir: Path, model_store: Path = MODEL_STORE, server_config: Path = SERVER_CONFIG,
             start_if_down: bool = True, overrides: dict[str, str] | None = None,
-            timeout: float = 240.0) -> tuple[RemoteBackend, serve.Server | None]:
+            timeout: float = 240.0) -> tuple[RemoteBackend, Server | None]:
     """A backend for the TorchServe at ``url``, starting one from ``run_dir`` (as ``make serve`` does) if none answers.
 
     Args:
@@ -196,24 +225,27 @@ def connect(url: str, run_dir: Path, model_store: Path = DEFAULT_MODEL_STORE, se
     Raises:
         DemoError: If no server answers and none could be started.
     """
-    server = serve.Server(run_dir.resolve())
-    if server_answers(url, server.headers("inference")):
-        return RemoteBackend(url, server), None
+    server = Server(run_dir.resolve())
+    backend = RemoteBackend(url, server)
+    if server_answers(backend.client):
+        return backend, None
     if not start_if_down:
         raise DemoError(f"no TorchServe answers at {url}; start it with `make serve`, or run the demo with --local")
     if server.is_running():
         raise DemoError(f"a TorchServe from {run_dir} is running (pid {server.launcher_pid}) but does not answer at "
                         f"{url}; check `make status` and the --url option")
-    archive = model_store / f"{serve.MODEL_NAME}.mar"
+    archive = model_store / f"{MODEL_NAME}.mar"
     if not archive.exists():
         logger.info("no %s yet: building it as `make archive` does", archive)
-        package.main(package.get_args_parser().parse_args(["--export-path", str(model_store)]))
+        try:
+            build_archive(ArchiveSpec(CHECKPOINT, MODEL_CONFIG, model_store))
+        except ReleaseCheckError as exc:
+            raise DemoError(f"cannot build {archive}: {exc}") from exc
     logger.info("no server answers at %s: starting TorchServe from %s", url, server.run_dir)
-    serve.start(server.run_dir, model_store, server_config, {"inference_address": url, **(overrides or {})})
     try:
-        serve.wait_ready(server, timeout=timeout)
-    except (RuntimeError, TimeoutError) as exc:
-        serve.stop(server)
+        start_serving(server.run_dir, model_store, server_config, {"inference_address": url, **(overrides or {})},
+                      timeout=timeout)
+    except (RolloutError, RuntimeError, TimeoutError) as exc:
         logger.error("TorchServe did not start: %s", exc)
         raise DemoError(f"TorchServe did not start: {str(exc).splitlines()[0]} (logs in {server.run_dir / 'logs'})") from exc
-    return RemoteBackend(url, server), server
+    return backend, server

@@ -1,4 +1,5 @@
-"""What the demo page shows for one response: the probability chart, the summary and the Grad-CAM overlay."""
+"""What the demo page shows for one response: the probability chart, the summary and the Grad-CAM overlay,
+or a readable refusal (a bad image, or an image that does not look like dermoscopy)."""
 
 from __future__ import annotations
 
@@ -12,13 +13,16 @@ import numpy as np
 from matplotlib.figure import Figure
 from PIL import Image
 
-from handler.inference import NOTICE, HandlerSettings
 from handler.labels import CLASS_CODES, Risk, lesion_class
 from handler.overlay import model_view_box, render_overlay
 from handler.preprocessing import PreprocessConfig
+from handler.responses import NOTICE
+from handler.settings import HandlerSettings
 
 # Colour plus the written level, so the risk never depends on colour vision alone.
 RISK_COLOURS = {Risk.LOW.value: "#2e7d32", Risk.MEDIUM.value: "#ef6c00", Risk.HIGH.value: "#c62828"}
+# An answer the server marks as not judged (an image outside what the model knows, sent anyway).
+UNKNOWN_RISK_COLOUR = "#616161"
 
 
 def class_choices() -> list[tuple[str, str]]:
@@ -83,7 +87,7 @@ def summary_html(body: dict[str, Any], source: str) -> str:
         source: Where the prediction came from (TorchServe URL or in-process), shown with the version.
     """
     risk = body["risk"]
-    colour = RISK_COLOURS[risk]
+    colour = RISK_COLOURS.get(risk, UNKNOWN_RISK_COLOUR)
     malignant = 100.0 * body["malignant_probability"]
     threshold = 100.0 * body["referral"]["threshold"]
     most_probable = body.get("most_probable", body["prediction"])  # archives before 1.1.0 do not send it
@@ -135,6 +139,27 @@ def error_html(message: str) -> str:
     """A readable error box for the page."""
     return (f'<div id="error" role="alert" style="border:2px solid #b71c1c;background:#ffebee;color:#b71c1c;'
             f'padding:8px 12px;border-radius:6px"><b>Could not analyse the image.</b> {html.escape(message)}</div>')
+
+
+def out_of_distribution_html(score: float | None, threshold: float | None) -> str:
+    """The page's answer for an image the model's input gate refused: what it means and what to do, no probabilities.
+
+    Args:
+        score: The gate's out-of-distribution score (higher = less like dermoscopy), or None.
+        threshold: The score above which the gate refuses, or None.
+    """
+    if score is not None and threshold is not None:
+        measured = (f" Its out-of-distribution score is <b>{score:.3g}</b>, above the {threshold:.3g} that dermoscopic "
+                    "images of skin lesions stay under.")
+    elif score is not None:
+        measured = f" Its out-of-distribution score is <b>{score:.3g}</b>."
+    else:
+        measured = ""
+    return (f'<div id="out-of-distribution" role="alert" style="border:2px solid #616161;background:#f5f5f5;color:#212121;'
+            f'padding:10px 14px;border-radius:6px;font-size:15px"><b>This does not look like a dermoscopic image of a '
+            f'skin lesion</b>, so the model gives no answer for it: its classes and probabilities would mean nothing '
+            f'for this picture.{measured} Upload a dermoscopic photograph (taken through a dermatoscope) of one skin '
+            f'lesion.</div>')
 
 
 @dataclass(frozen=True)

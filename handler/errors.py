@@ -1,4 +1,7 @@
-"""Typed client errors and the single place where they become HTTP status codes."""
+"""Typed request errors: each class carries its HTTP status and error code, the one mapping.
+
+:func:`handler.responses.error_response` turns any of them into a response.
+"""
 
 from __future__ import annotations
 
@@ -6,10 +9,19 @@ from http import HTTPStatus
 
 
 class RequestError(Exception):
-    """A problem with one request that the client can fix. Never kills a worker."""
+    """A problem with one request. Never kills a worker, never fails another request.
+
+    Args:
+        message: What is wrong, in words the client can act on.
+        details: Extra fields for the error body (e.g. a score and its threshold).
+    """
 
     status: HTTPStatus = HTTPStatus.BAD_REQUEST
     code: str = "bad_request"
+
+    def __init__(self, message: str, **details: object) -> None:
+        super().__init__(message)
+        self.details = details
 
 
 class EmptyBodyError(RequestError):
@@ -70,14 +82,21 @@ class InvalidOptionError(RequestError):
     code = "invalid_option"
 
 
-def error_response(error: RequestError) -> tuple[int, dict]:
-    """Map a request error to its HTTP status and JSON body.
+class UnsupportedFormatError(InvalidImageError):
+    """An image format the service does not accept (only JPEG, PNG, WebP, TIFF, BMP and GIF)."""
 
-    Args:
-        error: The error raised while handling one request.
+    code = "unsupported_format"
 
-    Returns:
-        ``(status_code, body)`` where body is ``{"error": {"code", "message", "status"}}``.
-    """
-    status = int(error.status)
-    return status, {"error": {"code": error.code, "message": str(error), "status": status}}
+
+class OutOfDistributionError(RequestError):
+    """The input gate judged the image not to be a dermoscopic photo of a skin lesion."""
+
+    status = HTTPStatus.UNPROCESSABLE_ENTITY
+    code = "out_of_distribution"
+
+
+class InternalError(RequestError):
+    """A bug met while serving one request: a 500 for that request alone, with an id to find it in the log."""
+
+    status = HTTPStatus.INTERNAL_SERVER_ERROR
+    code = "internal_error"

@@ -10,7 +10,7 @@ weights (the spatial mean of that gradient) are therefore ``W[c, k] / (h * w)``,
 exactly, with no backward pass, no hooks and no autograd state: the explanation of a
 batch costs the one forward pass that also yields its predictions. The tests check this
 against autograd and against the independent ``grad-cam`` package. A logit-averaging
-ensemble (:mod:`handler.ensemble`) has the same form over its concatenated features.
+ensemble (:class:`handler.architectures.LogitAverage`) has the same form over its concatenated features.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from handler.model import head_weight
+from handler.architectures import head_weight
 
 
 def gradcam_from_features(model: nn.Module, features: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -26,7 +26,7 @@ def gradcam_from_features(model: nn.Module, features: torch.Tensor, targets: tor
 
     Args:
         model: The classifier whose last stage produced ``features``.
-        features: (N, C, h, w) output of :func:`handler.model.forward_features`.
+        features: (N, C, h, w) output of :func:`handler.architectures.forward_features`.
         targets: (N,) class index to explain for each image.
 
     Returns:

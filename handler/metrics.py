@@ -9,11 +9,13 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
-from handler.inference import BatchTimings, Response
+from handler.inference import BatchTimings
+from handler.responses import ErrorBody, Prediction, Response
 
 REQUESTS = "skin_lesion_requests_total"
 PREDICTIONS = "skin_lesion_predictions_total"
 REFERRALS = "skin_lesion_referrals_total"
+REFUSALS = "skin_lesion_refusals_total"
 CONFIDENCE = "skin_lesion_top_confidence_tenths"
 BATCH_SIZE = "skin_lesion_batch_size"
 PREPROCESS_SECONDS = "skin_lesion_preprocess_seconds"
@@ -39,22 +41,26 @@ def batch_metric_updates(model_name: str, responses: Sequence[Response], explain
         (BATCH_SIZE, "histogram", float(len(responses)), [model_name]),
         (PREPROCESS_SECONDS, "histogram", timings.preprocess, [model_name]),
     ]
-    ok = [r for r in responses if r.status == 200]
-    if ok:
+    answered = [r.body for r in responses if isinstance(r.body, Prediction)]
+    if answered:
         updates.append((INFERENCE_SECONDS, "histogram", timings.inference, [model_name]))
-    if any("gradcam" in r.body for r in ok):
+    if any(body.gradcam is not None for body in answered):
         updates.append((GRADCAM_SECONDS, "histogram", timings.gradcam, [model_name]))
     for response, explained in zip(responses, explain):
         endpoint = "explain" if explained else "predict"
-        outcome = "ok" if response.status == 200 else response.body["error"]["code"]
-        updates.append((REQUESTS, "counter", 1.0, [model_name, endpoint, outcome]))
-        if response.status != 200:
+        body = response.body
+        if isinstance(body, ErrorBody):
+            updates.append((REQUESTS, "counter", 1.0, [model_name, endpoint, body.code]))
+            # Refusals by reason: the input gate's, and every other refusal of a client's input
+            # (a 5xx is not a refusal but a failure, counted in REQUESTS only).
+            if body.status < 500:
+                updates.append((REFUSALS, "counter", 1.0, [model_name, body.code]))
             continue
-        updates.append((PREDICTIONS, "counter", 1.0, [model_name, response.body["prediction"]]))
+        updates.append((REQUESTS, "counter", 1.0, [model_name, endpoint, "ok"]))
+        updates.append((PREDICTIONS, "counter", 1.0, [model_name, body.prediction]))
         # The most probable class's probability, whichever class the decision rule named: its drift is the model's.
-        top_probability = response.body["probabilities"][response.body["most_probable"]]
-        updates.append((CONFIDENCE, "histogram", 10.0 * top_probability, [model_name]))
-        if response.body["referral"]["refer"]:
+        updates.append((CONFIDENCE, "histogram", 10.0 * body.probabilities[body.most_probable], [model_name]))
+        if body.referral.refer:
             updates.append((REFERRALS, "counter", 1.0, [model_name]))
     return updates
 

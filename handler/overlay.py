@@ -9,7 +9,7 @@ import cv2
 import numpy as np
 from PIL import Image
 
-from handler.preprocessing import PreprocessConfig
+from handler.preprocessing import FULL_VIEW, PreprocessConfig
 
 # Perceptually uniform maps first; jet is offered only for people used to it.
 COLORMAPS = {
@@ -54,13 +54,21 @@ class OverlayStyle:
 def model_view_box(size: tuple[int, int], preprocess: PreprocessConfig) -> tuple[int, int, int, int]:
     """The region of an image of ``size`` (width, height) that the model saw after resize and centre crop.
 
+    Under ``full_view`` preprocessing the model saw the whole image (squeezed to its square
+    input), so the box is the whole image and the heatmap is stretched back over it.
+
     Returns:
         ``(left, top, right, bottom)`` in the image's pixel coordinates.
     """
     width, height = size
+    if preprocess.resize_mode == FULL_VIEW:
+        return 0, 0, width, height
     side = min(width, height) * preprocess.image_size / preprocess.resize_size
     left, top = (width - side) / 2, (height - side) / 2
-    return round(left), round(top), round(left + side), round(top + side)
+    # Rounding each edge on its own (half to even) can give a thin image an empty box, which
+    # the overlay cannot be resized into: keep at least one pixel, inside the image.
+    box_left, box_top = min(round(left), width - 1), min(round(top), height - 1)
+    return box_left, box_top, max(round(left + side), box_left + 1), max(round(top + side), box_top + 1)
 
 
 def render_overlay(image: Image.Image, heatmap: np.ndarray, preprocess: PreprocessConfig, style: OverlayStyle) -> np.ndarray:

@@ -8,14 +8,16 @@ done at the original resolution.
 from __future__ import annotations
 
 import io
+import struct
+import warnings
 from dataclasses import asdict, dataclass
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
 from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
-from handler.errors import ImageDimensionError, ImageTooLargeError, InvalidImageError
+from handler.errors import ImageDimensionError, ImageTooLargeError, InvalidImageError, UnsupportedFormatError
 
 _INTERPOLATIONS = {
     "bilinear": Image.Resampling.BILINEAR,
@@ -26,6 +28,15 @@ _INTERPOLATIONS = {
 _ORIENTATIONS_ON_SIDE = frozenset({5, 6, 7, 8})
 
 
+# How an image becomes the square model input (``PreprocessConfig.resize_mode``).
+# ``shorter_side_center_crop``: resize the shorter side to ``resize_size`` and centre-crop a square (a
+# 4:3 photo loses a quarter of its width). ``full_view``: resize the whole image to the square input,
+# aspect ratio not kept (what the squashed ``ham10000-224`` training set did to its 600x450 originals).
+CENTER_CROP = "shorter_side_center_crop"
+FULL_VIEW = "full_view"
+RESIZE_MODES: tuple[str, ...] = (CENTER_CROP, FULL_VIEW)
+
+
 @dataclass(frozen=True)
 class PreprocessConfig:
     """Parameters that travel with the weights in the checkpoint's metadata.
@@ -34,10 +45,15 @@ class PreprocessConfig:
         image_size: Side of the square model input.
         resize_size: The shorter side is resized to this before the centre crop. HAM10000's
             600x450 images become 224x224 by this resize-then-crop, which is how the
-            ``ham10000-224`` training set was made.
+            ``ham10000-224`` training set was made. Under ``full_view`` it must equal
+            ``image_size`` (there is no crop).
         mean: Per-channel mean on the 0..1 scale.
         std: Per-channel standard deviation on the 0..1 scale.
         interpolation: Resampling filter: ``bilinear``, ``bicubic`` or ``lanczos``.
+        resize_mode: The geometry, one of :data:`RESIZE_MODES`: ``shorter_side_center_crop``
+            (the default, and what every checkpoint without the key was served with) or
+            ``full_view`` (the whole image resized to the square input). Training, evaluation,
+            serving and the Grad-CAM overlay box all follow it.
     """
 
     image_size: int = 224
@@ -45,27 +61,47 @@ class PreprocessConfig:
     mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)
     interpolation: str = "bilinear"
+    resize_mode: str = CENTER_CROP
 
     def __post_init__(self) -> None:
         if self.interpolation not in _INTERPOLATIONS:
             raise ValueError(f"interpolation must be one of {sorted(_INTERPOLATIONS)}")
         if self.resize_size < self.image_size:
             raise ValueError("resize_size must be at least image_size")
+        if self.resize_mode not in RESIZE_MODES:
+            raise ValueError(f"resize_mode must be one of {list(RESIZE_MODES)}, got {self.resize_mode!r}")
+        if self.resize_mode == FULL_VIEW and self.resize_size != self.image_size:
+            raise ValueError(f"full_view resizes the whole image to image_size ({self.image_size}); "
+                             f"resize_size ({self.resize_size}) must equal it")
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain-types form for a checkpoint's metadata."""
-        return {**asdict(self), "mean": list(self.mean), "std": list(self.std)}
+        """Plain-types form for a checkpoint's metadata.
+
+        ``resize_mode`` is written only when it is not the default, so that the metadata (and
+        every cache keyed on it) of a centre-crop model stays what it was before the key existed.
+        """
+        values = {**asdict(self), "mean": list(self.mean), "std": list(self.std)}
+        if self.resize_mode == CENTER_CROP:
+            del values["resize_mode"]
+        return values
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "PreprocessConfig":
-        """Rebuild from :meth:`to_dict` output."""
+        """Rebuild from :meth:`to_dict` output; a dict without ``resize_mode`` is a centre-crop model."""
         return cls(
             image_size=int(values["image_size"]),
             resize_size=int(values["resize_size"]),
             mean=tuple(float(v) for v in values["mean"]),
             std=tuple(float(v) for v in values["std"]),
             interpolation=str(values["interpolation"]),
+            resize_mode=str(values.get("resize_mode", CENTER_CROP)),
         )
+
+
+# Formats accepted, by Pillow's name; every other format (ICO, ICNS, PSD, EPS, JPEG 2000, DDS...)
+# is refused from its signature, before Pillow's plugin for it touches the data: several decode
+# pixels inside Image.open, before any size check could run.
+ACCEPTED_FORMATS: tuple[str, ...] = ("JPEG", "PNG", "WEBP", "TIFF", "BMP", "GIF")
 
 
 @dataclass(frozen=True)
@@ -75,10 +111,31 @@ class DecodeLimits:
     Attributes:
         max_pixels: Largest width x height accepted (decompression-bomb guard).
         min_side: Smallest width or height accepted.
+        max_aspect_ratio: Largest long side / short side accepted. Dermoscopy is 4:3; a
+            300000x8 strip would otherwise be resized to over a million pixels on its long
+            side (the short side is scaled up to the model's input) and tie up a worker.
     """
 
     max_pixels: int = 40_000_000
     min_side: int = 8
+    max_aspect_ratio: float = 4.0
+
+    def check(self, width: int, height: int) -> None:
+        """Refuse a geometry from the header, before any pixel is decoded.
+
+        Raises:
+            ImageTooLargeError: More pixels than :attr:`max_pixels`.
+            ImageDimensionError: A side below :attr:`min_side`, or an aspect ratio above
+                :attr:`max_aspect_ratio`.
+        """
+        if width * height > self.max_pixels:
+            raise ImageTooLargeError(f"image is {width}x{height} = {width * height} pixels; the limit is {self.max_pixels}")
+        if min(width, height) < self.min_side:
+            raise ImageDimensionError(f"image is {width}x{height}; each side must be at least {self.min_side} pixels")
+        if max(width, height) / min(width, height) > self.max_aspect_ratio:
+            raise ImageDimensionError(f"image is {width}x{height}, an aspect ratio of "
+                                      f"{max(width, height) / min(width, height):.1f}:1; the limit is "
+                                      f"{self.max_aspect_ratio:g}:1 (dermoscopic photos are about 4:3)")
 
 
 @dataclass
@@ -108,32 +165,72 @@ def decode_image(data: bytes, limits: DecodeLimits = DecodeLimits(), draft_size:
         ImageTooLargeError: More pixels than ``limits.max_pixels``.
         ImageDimensionError: A side smaller than ``limits.min_side``.
     """
+    # Pillow's own bomb guard at the service's limit: an image it finds above twice this raises
+    # before decoding (below that, DecodeLimits.check refuses it from the header).
+    Image.MAX_IMAGE_PIXELS = limits.max_pixels
     try:
-        image = Image.open(io.BytesIO(data))
+        with warnings.catch_warnings():
+            # Between the limit and twice it Pillow only warns; DecodeLimits.check refuses those below.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS)
     except Image.DecompressionBombError as exc:
         raise ImageTooLargeError(f"image refused before decoding: its header declares more than "
                                  f"{limits.max_pixels} pixels") from exc
     except UnidentifiedImageError as exc:
-        raise InvalidImageError("body is not an image in a format we can read (JPEG, PNG, WebP, TIFF, GIF, BMP)") from exc
-    except (OSError, ValueError, SyntaxError) as exc:
-        raise InvalidImageError(f"image header is invalid ({exc})") from exc
+        refused = _other_format(data)
+        if refused:
+            raise UnsupportedFormatError(f"{refused} images are not accepted; send JPEG, PNG, WebP, TIFF, GIF or BMP") from exc
+        raise InvalidImageError("body is not an image in a format we accept (JPEG, PNG, WebP, TIFF, GIF, BMP)") from exc
+    except (OSError, ValueError, SyntaxError, struct.error, EOFError, IndexError, KeyError, TypeError) as exc:
+        raise InvalidImageError(f"image header is invalid ({type(exc).__name__}: {str(exc)[:120]})") from exc
     width, height = image.size
-    if width * height > limits.max_pixels:
-        raise ImageTooLargeError(
-            f"image is {width}x{height} = {width * height} pixels; the limit is {limits.max_pixels}"
-        )
-    if min(width, height) < limits.min_side:
-        raise ImageDimensionError(f"image is {width}x{height}; each side must be at least {limits.min_side} pixels")
+    if width == 0 or height == 0:
+        raise InvalidImageError(f"image header declares {width}x{height} pixels")
+    limits.check(width, height)
     try:
-        orientation = image.getexif().get(ExifTags.Base.Orientation, 1)
+        orientation = _exif_orientation(image)
         if draft_size is not None and image.format == "JPEG":
             image.draft("RGB", (draft_size, draft_size))
         # exif_transpose copies the image even when there is nothing to turn; most images are upright.
         rgb = to_rgb(ImageOps.exif_transpose(image) if orientation != 1 else image)
-    except (OSError, ValueError, SyntaxError) as exc:
-        raise InvalidImageError(f"image data is truncated or corrupted ({exc})") from exc
+    except Image.DecompressionBombError as exc:
+        raise ImageTooLargeError(f"image refused while decoding: more than {limits.max_pixels} pixels") from exc
+    except (OSError, ValueError, SyntaxError, struct.error, EOFError, IndexError, KeyError, TypeError) as exc:
+        # Pillow's plugins raise these for malformed data (struct.error from a 4-byte eXIf chunk,
+        # for one); each means "this image is broken", never "the service is".
+        raise InvalidImageError(f"image data is truncated or corrupted ({type(exc).__name__}: {str(exc)[:120]})") from exc
     upright_size = (height, width) if orientation in _ORIENTATIONS_ON_SIDE else (width, height)
     return DecodedImage(rgb, upright_size)
+
+
+def _other_format(data: bytes) -> str | None:
+    """The name of a format Pillow knows but the service refuses, from its signature alone (nothing is decoded)."""
+    Image.init()
+    prefix = data[:16]
+    for name in Image.ID:
+        if name in ACCEPTED_FORMATS:
+            continue
+        accept = Image.OPEN[name][1]
+        try:
+            if accept is not None and accept(prefix):
+                return name
+        except Exception:  # noqa: BLE001 - a plugin's signature check failing only means "not this format"
+            continue
+    return None
+
+
+def _exif_orientation(image: Image.Image) -> int:
+    """The EXIF orientation tag (1 = upright); an EXIF block too short to parse counts as upright.
+
+    Only the EXIF parser's own failure (``struct.error`` on a truncated block, such as a PNG's
+    4-byte eXIf chunk) is forgiven: reading EXIF also reads the file's later chunks, and a CRC
+    error there means the image itself is corrupted, which the caller refuses.
+    """
+    try:
+        orientation = image.getexif().get(ExifTags.Base.Orientation, 1)
+    except struct.error:
+        return 1
+    return orientation if orientation in range(1, 9) else 1
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -192,6 +289,34 @@ def resize_shorter_side(image: Image.Image, config: PreprocessConfig) -> Image.I
     return image.resize(size, _INTERPOLATIONS[config.interpolation])
 
 
+def resize_full_view(image: Image.Image, config: PreprocessConfig) -> Image.Image:
+    """Resize the whole image to the ``config.image_size`` square, aspect ratio not kept (``full_view``)."""
+    size = (config.image_size, config.image_size)
+    if image.size == size:
+        return image
+    return image.resize(size, _INTERPOLATIONS[config.interpolation])
+
+
+def resize_to_model_input(image: Image.Image, config: PreprocessConfig) -> Image.Image:
+    """The square model input of an RGB image under ``config.resize_mode``: the one geometry of
+    serving (:func:`load_model_input`), evaluation and validation (``lab.data.build_eval_transform``)."""
+    if config.resize_mode == FULL_VIEW:
+        return resize_full_view(image, config)
+    return resize_center_crop(image, config)
+
+
+def resize_for_augmentation(image: Image.Image, config: PreprocessConfig) -> Image.Image:
+    """The image that training's random crops are cut from, in the geometry of ``config.resize_mode``.
+
+    ``shorter_side_center_crop``: the shorter side resized to ``resize_size`` (aspect ratio kept), so
+    a full-scale crop is the served centre crop. ``full_view``: the whole image resized to the square
+    input, so a full-scale crop is exactly the served input.
+    """
+    if config.resize_mode == FULL_VIEW:
+        return resize_full_view(image, config)
+    return resize_shorter_side(image, config)
+
+
 def pil_to_uint8_tensor(image: Image.Image) -> torch.Tensor:
     """An RGB PIL image as a ``uint8`` CHW tensor."""
     return torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1).contiguous()
@@ -209,7 +334,7 @@ def load_model_input(data: bytes, config: PreprocessConfig, limits: DecodeLimits
         ``(uint8 CHW tensor of config.image_size, decoded image)``.
     """
     decoded = decode_image(data, limits, draft_size=config.resize_size)
-    return pil_to_uint8_tensor(resize_center_crop(decoded.image, config)), decoded
+    return pil_to_uint8_tensor(resize_to_model_input(decoded.image, config)), decoded
 
 
 def normalize_batch(batch: torch.Tensor, config: PreprocessConfig) -> torch.Tensor:
@@ -228,43 +353,3 @@ def normalize_batch(batch: torch.Tensor, config: PreprocessConfig) -> torch.Tens
     std = torch.tensor(config.std, device=batch.device).view(1, 3, 1, 1) * 255.0
     normalized = (batch.float() - mean) / std
     return normalized.contiguous(memory_format=torch.channels_last)
-
-
-def build_train_transform(config: PreprocessConfig, min_scale: float = 0.5) -> Callable[[Image.Image], torch.Tensor]:
-    """Augmentations for dermoscopy, producing the same ``uint8`` tensors as serving.
-
-    Dermoscopic lesions have no canonical orientation, so all flips and right-angle
-    rotations are label-preserving; colour jitter covers differences between
-    dermatoscopes and lighting; random resized crops cover zoom and framing.
-
-    Args:
-        config: The preprocessing parameters of the model being trained.
-        min_scale: Smallest crop area, as a fraction of the resized image.
-
-    Returns:
-        A callable from an RGB PIL image to a ``uint8`` CHW tensor.
-    """
-    from torchvision.transforms import v2
-
-    augment = v2.Compose([
-        v2.RandomResizedCrop(config.image_size, scale=(min_scale, 1.0), ratio=(3 / 4, 4 / 3), antialias=True),
-        v2.RandomHorizontalFlip(),
-        v2.RandomVerticalFlip(),
-        v2.RandomChoice([v2.RandomRotation((angle, angle)) for angle in (0, 90, 180, 270)]),
-        v2.ColorJitter(brightness=0.2, contrast=0.2, saturation=0.2, hue=0.03),
-        v2.PILToTensor(),
-    ])
-
-    def transform(image: Image.Image) -> torch.Tensor:
-        return augment(resize_shorter_side(image, config))
-
-    return transform
-
-
-def build_eval_transform(config: PreprocessConfig) -> Callable[[Image.Image], torch.Tensor]:
-    """The deterministic serving transform, for validation and evaluation datasets."""
-
-    def transform(image: Image.Image) -> torch.Tensor:
-        return pil_to_uint8_tensor(resize_center_crop(image, config))
-
-    return transform

@@ -18,7 +18,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from handler.model import features_and_logits
+from handler.architectures import features_and_logits
 
 logger = logging.getLogger(__name__)
 

@@ -10,9 +10,10 @@ from typing import Any
 import torch
 from ts.torch_handler.base_handler import BaseHandler
 
-from handler.inference import BatchTimings, HandlerSettings, handle_batch, prepare_for_serving
+from handler.checkpoint import load_checkpoint
+from handler.inference import BatchTimings, handle_batch, prepare_for_serving
 from handler.metrics import batch_metric_updates, publish
-from handler.model import load_checkpoint
+from handler.settings import HandlerSettings
 
 logger = logging.getLogger(__name__)
 
@@ -23,6 +24,15 @@ def select_device(properties: dict[str, Any]) -> torch.device:
     if torch.cuda.is_available() and gpu_id is not None:
         return torch.device(f"cuda:{gpu_id}")
     return torch.device("cpu")
+
+
+def body_content_type(context: Any, index: int) -> str | None:
+    """The Content-Type the request's body arrived with (TorchServe keeps one per input name)."""
+    for name in ("body", "data"):
+        header = context.get_request_header(index, name)
+        if isinstance(header, dict) and header.get("content-type"):
+            return str(header["content-type"])
+    return None
 
 
 class SkinLesionHandler(BaseHandler):
@@ -51,12 +61,13 @@ class SkinLesionHandler(BaseHandler):
         of a mixed batch is asked whether it came through ``/explanations``.
         """
         explain = [context.get_request_header(index, "explain") == "True" for index in range(len(data))]
+        content_types = [body_content_type(context, index) for index in range(len(data))]
         timings = BatchTimings()
-        responses = handle_batch(self.loaded, self.settings, data, self.model_version, explain, timings)
+        responses = handle_batch(self.loaded, self.settings, data, self.model_version, explain, timings, content_types)
         publish(context.metrics, batch_metric_updates(self.model_name, responses, explain, timings))
         bodies = []
         for index, response in enumerate(responses):
             context.set_response_status(code=response.status, phrase="", idx=index)
             context.set_response_content_type(index, "application/json")
-            bodies.append(json.dumps(response.body, separators=(",", ":")))
+            bodies.append(json.dumps(response.to_json(), separators=(",", ":")))
         return bodies

@@ -22,28 +22,18 @@ Example:
 from __future__ import annotations
 
 import argparse
-import collections
-import hashlib
 import itertools
 import json
-import sys
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from sklearn.metrics import balanced_accuracy_score
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from handler.data import read_labelled_images  # noqa: E402
-from handler.ensemble import check_compatible_members, split_members  # noqa: E402
-from handler.evaluation import logits_for_files, referral_threshold_for_sensitivity  # noqa: E402
-from handler.model import ENSEMBLE_ARCH, file_sha256, model_from_checkpoint  # noqa: E402
-from scripts.calibrate import (  # noqa: E402
-    calibrated_elsewhere, fold_partition, out_of_fold_probabilities, repeated_out_of_fold)
-
-RUN_FILE_STEMS = ("best", "last", "best_weights")  # train.py's file names say nothing; their folder does
+from lab.crossfit import measure_combination, selection_aware_balanced_accuracy
+from lab.data import read_labelled_images
+from lab.ensembles import check_compatible_members, networks_in, renamed
+from lab.evaluation import cached_logits
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -69,88 +59,6 @@ def get_args_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def load_networks(paths: list[str], names: list[str] | None) -> list[tuple[str, str, dict[str, Any]]]:
-    """``(name, cache key, checkpoint)`` for each network the files hold, ensembles split into members.
-
-    Raises:
-        ValueError: If ``names`` does not name each network once, or the networks cannot be
-            averaged together (:func:`handler.ensemble.check_compatible_members`).
-    """
-    networks = []
-    for path in paths:
-        digest = file_sha256(path)[:16]
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-        stem = Path(path).parent.name if Path(path).stem in RUN_FILE_STEMS else Path(path).stem
-        if checkpoint["config"]["arch"] == ENSEMBLE_ARCH:
-            networks += [(f"{stem}[{index}]", f"{digest}-{index}", member)
-                         for index, member in enumerate(split_members(checkpoint))]
-        else:
-            networks.append((stem, digest, checkpoint))
-    if names is not None:
-        if len(names) != len(networks) or len(set(names)) != len(names):
-            raise ValueError(f"--names needs {len(networks)} distinct names, one per network "
-                             f"({', '.join(name for name, _, _ in networks)}), got {names}")
-        networks = [(name, key, checkpoint) for name, (_, key, checkpoint) in zip(names, networks)]
-    check_compatible_members([checkpoint for _, _, checkpoint in networks])
-    return networks
-
-
-def validation_logits(checkpoint: dict[str, Any], key: str, paths: list[str], image_ids: list[str],
-                      cache_dir: Path | None, batch_size: int) -> torch.Tensor:
-    """One network's (N, 7) validation logits, read from or written to the cache."""
-    subset = hashlib.sha256("\n".join(image_ids).encode()).hexdigest()[:16]
-    cached = cache_dir / f"{key}-{subset}.pt" if cache_dir is not None else None
-    if cached is not None and cached.exists():
-        return torch.load(cached, weights_only=True)["logits"]
-    logits = logits_for_files(model_from_checkpoint(checkpoint), paths, "none", batch_size)
-    if cached is not None:
-        cached.parent.mkdir(parents=True, exist_ok=True)
-        torch.save({"logits": logits, "image_ids": image_ids}, cached)
-    return logits
-
-
-def measure_combination(logits: torch.Tensor, labels: np.ndarray, args: argparse.Namespace) -> dict[str, Any]:
-    """``calibrate.py``'s out-of-fold figures of one combination's averaged logits."""
-    probabilities, _ = out_of_fold_probabilities(logits, labels, args.folds, args.seed)
-    threshold = referral_threshold_for_sensitivity(probabilities, labels, args.target_sensitivity)
-    repeated = repeated_out_of_fold(logits, labels, args.folds, range(args.seed, args.seed + args.repeats), threshold)
-    return {"referral_threshold": threshold, **repeated}
-
-
-def selection_aware_balanced_accuracy(averaged: dict[tuple[str, ...], torch.Tensor], labels: np.ndarray,
-                                      folds: int, seeds: range) -> dict[str, Any]:
-    """Balanced accuracy of picking the best combination, on images the pick never saw.
-
-    For each outer fold, every combination is ranked by its out-of-fold balanced accuracy on the
-    other folds (inner cross-fitting, one partition), and the winner, calibrated on those folds,
-    makes the balanced-rule calls for the outer fold.
-
-    Args:
-        averaged: Each combination's (N, K) averaged validation logits.
-        labels: (N,) true class indices.
-        folds: Folds of both the outer and the inner partitions.
-        seeds: One outer partition per seed.
-
-    Returns:
-        ``{"repeats", "folds", "mean", "sd", "picks"}``: balanced accuracy over the outer
-        partitions, and how often each combination was picked.
-    """
-    scores, picks = [], collections.Counter()
-    for seed in seeds:
-        calls = np.zeros(len(labels), dtype=np.int64)
-        for fit_rows, score_rows in fold_partition(labels, folds, seed):
-            inner = {combination: balanced_accuracy_score(
-                         labels[fit_rows], out_of_fold_probabilities(logits[fit_rows], labels[fit_rows], folds, seed)[1])
-                     for combination, logits in averaged.items()}
-            picked = max(inner, key=inner.get)
-            picks[" + ".join(picked)] += 1
-            _, fold_calls = calibrated_elsewhere(averaged[picked][fit_rows], labels[fit_rows], averaged[picked][score_rows])
-            calls[score_rows] = fold_calls.numpy()
-        scores.append(balanced_accuracy_score(labels, calls))
-    return {"repeats": len(seeds), "folds": folds, "mean": float(np.mean(scores)), "sd": float(np.std(scores)),
-            "picks": dict(picks.most_common())}
-
-
 def main(args: argparse.Namespace) -> dict[str, Any]:
     """Measure every combination and print them, best balanced accuracy first, then the nested figure.
 
@@ -158,20 +66,24 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         ``{"n_images", "combinations"}`` (best first), plus ``"selection_aware"`` unless
         ``--nested-repeats`` is 0.
     """
-    networks = load_networks(args.members, args.names)
+    networks = renamed(networks_in(args.members), args.names)
+    if len(networks) > 1:  # one network alone is measured too
+        check_compatible_members([network.checkpoint for network in networks])
     records = read_labelled_images(args.labels, args.images, args.subset)
     labels = np.array([r.label for r in records])
     paths, image_ids = [r.path for r in records], [r.image_id for r in records]
     cache_dir = Path(args.cache_dir) if args.cache_dir else None
     logits = {}
-    for name, key, checkpoint in networks:
-        logits[name] = validation_logits(checkpoint, key, paths, image_ids, cache_dir, args.batch_size)
-        print(f"{name}: validation logits of {len(paths)} images", flush=True)
+    for network in networks:
+        logits[network.name] = cached_logits(network.checkpoint, network.key, paths, image_ids, cache_dir, args.batch_size)
+        print(f"{network.name}: validation logits of {len(paths)} images", flush=True)
     largest = args.max_size or len(networks)
     averaged = {combination: torch.stack([logits[name] for name in combination]).mean(0)
                 for size in range(max(args.min_size, 1), largest + 1)
                 for combination in itertools.combinations(logits, size)}
-    rows = [{"members": list(combination), **measure_combination(combination_logits, labels, args)}
+    rows = [{"members": list(combination), **measure_combination(
+                combination_logits, labels, folds=args.folds, seed=args.seed, repeats=args.repeats,
+                target_sensitivity=args.target_sensitivity)}
             for combination, combination_logits in averaged.items()]
     rows.sort(key=lambda row: -row["mean"]["balanced_accuracy"])
     print(f"{len(rows)} combinations, {len(labels)} images, out of fold over {args.repeats} partitions of "

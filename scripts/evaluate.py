@@ -5,11 +5,18 @@ truth (``image,MEL,NV,BCC,AKIEC,BKL,DF,VASC``). Images named in the labels but m
 from the folders are an error, never silently skipped.
 
 The serving decode, preprocessing, runtime, test-time augmentation, calibration, decision
-rule and referral threshold are used: they come from the ``handler:`` block of
-``--model-config`` (TTA mode, decision rule and threshold can be overridden). Writes ``metrics.json``, ``predictions.csv``,
-``confusion_matrix.png`` and ``reliability.png`` and prints a summary table. ``metrics.json``'s
+rule and referral threshold are used (:func:`lab.evaluation.serve_files`): they come from the
+``handler:`` block of ``--model-config`` (TTA mode, decision rule and threshold can be
+overridden). Writes ``metrics.json``, ``predictions.csv``, ``confusion_matrix.png`` and
+``reliability.png`` and prints a summary table. ``metrics.json``'s
 ``bootstrap`` holds 95% intervals of the headline figures (images resampled within each
 class), since a few rare-class images move balanced accuracy by whole points.
+
+With an input gate in the checkpoint, ``metrics.json`` also says how many labelled images the
+gate refuses (``input_gate``) and gives the figures on the accepted images alone
+(``accepted``); the headline figures stay those of all images. ``--ood DIR`` adds the gate's
+refusal rate on a folder of non-dermoscopic images and its AUROC against the labelled set
+(``make evaluate-ood OOD=dir``).
 
 Example:
     python scripts/evaluate.py --images ../shared/data/ham10000-224/images \
@@ -22,25 +29,23 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import sys
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from handler.data import read_labelled_images  # noqa: E402
-from handler.calibration import TTA_MODES  # noqa: E402
-from handler.decision import DECISION_RULES, decide  # noqa: E402
-from handler.evaluation import (bootstrap_intervals, classification_report, format_report, logits_for_files,  # noqa: E402
-                                reliability_bins)
-from handler.labels import CLASS_CODES  # noqa: E402
-from handler.inference import load_handler_settings, prepare_for_serving  # noqa: E402
-from handler.model import load_checkpoint  # noqa: E402
-from handler.plots import plot_confusion_matrix, plot_reliability  # noqa: E402
-
-ROOT = Path(__file__).resolve().parents[1]
+from handler.calibration import TTA_MODES
+from handler.checkpoint import load_checkpoint
+from handler.decision import DECISION_RULES, decide
+from handler.inference import prepare_for_serving
+from handler.labels import CLASS_CODES
+from handler.settings import load_handler_settings
+from lab.data import read_labelled_images
+from lab.evaluation import (bootstrap_intervals, classification_report, format_report, gate_scores_of_files,
+                            reliability_bins, serve_files)
+from lab.ood import auroc
+from lab.plots import plot_confusion_matrix, plot_reliability
+from ops.paths import CHECKPOINT, MODEL_CONFIG
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -48,17 +53,20 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--images", nargs="+", required=True, help="one or more image folders")
     parser.add_argument("--labels", required=True, help="HAM10000 metadata or ISIC 2018 Task 3 ground-truth CSV")
-    parser.add_argument("--checkpoint", default=str(ROOT / "models" / "skin_lesion.pt"))
+    parser.add_argument("--checkpoint", default=str(CHECKPOINT))
     parser.add_argument("--subset", help="JSON file with 'val_image_ids' (as written by train.py) to evaluate only those")
     parser.add_argument("--out", required=True, help="folder for metrics.json, predictions.csv and the figures")
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--model-config", default=str(ROOT / "config" / "model-config.yaml"),
+    parser.add_argument("--model-config", default=str(MODEL_CONFIG),
                         help="serving config whose handler settings (tta, referral_threshold) are the defaults")
     parser.add_argument("--bootstrap", type=int, default=1000,
                         help="resamples for the 95%% confidence intervals in metrics.json (0: none)")
     parser.add_argument("--tta", choices=TTA_MODES, help="test-time augmentation; default: the serving config's")
     parser.add_argument("--decision-rule", choices=DECISION_RULES,
                         help="which class an image is called (see handler/decision.py); default: the serving config's")
+    parser.add_argument("--ood", nargs="+", metavar="DIR",
+                        help="folders of non-dermoscopic images: report the input gate's refusal rate on them and "
+                             "its AUROC against the labelled images")
     parser.add_argument("--referral-threshold", type=float,
                         help="melanoma sensitivity/specificity are measured for the referral flag "
                              "malignant_probability >= this; default: the serving config's")
@@ -68,19 +76,21 @@ def get_args_parser() -> argparse.ArgumentParser:
 def main(args: argparse.Namespace) -> dict[str, Any]:
     """Run the evaluation, write the metrics, predictions and figures, print a summary."""
     records = read_labelled_images(args.labels, args.images, args.subset)
-    settings = load_handler_settings(args.model_config)
-    tta = args.tta or settings.tta
-    rule = args.decision_rule or settings.decision_rule
-    threshold = args.referral_threshold if args.referral_threshold is not None else settings.referral_threshold
+    served = load_handler_settings(args.model_config)
+    threshold = args.referral_threshold if args.referral_threshold is not None else served.referral_threshold
+    # The served runtime and precision; all cores, since evaluation is one process. A candidate is
+    # evaluated before its input gate is fitted, so a gate is used when there is one, not required.
+    settings = dataclasses.replace(served, tta=args.tta or served.tta, decision_rule=args.decision_rule or served.decision_rule,
+                                   referral_threshold=threshold, torch_threads=0, require_input_gate=False)
+    tta, rule = settings.tta, settings.decision_rule
     loaded = load_checkpoint(args.checkpoint)
-    # The served runtime and precision; all cores, since evaluation is one process.
-    prepare_for_serving(loaded, dataclasses.replace(settings, tta=tta, decision_rule=rule, torch_threads=0))
+    prepare_for_serving(loaded, settings)
     calibration = loaded.calibration(tta)
     print(f"evaluating {len(records)} images with {args.checkpoint} (version {loaded.version}), TTA {tta}, "
           f"decision rule {rule}, "
           f"{settings.runtime} {settings.precision}, referral threshold {threshold}", flush=True)
-    logits = logits_for_files(loaded, [r.path for r in records], tta, args.batch_size)
-    probabilities = calibration.apply(logits)
+    served_images = serve_files(loaded, [r.path for r in records], tta, args.batch_size, settings.decode_limits)
+    probabilities = served_images.probabilities
     probs = probabilities.numpy()
     labels = np.array([r.label for r in records])
     called = {name: decide(probabilities, name, calibration.class_prior).numpy() for name in DECISION_RULES
@@ -92,6 +102,13 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
                   calibration=calibration.to_dict(), reliability=reliability_bins(probs, labels))
     if args.bootstrap:
         report["bootstrap"] = bootstrap_intervals(probs, labels, called[rule], threshold, args.bootstrap)
+    if served_images.gate_scores is not None:
+        report["input_gate"] = gate_report(served_images, records, loaded, settings, args)
+        accepted = ~served_images.refused.numpy()
+        if accepted.any():
+            report["accepted"] = {key: value for key, value in classification_report(
+                probs[accepted], labels[accepted], threshold, called[rule][accepted]).items()
+                if key not in ("per_class", "confusion_matrix")}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "metrics.json").write_text(json.dumps(report, indent=2))
@@ -104,7 +121,44 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
                           f"{loaded.version}, {len(records)} images, balanced accuracy {report['balanced_accuracy']:.3f}")
     plot_reliability(report["reliability"], report["ece"], out / "reliability.png", f"{loaded.version}, TTA {tta}")
     print(format_report(report))
+    if "input_gate" in report:
+        gate = report["input_gate"]
+        print(f"input gate {gate['method']} (threshold {gate['threshold']:.4f}): refuses {gate['refused']} of "
+              f"{gate['images']} labelled images ({gate['refusal_rate']:.2%}); on the accepted images balanced accuracy "
+              f"{report.get('accepted', {}).get('balanced_accuracy', float('nan')):.4f} (all images "
+              f"{report['balanced_accuracy']:.4f})")
+        for folder in gate.get("ood", []):
+            print(f"  {folder['folder']}: refuses {folder['refused']} of {folder['images']} ({folder['refusal_rate']:.2%}), "
+                  f"{len(folder['refused_before_gate'])} refused before the gate; AUROC against the labelled images "
+                  f"{folder['auroc']:.5f}")
     print(f"wrote {out / 'metrics.json'}, predictions.csv, confusion_matrix.png and reliability.png")
+    return report
+
+
+def gate_report(served_images: Any, records: list[Any], loaded: Any, settings: Any, args: argparse.Namespace
+                ) -> dict[str, Any]:
+    """The input gate's refusals of the labelled images, by class, and of each ``--ood`` folder."""
+    refused = served_images.refused.numpy()
+    scores = served_images.gate_scores.numpy()
+    report: dict[str, Any] = {
+        "method": served_images.gate_method, "threshold": served_images.gate_threshold, "images": len(records),
+        "refused": int(refused.sum()), "refusal_rate": float(refused.mean()) if len(records) else 0.0,
+        "refused_by_class": {code: int(sum(1 for r, out in zip(records, refused) if out and r.label == index))
+                             for index, code in enumerate(CLASS_CODES)},
+        "refused_images": [r.image_id for r, out in zip(records, refused) if out],
+    }
+    folders = []
+    for folder in args.ood or []:
+        paths = [item_path for item_path in sorted(Path(folder).iterdir()) if item_path.is_file()]
+        ood_scores, early = gate_scores_of_files(loaded, paths, args.batch_size, settings.decode_limits)
+        ood_scores = ood_scores.numpy()
+        refused_here = int((ood_scores > served_images.gate_threshold).sum()) + len(early)
+        folders.append({"folder": str(folder), "images": len(paths), "refused": refused_here,
+                        "refusal_rate": refused_here / len(paths) if paths else 0.0, "refused_before_gate": early,
+                        "auroc": auroc(scores, ood_scores) if len(ood_scores) else float("nan"),
+                        "score_median": float(np.median(ood_scores)) if len(ood_scores) else None})
+    if folders:
+        report["ood"] = folders
     return report
 
 

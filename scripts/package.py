@@ -1,4 +1,4 @@
-"""Build a versioned TorchServe archive (.mar) from files in this repository only.
+"""Build a versioned TorchServe archive (.mar) of the handler package, a checkpoint and its config.
 
 Example:
     python scripts/package.py                      # model_store/skin_lesion.mar
@@ -8,68 +8,36 @@ Example:
 from __future__ import annotations
 
 import argparse
-import shutil
-import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
-import torch
-
-ROOT = Path(__file__).resolve().parents[1]
-HANDLER_PACKAGE = ROOT / "handler"
+from ops.archive import ArchiveSpec, ReleaseCheckError, build_archive
+from ops.paths import CHECKPOINT, MODEL_CONFIG, MODEL_NAME, MODEL_STORE
 
 
 def get_args_parser() -> argparse.ArgumentParser:
     """Command-line options."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--checkpoint", default=str(ROOT / "models" / "skin_lesion.pt"))
-    parser.add_argument("--model-config", default=str(ROOT / "config" / "model-config.yaml"))
-    parser.add_argument("--model-name", default="skin_lesion")
+    parser.add_argument("--checkpoint", default=str(CHECKPOINT))
+    parser.add_argument("--model-config", default=str(MODEL_CONFIG))
+    parser.add_argument("--model-name", default=MODEL_NAME)
     parser.add_argument("--version", help="archive version; defaults to the checkpoint's meta.version")
     parser.add_argument("--archive-name", help="file name without .mar; defaults to the model name")
-    parser.add_argument("--export-path", default=str(ROOT / "model_store"))
+    parser.add_argument("--export-path", default=str(MODEL_STORE))
+    parser.add_argument("--force-threshold", action="store_true",
+                        help="pack a config whose referral threshold differs from the checkpoint's measured operating "
+                             "point (recorded in the archive's config as a release note)")
     return parser
-
-
-def stage_handler_package(destination: Path) -> None:
-    """Copy the handler package's Python sources (no caches, no stray files) into ``destination/handler``."""
-    target = destination / "handler"
-    target.mkdir(parents=True)
-    for source in sorted(HANDLER_PACKAGE.glob("*.py")):
-        shutil.copy2(source, target / source.name)
 
 
 def main(args: argparse.Namespace) -> Path:
     """Build the archive and return its path."""
-    checkpoint = Path(args.checkpoint)
-    meta = torch.load(checkpoint, map_location="cpu", weights_only=True)["meta"]
-    version = args.version or str(meta.get("version", "0.0.0"))
-    export_path = Path(args.export_path)
-    export_path.mkdir(parents=True, exist_ok=True)
-    archive_name = args.archive_name or args.model_name
-    with tempfile.TemporaryDirectory() as staging:
-        staging_dir = Path(staging)
-        extra = staging_dir / "extra"
-        stage_handler_package(extra)
-        serialized = staging_dir / f"{args.model_name}.pt"
-        shutil.copy2(checkpoint, serialized)
-        command = [
-            sys.executable, "-m", "model_archiver.model_packaging",
-            "--model-name", args.model_name, "--version", version,
-            "--serialized-file", str(serialized),
-            "--handler", str(HANDLER_PACKAGE / "skin_lesion_handler.py"),
-            "--extra-files", str(extra),
-            "--config-file", str(Path(args.model_config)),
-            "--export-path", str(staging_dir), "--force",
-        ]
-        subprocess.run(command, check=True)
-        # The archiver names the file after the model; the manifest keeps the model name.
-        archive = export_path / f"{archive_name}.mar"
-        shutil.move(staging_dir / f"{args.model_name}.mar", archive)
-    print(f"built {archive} (version {version}, {archive.stat().st_size / 1e6:.1f} MB)")
-    return archive
+    return build_archive(ArchiveSpec(Path(args.checkpoint), Path(args.model_config), Path(args.export_path),
+                                     args.version, args.archive_name, args.model_name, args.force_threshold))
 
 
 if __name__ == "__main__":
-    main(get_args_parser().parse_args())
+    try:
+        main(get_args_parser().parse_args())
+    except ReleaseCheckError as error:
+        sys.exit(f"error: {error}")

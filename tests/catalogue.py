@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import struct
 import zlib
 from dataclasses import dataclass
@@ -23,6 +24,7 @@ class Case:
         status: Expected HTTP status.
         error_code: Expected ``error.code`` for a 4xx, None for a 200.
         clean: Bytes of the clean equivalent image, whose prediction must be the same.
+        content_type: The Content-Type a raw body is sent with; a dict body is always JSON.
     """
 
     name: str
@@ -30,6 +32,27 @@ class Case:
     status: int
     error_code: str | None = None
     clean: bytes | None = None
+    content_type: str = "application/octet-stream"
+
+    def row(self) -> dict[str, Any]:
+        """The request row TorchServe's backend hands the handler for this request.
+
+        It parses a JSON content type itself (``ts.protocol.otf_message_handler``): into any JSON
+        value, or, when that fails, the raw bytes (logging a traceback).
+        """
+        if isinstance(self.body, dict):
+            return {"body": self.body}
+        if self.content_type == "application/json":
+            try:
+                return {"body": json.loads(self.body.decode("utf-8"))}
+            except Exception:  # noqa: BLE001 - exactly what TorchServe does
+                return {"body": self.body}
+        return {"body": self.body}
+
+    @property
+    def row_content_type(self) -> str:
+        """The Content-Type TorchServe reports for the body of :meth:`row`."""
+        return "application/json" if isinstance(self.body, dict) else self.content_type
 
 
 def encode(image: Image.Image, fmt: str, **kwargs: Any) -> bytes:
@@ -46,6 +69,14 @@ def png_with_header(width: int, height: int) -> bytes:
 
     header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\x00" * 16)) + chunk(b"IEND", b"")
+
+
+def png_with_chunk(image: Image.Image, kind: bytes, data: bytes) -> bytes:
+    """A PNG of ``image`` with one extra ancillary chunk inserted after IHDR."""
+    png = encode(image, "PNG")
+    chunk = struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+    end_of_ihdr = 8 + 8 + 13 + 4
+    return png[:end_of_ihdr] + chunk + png[end_of_ihdr:]
 
 
 def build_catalogue(lesion_jpeg: bytes) -> list[Case]:
@@ -97,4 +128,28 @@ def build_catalogue(lesion_jpeg: bytes) -> list[Case]:
         Case("JSON without an image", {"picture": base64.b64encode(lesion_jpeg).decode()}, 400, "missing_image"),
         Case("unknown target_class", {"image": base64.b64encode(lesion_jpeg).decode(), "target_class": "cancer"}, 400,
              "invalid_option"),
+        # A multi-megabyte option: refused, and not echoed back whole (checked in the tests).
+        Case("huge target_class", {"image": base64.b64encode(lesion_jpeg).decode(), "target_class": "x" * 2_000_000},
+             400, "invalid_option"),
+        Case("non-boolean gradcam", {"image": base64.b64encode(lesion_jpeg).decode(), "gradcam": {"a": 1}}, 400,
+             "invalid_option"),
+        # JSON bodies of every shape but an object: TorchServe parses them itself.
+        *[Case(f"JSON scalar {text}", text.encode(), 400, "malformed_json", content_type="application/json")
+          for text in ("-1", "1.5", "1e999", '"a string"', "true", "null")],
+        Case("JSON list", b"[1, 2, 3]", 400, "malformed_json", content_type="application/json"),
+        Case("deeply nested JSON array", b"[" * 5000, 400, "malformed_json", content_type="application/json"),
+        Case("unparseable JSON", b"{\"image\": ", 400, "malformed_json", content_type="application/json"),
+        Case("image sent as JSON content type", lesion_jpeg, 200, content_type="application/json"),
+        # Pillow raises struct.error reading a 4-byte eXIf chunk; the image itself is fine.
+        Case("PNG with a 4-byte eXIf chunk", png_with_chunk(lesion, b"eXIf", b"II*\x00"), valid,
+             clean=encode(lesion, "PNG")),
+        # Thin strips: a few hundred bytes that the resize would make over a million pixels.
+        Case("300000x8 PNG", encode(Image.new("RGB", (300_000, 8), (90, 60, 50)), "PNG"), 422, "bad_image_dimensions"),
+        Case("40000x8 PNG", encode(Image.new("RGB", (40_000, 8), (90, 60, 50)), "PNG"), 422, "bad_image_dimensions"),
+        Case("8x100 PNG (aspect 12.5:1)", encode(Image.new("RGB", (8, 100), (90, 60, 50)), "PNG"), 422,
+             "bad_image_dimensions"),
+        # Formats outside the accepted list are refused from their signature, before decoding.
+        Case("ICO", encode(lesion.resize((64, 64)), "ICO"), 415, "unsupported_format"),
+        Case("JPEG 2000", encode(lesion.resize((64, 48)), "JPEG2000"), 415, "unsupported_format"),
+        Case("PPM", encode(lesion.resize((64, 48)), "PPM"), 415, "unsupported_format"),
     ]

@@ -3,29 +3,26 @@
 from __future__ import annotations
 
 import contextlib
-import os
 import socket
-import sys
 from pathlib import Path
 from typing import Iterator
 
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from handler.model import build_model, default_preprocess_config, make_checkpoint  # noqa: E402
-from scripts import package, serve  # noqa: E402
-
-DATA = Path(os.environ.get("SKIN_LESION_DATA", ROOT.parent / "shared" / "data"))
-RELEASED_CHECKPOINT = ROOT / "models" / "skin_lesion.pt"
+from handler.architectures import build_model, default_preprocess_config
+from handler.calibration import Calibration
+from handler.checkpoint import Meta, make_checkpoint, read_checkpoint
+from ops import torchserve as serve
+from ops.archive import ArchiveSpec, build_archive
+from ops.paths import CHECKPOINT as RELEASED_CHECKPOINT
+from ops.paths import DATA, MODEL_CONFIG, ROOT, SERVER_CONFIG
 
 
 @pytest.fixture(scope="session")
 def released_version() -> str:
     """The version recorded in the released checkpoint, which the served archive reports."""
-    return str(torch.load(RELEASED_CHECKPOINT, map_location="cpu", weights_only=True)["meta"]["version"])
+    return str(read_checkpoint(RELEASED_CHECKPOINT).meta.version)
 
 
 def _require(path: Path) -> Path:
@@ -70,7 +67,9 @@ def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     model = build_model("efficientnet_lite0").eval()
     preprocess = default_preprocess_config("efficientnet_lite0", image_size=64)
     path = tmp_path_factory.mktemp("tiny") / "skin_lesion.pt"
-    torch.save(make_checkpoint(model, "efficientnet_lite0", preprocess, {"version": "0.0.1-test", "calibration": TINY_CALIBRATION}), path)
+    meta = Meta(preprocess, version="0.0.1-test",
+                calibration={tta: Calibration.from_dict(fitted) for tta, fitted in TINY_CALIBRATION.items()})
+    make_checkpoint(model, "efficientnet_lite0", preprocess, meta).save(path)
     return path
 
 
@@ -85,15 +84,14 @@ def start_server(run_dir: Path, model_store: Path, overrides: dict[str, str] | N
     """Start a real TorchServe on free loopback ports, with the project's config otherwise."""
     ports = {key: f"http://127.0.0.1:{free_port()}" for key in serve.ADDRESS_KEYS.values()}
     ports |= {"grpc_inference_port": str(free_port()), "grpc_management_port": str(free_port())}
-    return serve.start(run_dir, model_store, ROOT / "config" / "config.properties", {**ports, **(overrides or {})}, models)
+    return serve.start(run_dir, model_store, SERVER_CONFIG, {**ports, **(overrides or {})}, models)
 
 
 @pytest.fixture(scope="session")
 def release_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A model store holding the release archive, built from the repository by scripts/package.py."""
+    """A model store holding the release archive, built from the repository by ops.archive."""
     store = tmp_path_factory.mktemp("model_store")
-    args = package.get_args_parser().parse_args(["--export-path", str(store)])
-    package.main(args)
+    build_archive(ArchiveSpec(RELEASED_CHECKPOINT, MODEL_CONFIG, store))
     return store
 
 

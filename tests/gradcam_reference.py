@@ -2,7 +2,7 @@
 
 import torch
 
-from handler.model import feature_layer
+from handler.architectures import feature_layer
 
 
 def autograd_gradcam(model, inputs, targets):

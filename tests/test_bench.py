@@ -5,6 +5,8 @@ import json
 import pytest
 import yaml
 
+from ops import bench_report, loadgen
+from ops.bench_served import model_config_overrides
 from scripts import bench
 from tests.conftest import RELEASED_CHECKPOINT, ROOT
 
@@ -19,26 +21,26 @@ def level(concurrency, images_per_s, p50, p99, errors=0, avg_batch=1.0):
 
 def test_percentile_is_nearest_rank_and_monotone():
     values = list(range(1, 101))  # 1..100
-    assert bench.percentile(values, 0.50) == 50
-    assert bench.percentile(values, 0.95) == 95
-    assert bench.percentile(values, 0.99) == 99
-    assert bench.percentile(values, 1.0) == 100
-    assert bench.percentile([7.0], 0.99) == 7.0
-    assert bench.percentile([3, 1, 2], 0.0) == 1
+    assert loadgen.percentile(values, 0.50) == 50
+    assert loadgen.percentile(values, 0.95) == 95
+    assert loadgen.percentile(values, 0.99) == 99
+    assert loadgen.percentile(values, 1.0) == 100
+    assert loadgen.percentile([7.0], 0.99) == 7.0
+    assert loadgen.percentile([3, 1, 2], 0.0) == 1
     with pytest.raises(ValueError):
-        bench.percentile([], 0.5)
+        loadgen.percentile([], 0.5)
 
 
 def test_level_stats_counts_errors_and_takes_percentiles_over_successes():
     latencies = [0.010] * 97 + [0.050, 0.100, 5.0]
     statuses = [200] * 99 + [503]  # the 5 s one failed: it must not enter the percentiles
-    stats = bench.level_stats(latencies, statuses, seconds=2.0)
+    stats = loadgen.level_stats(latencies, statuses, seconds=2.0)
     assert stats["requests"] == 100 and stats["errors"] == 1
     assert stats["images_per_s"] == pytest.approx(99 / 2.0)
     assert stats["p50_ms"] == pytest.approx(10.0)
     assert stats["p99_ms"] == pytest.approx(100.0)
     assert stats["p50_ms"] <= stats["p95_ms"] <= stats["p99_ms"]
-    empty = bench.level_stats([1.0], [-1], seconds=1.0)
+    empty = loadgen.level_stats([1.0], [-1], seconds=1.0)
     assert empty["errors"] == 1 and empty["images_per_s"] == 0 and empty["p99_ms"] is None
 
 
@@ -52,8 +54,8 @@ def test_parse_histogram_reads_torchserve_prometheus_text():
         'skin_lesion_batch_size_sum{ModelName="other",Hostname="vm",} 99.0',
         'skin_lesion_batch_size_sum_extra{ModelName="skin_lesion",} 1.0',
     ])
-    assert bench.parse_histogram(text, "skin_lesion_batch_size", "skin_lesion") == (12.0, 5.0)
-    assert bench.parse_histogram("", "skin_lesion_batch_size", "skin_lesion") == (0.0, 0.0)
+    assert loadgen.parse_histogram(text, "skin_lesion_batch_size", "skin_lesion") == (12.0, 5.0)
+    assert loadgen.parse_histogram("", "skin_lesion_batch_size", "skin_lesion") == (0.0, 0.0)
 
 
 def test_summary_ratios_and_checks():
@@ -66,7 +68,7 @@ def test_summary_ratios_and_checks():
         "gradcam": [{"batch_size": 8, "overlay_format": "jpeg", "gradcam_cost_ratio": 1.2},
                     {"batch_size": 8, "overlay_format": "png", "gradcam_cost_ratio": 1.9}],
     }
-    summary = bench.summarize(result, batch_size=8)
+    summary = bench_report.summarize(result, batch_size=8)
     assert summary["best_concurrency"] == 16 and summary["p99_ms_at_best"] == 900
     assert summary["served_throughput_ratio"] == pytest.approx(18.0 / 20.0)
     assert summary["speedup_vs_unbatched"] == pytest.approx(3.0)
@@ -80,7 +82,7 @@ def test_summary_ratios_and_checks():
 
     # Without the open-loop level, the closed-loop level nearest 70 % of the peak is used;
     # sections that did not run give None ("not measured"), never a made-up figure.
-    partial = bench.summarize({"served": {"levels": result["served"]["levels"], "paced": None}}, batch_size=8)
+    partial = bench_report.summarize({"served": {"levels": result["served"]["levels"], "paced": None}}, batch_size=8)
     assert partial["p99_over_p50_at_70pct"] == pytest.approx(400 / 280)
     assert partial["tail_level"].startswith("closed loop, 4 in flight")
     assert partial["served_throughput_ratio"] is None and partial["speedup_vs_unbatched"] is None
@@ -88,9 +90,9 @@ def test_summary_ratios_and_checks():
 
 
 def test_command_line_masks_the_token():
-    shown = bench.command_line(["scripts/bench.py", "--url", "http://127.0.0.1:8080", "--token", "s3cret", "--quick"])
+    shown = bench_report.command_line(["scripts/bench.py", "--url", "http://127.0.0.1:8080", "--token", "s3cret", "--quick"])
     assert shown == "python scripts/bench.py --url http://127.0.0.1:8080 --token *** --quick"
-    assert "s3cret" not in bench.command_line(["scripts/bench.py", "--token=s3cret"])
+    assert "s3cret" not in bench_report.command_line(["scripts/bench.py", "--token=s3cret"])
 
 
 def test_report_from_synthetic_result(tmp_path):
@@ -99,12 +101,33 @@ def test_report_from_synthetic_result(tmp_path):
               "served": {"levels": [level(1, 7.0, 140, 150), level(8, 14.0, 500, 600, avg_batch=6.0)], "paced": None,
                          "model_config": {"batchSize": 8, "maxBatchDelay": 50}, "target": "test"},
               "in_process": [{"batch_size": 8, "images": 80, "seconds": 4.0, "images_per_s": 20.0}]}
-    result["summary"] = bench.summarize(result, batch_size=8)
-    bench.write_report(tmp_path / "PERF.md", result)
+    result["summary"] = bench_report.summarize(result, batch_size=8)
+    bench_report.write_report(tmp_path / "PERF.md", result)
     report = (tmp_path / "PERF.md").read_text()
     assert all(key in report for key in SUMMARY_KEYS)
     assert "| 8 | 100 | 0 | 14.0 | 500 | 600 | 600 | 6.00 |" in report
     assert "not measured" in report  # speedup_vs_unbatched and gradcam_cost_ratio did not run
+
+
+def test_default_plans_and_model_config_overrides():
+    quick = loadgen.default_plan(quick=True)
+    assert quick.levels == (1, 4, 16) and quick.level_requests == 300 and quick.level_seconds == 6.0
+    full = loadgen.default_plan(quick=False, levels=[2, 8], level_seconds=3.0)
+    assert full.levels == (2, 8) and full.level_requests == 2000 and full.level_seconds == 3.0
+    assert model_config_overrides(4, 5, 2, ["torch_threads=1", "tta=hflip"]) == {
+        "batchSize": 4, "maxBatchDelay": 5, "minWorkers": 2, "maxWorkers": 2,
+        "handler": {"torch_threads": 1, "tta": "hflip"}}
+    with pytest.raises(ValueError, match="KEY=VALUE"):
+        model_config_overrides(handler=["torch_threads"])
+
+
+def test_the_load_generating_client_imports_neither_torch_nor_the_handler():
+    import subprocess
+    import sys
+
+    code = "import sys, ops.loadgen; print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'handler')))"
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert loaded == "[]"
 
 
 @pytest.mark.slow

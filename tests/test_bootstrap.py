@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from handler.evaluation import bootstrap_intervals, classification_report, one_vs_rest_auc
 from handler.labels import CLASS_CODES, class_index
+from lab.evaluation import bootstrap_intervals, classification_report, one_vs_rest_auc
 
 K = len(CLASS_CODES)
 

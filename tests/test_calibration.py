@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from handler.calibration import Calibration, augmented_views, fit_calibration, merge_views
-from handler.evaluation import expected_calibration_error, malignant_probability, referral_threshold_for_sensitivity
 from handler.labels import class_index
+from lab.evaluation import expected_calibration_error, malignant_probability, referral_threshold_for_sensitivity
 
 
 def test_fit_recovers_temperature_and_prior_shift():

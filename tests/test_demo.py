@@ -18,13 +18,16 @@ import requests
 from PIL import Image
 
 import app
-from demo.client import DEFAULT_CHECKPOINT, DEFAULT_MODEL_CONFIG, DemoError, LocalBackend, RemoteBackend, connect, \
-    load_handler_settings, load_preprocess
+from demo.client import DemoError, LocalBackend, OutOfDistribution, RemoteBackend, connect, load_preprocess, refusal
 from demo.presentation import OverlayRenderer, example_images, probability_figure, summary_html
 from handler.labels import CLASS_CODES
 from handler.preprocessing import decode_image
-from scripts import serve
+from handler.settings import load_handler_settings
+from ops import torchserve as serve
+from ops.paths import CHECKPOINT as DEFAULT_CHECKPOINT
+from ops.paths import MODEL_CONFIG as DEFAULT_MODEL_CONFIG
 from tests.conftest import ROOT, free_port
+from tests.tiny_release import synthetic_jpeg
 
 CHROMIUM = Path("/usr/bin/chromium")
 # This machine has no internet: no background traffic, no updates, no first-run fetches.
@@ -55,8 +58,175 @@ def closed_url() -> str:
 
 def test_defaults_bind_loopback_without_share_link():
     args = app.get_args_parser().parse_args([])
-    assert args.host == "127.0.0.1" and not args.share and not args.local
+    assert args.host == "127.0.0.1" and not args.share and not args.local and args.auth is None
     assert args.url == "http://127.0.0.1:8080" and Path(args.run_dir) == ROOT / "run"
+    assert app.login(args) is None and args.max_upload_mb == 16
+
+
+@pytest.mark.parametrize("argv", [["--share"], ["--host", "0.0.0.0"], ["--host", "192.168.1.20"], ["--host", "demo.example"]])
+def test_an_exposed_page_is_refused_without_a_login(argv, tmp_path, capsys, monkeypatch):
+    args = app.get_args_parser().parse_args(argv + ["--examples", str(tmp_path)])
+    with pytest.raises(DemoError, match="add --auth user:password"):
+        app.login(args)
+    monkeypatch.setattr(app.signal, "signal", lambda *args: None)  # keep pytest's own SIGTERM handling
+    # main refuses before connecting to or starting anything (nothing answers at this URL).
+    assert app.main(app.get_args_parser().parse_args(argv + ["--url", closed_url(), "--no-start"])) == 1
+    assert "--auth" in capsys.readouterr().err
+
+
+def test_a_login_allows_exposure_and_loopback_needs_none(tmp_path):
+    parse = app.get_args_parser().parse_args
+    assert app.login(parse(["--share", "--auth", "ana:s3cret:with:colons"])) == ("ana", "s3cret:with:colons")
+    secret = tmp_path / "auth"
+    secret.write_text("ana:from-file\n")
+    assert app.login(parse(["--host", "0.0.0.0", "--auth", f"@{secret}"])) == ("ana", "from-file")
+    for host in ("127.0.0.1", "127.0.0.2", "::1", "localhost"):
+        assert app.login(parse(["--host", host])) is None
+    for bad in ("ana", "ana:", ":pw"):
+        with pytest.raises(DemoError, match="user:password"):
+            app.login(parse(["--share", "--auth", bad]))
+
+
+def test_launch_options_carry_the_upload_limit_and_the_login(tmp_path):
+    args = app.get_args_parser().parse_args(["--host", "0.0.0.0", "--auth", "ana:pw", "--max-upload-mb", "2",
+                                             "--examples", str(tmp_path)])
+    uploads = app.Uploads(tmp_path, int(args.max_upload_mb * 2**20))
+    options = app.launch_options(args, uploads, [])
+    assert options["max_file_size"] == 2 * 2**20 and options["auth"] == ("ana", "pw")
+    assert options["server_name"] == "0.0.0.0" and options["share"] is False and options["allowed_paths"] is None
+
+
+def test_each_run_gets_a_private_upload_folder(tmp_path, monkeypatch):
+    monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path))
+    folder = app.private_upload_folder()
+    assert folder.parent == tmp_path and os.environ["GRADIO_TEMP_DIR"] == str(folder)
+    assert folder.stat().st_mode & 0o077 == 0  # only this user
+
+
+class FakeBackend:
+    description = "fake"
+
+    def __init__(self, error=None):
+        self.error, self.calls = error, []
+
+    def predict(self, image, target_class=None):
+        self.calls.append((image, target_class))
+        raise self.error
+
+
+def test_an_upload_is_deleted_after_its_request_but_example_copies_and_outside_files_are_kept(tmp_path, renderer):
+    root = tmp_path / "gradio"
+    example = tmp_path / "data" / "example.jpg"
+    example.parent.mkdir()
+    example.write_bytes(synthetic_jpeg(1))
+    uploads = app.Uploads(root, 2**20, app.digests([example]))
+    upload = root / "3f2a" / "lesion.jpg"
+    upload.parent.mkdir(parents=True)
+    upload.write_bytes(synthetic_jpeg(0))
+    copy = root / "9c1d" / "example.jpg"
+    copy.parent.mkdir()
+    copy.write_bytes(example.read_bytes())
+    backend = FakeBackend(DemoError("the server is down"))
+
+    outputs = app.analyse_upload(backend, renderer, uploads, str(upload), "", 0.5)
+    assert "the server is down" in outputs[0] and backend.calls == [(synthetic_jpeg(0), None)]
+    assert not upload.exists() and not upload.parent.exists() and root.exists()
+    assert outputs[5] == {"image": synthetic_jpeg(0)}  # kept in memory for another class, not on disk
+    app.analyse_upload(backend, renderer, uploads, str(copy), "", 0.5)
+    assert copy.exists()  # a public example image, not a patient's
+    assert not uploads.discard(example) and example.exists()  # outside the upload folder
+
+
+def test_an_oversized_upload_is_refused_unread_and_deleted(tmp_path, renderer):
+    uploads = app.Uploads(tmp_path, 1000)
+    upload = tmp_path / "big.jpg"
+    upload.write_bytes(b"\xff" * 1001)
+    backend = FakeBackend()
+    outputs = app.analyse_upload(backend, renderer, uploads, str(upload), "", 0.5)
+    assert "The image is 0.0 MB; the demo accepts images up to" in outputs[0]
+    assert backend.calls == [] and not upload.exists() and outputs[2:5] == (None, None, None)
+
+
+OUT_OF_DISTRIBUTION_BODY = {"error": {
+    "code": "out_of_distribution", "status": 422, "score": 41.73, "threshold": 12.5,
+    "message": "this does not look like a dermoscopic image of a skin lesion, so the model cannot judge it"}}
+
+
+def test_an_out_of_distribution_refusal_is_a_friendly_message_without_probabilities_or_heatmap(renderer):
+    error = refusal(422, OUT_OF_DISTRIBUTION_BODY, "")
+    assert isinstance(error, OutOfDistribution) and (error.score, error.threshold) == (41.73, 12.5)
+    assert not isinstance(refusal(422, {"error": {"code": "other", "message": "x"}}, ""), OutOfDistribution)
+    message, summary, chart, original, overlay, state = app.analyse(FakeBackend(error), renderer, synthetic_jpeg(), "", 0.5)
+    assert "does not look like a dermoscopic image of a skin lesion" in message and "41.7" in message and "12.5" in message
+    assert 'id="out-of-distribution"' in message and "Could not analyse" not in message
+    assert summary == "" and chart is None and original is None and overlay is None
+    assert "%" not in message and "Suggested class" not in message
+
+
+def test_the_remote_backend_turns_a_served_422_into_the_refusal(tmp_path):
+    import json
+    import threading
+    from http.server import BaseHTTPRequestHandler, HTTPServer
+
+    class Refuses(BaseHTTPRequestHandler):
+        def do_POST(self):  # noqa: N802 - http.server's name
+            self.rfile.read(int(self.headers["Content-Length"]))
+            body = json.dumps(OUT_OF_DISTRIBUTION_BODY).encode()
+            self.send_response(422)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    http = HTTPServer(("127.0.0.1", 0), Refuses)
+    thread = threading.Thread(target=http.serve_forever, daemon=True)
+    thread.start()
+    try:
+        backend = RemoteBackend(f"http://127.0.0.1:{http.server_port}", serve.Server(tmp_path))
+        with pytest.raises(OutOfDistribution) as refused:
+            backend.predict(synthetic_jpeg())
+        assert refused.value.score == 41.73
+    finally:
+        http.shutdown()
+
+
+def test_through_gradio_an_upload_leaves_nothing_behind_and_the_size_limit_holds(tmp_path, tiny_checkpoint, settings,
+                                                                               monkeypatch):
+    """The page served by Gradio itself, called as a browser would (upload, then the change event)."""
+    from gradio_client import Client, handle_file
+
+    monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path))
+    folder = app.private_upload_folder()
+    uploads = app.Uploads(folder, 200_000)
+    renderer = OverlayRenderer(load_preprocess(tiny_checkpoint), settings)
+    page = app.build_demo(LocalBackend(tiny_checkpoint, settings), renderer, [], uploads)
+    port = free_port()
+    page.launch(prevent_thread_lock=True, **app.launch_options(
+        app.get_args_parser().parse_args(["--port", str(port), "--examples", str(tmp_path / "none")]), uploads, []))
+    try:
+        image = tmp_path / "lesion.jpg"
+        image.write_bytes(synthetic_jpeg(3, size=(300, 225)))
+        client = Client(f"http://127.0.0.1:{port}/", verbose=False)
+        message, summary, *_ = client.predict(handle_file(str(image)), "", 0.5, api_name="/run_upload")
+        assert message == "" and "Model version" in summary
+        left = [path for path in folder.rglob("*") if path.is_file() and path.read_bytes() == image.read_bytes()]
+        assert left == []  # the upload is gone once answered
+        big = tmp_path / "big.jpg"
+        big.write_bytes(synthetic_jpeg(4, size=(1200, 900)) + b"\0" * 200_000)
+        with pytest.raises(Exception, match="(?i)size|413|large"):
+            client.predict(handle_file(str(big)), "", 0.5, api_name="/run_upload")
+        assert not [path for path in folder.rglob("*") if path.is_file() and path.stat().st_size >= 200_000]
+    finally:
+        page.close()
+
+
+def test_an_unknown_risk_is_shown_without_a_colour_of_its_own():
+    body = {"prediction": "nv", "label": "Melanocytic nevus", "confidence": 0.6, "risk": "unknown",
+            "malignant_probability": 0.05, "referral": {"refer": False, "threshold": 0.1}, "model_version": "2.0.0"}
+    assert "UNKNOWN" in summary_html(body, "in-process handler")
 
 
 def test_server_down_is_a_readable_message(tmp_path):

@@ -1,4 +1,5 @@
-"""The logit-averaging ensemble: its arithmetic, its checkpoint, the script that builds it, and serving it."""
+"""The logit-averaging ensemble: its arithmetic, which members combine, the scripts that build and compare
+ensembles, and serving one. The checkpoint format of an ensemble is tested in test_checkpoint.py."""
 
 import base64
 
@@ -6,32 +7,33 @@ import numpy as np
 import pytest
 import torch
 
+from handler.architectures import LogitAverage, build_from_config, build_model, default_preprocess_config, features_and_logits
 from handler.calibration import Calibration
-from handler.ensemble import LogitAverage, combine_checkpoints, split_members
-from handler.inference import HandlerSettings, handle_batch, prepare_for_serving
-from handler.model import build_from_config, build_model, default_preprocess_config, features_and_logits, load_checkpoint, make_checkpoint
+from handler.checkpoint import Meta, combine_members, load_checkpoint, make_checkpoint
+from handler.inference import handle_batch, prepare_for_serving
 from handler.preprocessing import load_model_input, normalize_batch
 from handler.runtime import build_runner
+from handler.settings import HandlerSettings
+from lab.ensembles import check_compatible_members
 from scripts import ensemble as ensemble_script
 from tests.conftest import TINY_CALIBRATION
+
+CALIBRATIONS = {tta: Calibration.from_dict(fitted) for tta, fitted in TINY_CALIBRATION.items()}
 
 
 def member_checkpoint(seed, image_size=64, version="0.0.1-test"):
     torch.manual_seed(seed)
     model = build_model("efficientnet_lite0").eval()
     preprocess = default_preprocess_config("efficientnet_lite0", image_size=image_size)
-    meta = {"version": version, "command": f"python scripts/train.py --seed {seed}", "calibration": TINY_CALIBRATION,
-            "data": {"metadata": "metadata.csv", "train_images": 5129, "val_images": 855, "split": "seed 42"}}
+    meta = Meta(preprocess, version=version, calibration=dict(CALIBRATIONS),
+                data={"metadata": "metadata.csv", "train_images": 5129, "val_images": 855, "split": "seed 42"},
+                provenance={"command": f"python scripts/train.py --seed {seed}"})
     return make_checkpoint(model, "efficientnet_lite0", preprocess, meta)
 
 
 @pytest.fixture()
 def member_files(tmp_path):
-    paths = []
-    for seed in (1, 2):
-        paths.append(tmp_path / f"member{seed}.pt")
-        torch.save(member_checkpoint(seed, version=f"0.{seed}.0"), paths[-1])
-    return paths
+    return [member_checkpoint(seed, version=f"0.{seed}.0").save(tmp_path / f"member{seed}.pt") for seed in (1, 2)]
 
 
 def test_logits_are_the_members_mean_and_probabilities_the_geometric_mean():
@@ -52,45 +54,27 @@ def test_logits_are_the_members_mean_and_probabilities_the_geometric_mean():
 
 
 def load_member(checkpoint):
-    model = build_from_config(checkpoint["config"])
-    model.load_state_dict(checkpoint["state_dict"])
+    model = build_from_config(checkpoint.config)
+    model.load_state_dict(checkpoint.state_dict)
     return model.eval()
 
 
-def test_checkpoint_round_trip_keeps_every_member_weight(tmp_path):
+def test_loaded_ensemble_is_a_logit_average_of_every_member_weight(tmp_path):
     members = [member_checkpoint(seed) for seed in (1, 2)]
-    path = tmp_path / "ensemble.pt"
-    torch.save(combine_checkpoints(members, {"version": "9.9.9"}), path)
-    loaded = load_checkpoint(path)  # weights_only=True inside
+    meta = Meta(members[0].meta.preprocessing, version="9.9.9")
+    loaded = load_checkpoint(combine_members(members, meta).save(tmp_path / "ensemble.pt"))  # weights_only=True inside
     assert isinstance(loaded.model, LogitAverage) and loaded.version == "9.9.9"
     assert loaded.architecture == "logit_average(efficientnet_lite0, efficientnet_lite0)"
     assert loaded.preprocess == default_preprocess_config("efficientnet_lite0", image_size=64)
     for index, member in enumerate(members):
         restored = loaded.model.members[index].state_dict()
-        assert all(torch.equal(restored[name], tensor) for name, tensor in member["state_dict"].items())
+        assert all(torch.equal(restored[name], tensor) for name, tensor in member.state_dict.items())
 
-
-
-def test_split_members_inverts_combine_and_keeps_what_the_split_check_needs():
-    members = [member_checkpoint(seed) for seed in (1, 2)]
-    ensemble = combine_checkpoints(members, {"version": "9.9.9", "members": [
-        {"source": f"checkpoint m{seed}.pt", "data": member["meta"]["data"]} for seed, member in zip((1, 2), members)]})
-    split = split_members(ensemble)
-    assert [member["config"] for member in split] == [member["config"] for member in members]
-    for original, restored in zip(members, split):
-        assert all(torch.equal(restored["state_dict"][name], tensor) for name, tensor in original["state_dict"].items())
-        assert restored["meta"]["data"] == original["meta"]["data"]
-        assert restored["meta"]["preprocessing"] == original["meta"]["preprocessing"]
-    assert split[1]["meta"]["source"] == "checkpoint m2.pt"
-    # Recombined, the members pass the same checks and give the same network.
-    assert combine_checkpoints(split, {})["state_dict"].keys() == ensemble["state_dict"].keys()
-    with pytest.raises(ValueError, match="not an ensemble"):
-        split_members(members[0])
 
 def test_members_from_different_train_script_versions_on_one_split_combine():
     older, newer = member_checkpoint(1), member_checkpoint(2)
-    newer["meta"]["data"]["train_class_counts"] = {"nv": 3706}  # recorded by train.py since 1.3.0
-    assert combine_checkpoints([older, newer], {})["config"]["arch"] == "logit_average"
+    newer.meta.data["train_class_counts"] = {"nv": 3706}  # recorded by train.py since 1.3.0
+    check_compatible_members([older, newer])
 
 
 @pytest.mark.parametrize("problem,match", [
@@ -108,18 +92,18 @@ def test_incompatible_members_are_refused(problem, match):
     elif problem == "preprocessing":
         members = [first, member_checkpoint(2, image_size=96)]
     elif problem == "classes":
-        second["config"]["classes"] = list(reversed(second["config"]["classes"]))
+        second.config["classes"] = list(reversed(second.config["classes"]))
         members = [first, second]
     elif problem == "split":
-        second["meta"]["data"]["split"] = "seed 7"  # its validation images were another member's training images
+        second.meta.data["split"] = "seed 7"  # its validation images were another member's training images
         members = [first, second]
     elif problem == "no split":
-        del second["meta"]["data"]
+        second.meta.data = None
         members = [first, second]
     else:
-        members = [combine_checkpoints([first, second], {}), member_checkpoint(3)]
+        members = [combine_members([first, second], first.meta), member_checkpoint(3)]
     with pytest.raises(ValueError, match=match):
-        combine_checkpoints(members, {})
+        check_compatible_members(members)
 
 
 def test_script_records_member_provenance_and_needs_calibration(member_files, tmp_path):
@@ -128,11 +112,12 @@ def test_script_records_member_provenance_and_needs_calibration(member_files, tm
         ["--members", *map(str, member_files), "--output", str(output), "--model-version", "2.0.0-test"])
     ensemble_script.main(args)
     loaded = load_checkpoint(output)
-    assert loaded.meta["command"].startswith("python scripts/ensemble.py --members ")
-    sources = [member["source"] for member in loaded.meta["members"]]
+    assert loaded.meta.provenance["command"].startswith("python scripts/ensemble.py --members ")
+    sources = [member["source"] for member in loaded.meta.members]
     assert sources[0].startswith("checkpoint member1.pt (version 0.1.0, sha256 ")
-    assert [member["command"] for member in loaded.meta["members"]] == [
+    assert [member["command"] for member in loaded.meta.members] == [
         "python scripts/train.py --seed 1", "python scripts/train.py --seed 2"]
+    assert all(member["data"]["split"] == "seed 42" for member in loaded.meta.members)
     # Stored in float16 by default (half the file), run in float32.
     stored = torch.load(output, weights_only=True)["state_dict"]
     assert stored["members.0.classifier.weight"].dtype == torch.float16
@@ -148,19 +133,18 @@ def test_script_grows_an_ensemble_from_its_checkpoint_and_stores_int8(member_fil
     first = tmp_path / "two.pt"
     ensemble_script.main(ensemble_script.get_args_parser().parse_args(
         ["--members", *map(str, member_files), "--output", str(first), "--model-version", "2.0.0-test"]))
-    third = tmp_path / "member3.pt"
-    torch.save(member_checkpoint(3, version="0.3.0"), third)
+    third = member_checkpoint(3, version="0.3.0").save(tmp_path / "member3.pt")
     grown = tmp_path / "three.pt"
     ensemble_script.main(ensemble_script.get_args_parser().parse_args(
         ["--members", str(first), str(third), "--output", str(grown), "--model-version", "3.0.0-test",
          "--storage-dtype", "int8"]))
     loaded = load_checkpoint(grown)
     assert loaded.architecture == "logit_average(efficientnet_lite0, efficientnet_lite0, efficientnet_lite0)"
-    sources = [member["source"] for member in loaded.meta["members"]]
+    sources = [member["source"] for member in loaded.meta.members]
     assert sources[0].startswith("checkpoint member1.pt (version 0.1.0, sha256 ")
     assert " taken as stored from member 1 of checkpoint two.pt (version 2.0.0-test, sha256 " in sources[1]
     assert sources[2].startswith("checkpoint member3.pt (version 0.3.0, sha256 ")
-    assert [member["command"] for member in loaded.meta["members"]] == [
+    assert [member["command"] for member in loaded.meta.members] == [
         f"python scripts/train.py --seed {seed}" for seed in (1, 2, 3)]
     stored = torch.load(grown, weights_only=True)["state_dict"]
     assert stored["members.2.conv_stem.weight"].dtype == torch.int8
@@ -179,17 +163,17 @@ def test_handler_serves_the_ensembles_calibrated_mean_logits_and_explains_it(mem
     ensemble_script.main(ensemble_script.get_args_parser().parse_args(
         ["--members", *map(str, member_files), "--output", str(output), "--model-version", "2.0.0-test"]))
     loaded = load_checkpoint(output)
-    loaded.meta["calibration"] = TINY_CALIBRATION  # what calibrate.py would add
+    loaded.meta.calibration = dict(CALIBRATIONS)  # what calibrate.py would add
     images = [(samples_dir / name).read_bytes() for name in sorted(p.name for p in samples_dir.glob("*.jpg"))[:5]]
     rows = [{"body": {"image": base64.b64encode(i).decode(), "gradcam": True}} for i in images]
     eager = [r.body for r in handle_batch(loaded, HandlerSettings(runtime="eager"), rows, "2.0.0-test")]
     batch = normalize_batch(torch.stack([load_model_input(i, loaded.preprocess)[0] for i in images]), loaded.preprocess)
     with torch.no_grad():
         member_logits = torch.stack([features_and_logits(m, batch)[1] for m in loaded.model.members]).mean(0)
-    expected = Calibration.from_dict(TINY_CALIBRATION["none"]).apply(member_logits)
-    served = torch.tensor([list(body["probabilities"].values()) for body in eager])
+    expected = CALIBRATIONS["none"].apply(member_logits)
+    served = torch.tensor([list(body.probabilities.values()) for body in eager])
     assert torch.allclose(served, expected, atol=1e-4)
-    assert all(body["gradcam"]["class"] == body["prediction"] for body in eager)
+    assert all(body.gradcam.class_code == body.prediction for body in eager)
 
 
 def test_torchscript_runner_traces_the_ensemble():
@@ -209,15 +193,15 @@ def test_compare_members_measures_each_combination_as_the_built_ensemble(member_
 
     import numpy as np
 
-    from handler.evaluation import logits_for_files
     from handler.labels import class_index
+    from lab import evaluation
+    from lab.crossfit import measure_combination
     from scripts import compare_members
 
     two = tmp_path / "two.pt"
     ensemble_script.main(ensemble_script.get_args_parser().parse_args(
         ["--members", *map(str, member_files), "--output", str(two), "--model-version", "2.0.0-test"]))
-    third = tmp_path / "member3.pt"
-    torch.save(member_checkpoint(3, version="0.3.0"), third)
+    third = member_checkpoint(3, version="0.3.0").save(tmp_path / "member3.pt")
     rows = list(csv.DictReader(open(samples_dir / "metadata.csv")))
     subset = tmp_path / "subset.json"
     subset.write_text(json.dumps({"val_image_ids": [row["image_id"] for row in rows]}))
@@ -237,23 +221,22 @@ def test_compare_members_measures_each_combination_as_the_built_ensemble(member_
         (row["mean"]["balanced_accuracy"] for row in measured), reverse=True)
     assert json.loads((tmp_path / "r.json").read_text())["n_images"] == 70
     # A combination reads exactly as the ensemble built from it (stored float16 weights included).
-    built = logits_for_files(load_checkpoint(two), [samples_dir / f"{row['image_id']}.jpg" for row in rows])
-    args = compare_members.get_args_parser().parse_args(common)
+    built = evaluation.logits_for_files(load_checkpoint(two), [samples_dir / f"{row['image_id']}.jpg" for row in rows])
     labels = np.array([class_index(row["dx"]) for row in rows])
-    direct = compare_members.measure_combination(built, labels, args)
+    direct = measure_combination(built, labels, folds=5, seed=0, repeats=2, target_sensitivity=0.85)
     pair = next(row for row in measured if row["members"] == ["two[0]", "two[1]"])
     assert direct["referral_threshold"] == pair["referral_threshold"]
     for key, value in direct["mean"].items():
         assert value == pytest.approx(pair["mean"][key], abs=2e-3), key
     # A rerun reads the cached logits instead of running the networks again.
-    monkeypatch.setattr(compare_members, "logits_for_files", lambda *a, **k: pytest.fail("logits recomputed"))
+    monkeypatch.setattr(evaluation, "logits_for_files", lambda *a, **k: pytest.fail("logits recomputed"))
     again = compare_members.main(compare_members.get_args_parser().parse_args(common + ["--min-size", "3"]))["combinations"]
     assert again[0]["mean"] == next(row for row in measured if len(row["members"]) == 3)["mean"]
     with pytest.raises(ValueError, match="3 distinct names"):
         compare_members.main(compare_members.get_args_parser().parse_args(common + ["--names", "a", "b"]))
     other_split = member_checkpoint(4)
-    other_split["meta"]["data"]["split"] = "seed 7"
-    torch.save(other_split, third)
+    other_split.meta.data["split"] = "seed 7"
+    other_split.save(third)
     with pytest.raises(ValueError, match="share one training/validation split"):
         compare_members.main(compare_members.get_args_parser().parse_args(common))
 
@@ -262,8 +245,7 @@ def test_selection_aware_figure_removes_the_winners_luck():
     from sklearn.metrics import balanced_accuracy_score
     from sklearn.model_selection import StratifiedKFold
 
-    from scripts.calibrate import out_of_fold_probabilities
-    from scripts.compare_members import selection_aware_balanced_accuracy
+    from lab.crossfit import out_of_fold_probabilities, selection_aware_balanced_accuracy
 
     folds, labels = 3, np.repeat(np.arange(7), 15)
     generator = np.random.default_rng(0)

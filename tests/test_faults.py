@@ -7,10 +7,13 @@ import time
 
 import pytest
 import requests
-import torch
 
-from handler.model import build_model, default_preprocess_config, make_checkpoint
-from scripts import package, serve
+from handler.architectures import build_model, default_preprocess_config
+from handler.checkpoint import Meta, make_checkpoint
+from ops import torchserve as serve
+from ops.archive import ArchiveSpec, build_archive
+from ops.paths import MODEL_CONFIG, SERVER_CONFIG
+from scripts import serve as serve_script
 from tests.conftest import served, start_server
 
 pytestmark = [pytest.mark.slow, pytest.mark.data]
@@ -87,11 +90,13 @@ def test_killed_worker_is_restarted_and_health_reports_the_gap(own_server, sampl
 
 def test_model_that_fails_to_load_is_reported_clearly_and_fast(tmp_path, capsys):
     broken = build_model("efficientnet_lite0", num_classes=5)  # wrong-shaped head for a 7-class service
-    checkpoint = make_checkpoint(broken, "efficientnet_lite0", default_preprocess_config("efficientnet_lite0"), {"version": "9.9.9"})
-    checkpoint["config"]["num_classes"] = 7
-    torch.save(checkpoint, tmp_path / "broken.pt")
+    preprocess = default_preprocess_config("efficientnet_lite0")
+    checkpoint = make_checkpoint(broken, "efficientnet_lite0", preprocess, Meta(preprocess, version="9.9.9"))
+    checkpoint.config["num_classes"] = 7
+    checkpoint.save(tmp_path / "broken.pt")
     store = tmp_path / "store"
-    package.main(package.get_args_parser().parse_args(["--checkpoint", str(tmp_path / "broken.pt"), "--export-path", str(store)]))
+    # Not a release: no gate and no operating point to check, only a model that must fail to load.
+    build_archive(ArchiveSpec(tmp_path / "broken.pt", MODEL_CONFIG, store, require_gate=False, force_threshold=True))
     server = start_server(tmp_path / "run", store)
     try:
         started = time.monotonic()
@@ -108,9 +113,9 @@ def test_model_that_fails_to_load_is_reported_clearly_and_fast(tmp_path, capsys)
         serve.stop(server)
     overrides = {key: server.properties[key] for key in (*serve.ADDRESS_KEYS.values(), "grpc_inference_port", "grpc_management_port")}
     config = tmp_path / "config.properties"
-    config.write_text(serve.render_properties(serve.ROOT / "config" / "config.properties", overrides))
-    args = serve.get_args_parser().parse_args(["start", "--run-dir", str(tmp_path / "cli"), "--model-store", str(store),
+    config.write_text(serve.render_properties(SERVER_CONFIG, overrides))
+    args = serve_script.get_args_parser().parse_args(["start", "--run-dir", str(tmp_path / "cli"), "--model-store", str(store),
                                                "--config", str(config), "--timeout", "120"])
-    assert serve.main(args) == 1
+    assert serve_script.main(args) == 1
     assert "failed to load" in capsys.readouterr().err
     assert not serve.Server(tmp_path / "cli").is_running()

@@ -10,11 +10,13 @@ import pytest
 import torch
 from PIL import Image
 
-from handler.ensemble import LogitAverage
+from handler.architectures import LogitAverage
 from handler.gradcam import gradcam_from_features, normalize_maps
-from handler.inference import HandlerSettings, handle_batch
+from handler.inference import handle_batch
+from handler.settings import HandlerSettings
 from handler.labels import class_index
-from handler.model import build_model, default_preprocess_config, feature_layer, forward_features, forward_head, load_checkpoint
+from handler.architectures import build_model, default_preprocess_config, feature_layer, forward_features, forward_head
+from handler.checkpoint import load_checkpoint
 from handler.overlay import OverlayStyle, model_view_box, render_overlay
 from handler.preprocessing import load_model_input, normalize_batch
 from tests.conftest import RELEASED_CHECKPOINT
@@ -135,12 +137,12 @@ def test_mixed_batch_explains_per_request_in_one_forward(samples_dir, monkeypatc
     responses = handle_batch(loaded, HandlerSettings(), rows, "1.0.0", explain=[False, False, True, False, False, False])
     assert [r.status for r in responses] == [200, 200, 200, 200, 400, 200]
     assert calls == [5]
-    assert "gradcam" not in responses[0].body
-    assert responses[4].body["error"]["code"] == "invalid_option"
-    top = responses[0].body["prediction"]
-    assert [responses[i].body["gradcam"]["class"] for i in (1, 2, 3, 5)] == [top, top, "mel", "bcc"]
+    assert "gradcam" not in responses[0].to_json()
+    assert responses[4].to_json()["error"]["code"] == "invalid_option"
+    top = responses[0].to_json()["prediction"]
+    assert [responses[i].to_json()["gradcam"]["class"] for i in (1, 2, 3, 5)] == [top, top, "mel", "bcc"]
     for index in (1, 2, 3, 5):
-        gradcam = responses[index].body["gradcam"]
+        gradcam = responses[index].to_json()["gradcam"]
         decoded = Image.open(io.BytesIO(base64.b64decode(gradcam["overlay"])))
         assert decoded.format == ("PNG" if index == 5 else "JPEG") == gradcam["format"].upper()
         assert decoded.size == (600, 450) == (gradcam["width"], gradcam["height"])
@@ -149,8 +151,8 @@ def test_mixed_batch_explains_per_request_in_one_forward(samples_dir, monkeypatc
         # (release 1.3.0 found no melanoma evidence in this nevus).
         assert heat.shape == (7, 7) and heat.min() >= 0
         assert heat.max() == (pytest.approx(1.0) if gradcam["has_evidence"] else 0.0)
-        assert responses[index].body["probabilities"] == responses[0].body["probabilities"]
-    assert responses[1].body["gradcam"]["has_evidence"]  # the named class has support somewhere
+        assert responses[index].to_json()["probabilities"] == responses[0].to_json()["probabilities"]
+    assert responses[1].to_json()["gradcam"]["has_evidence"]  # the named class has support somewhere
 
 
 @pytest.mark.data
@@ -161,8 +163,8 @@ def test_explain_path_leaves_no_hooks_or_gradients(samples_dir):
     first = None
     for _ in range(30):
         response = handle_batch(loaded, settings, [{"body": image}] * 2, "1.0.0", explain=[True, True])[0]
-        first = first or response.body["gradcam"]["heatmap"]
-        assert response.body["gradcam"]["heatmap"] == first
+        first = first or response.to_json()["gradcam"]["heatmap"]
+        assert response.to_json()["gradcam"]["heatmap"] == first
     assert all(p.grad is None for p in loaded.model.parameters())
     assert not any(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks for m in loaded.model.modules())
     assert torch.is_grad_enabled()
@@ -173,7 +175,7 @@ def test_served_heatmap_equals_autograd_reference(samples_dir):
     loaded = load_checkpoint(RELEASED_CHECKPOINT)
     image = (samples_dir / "ISIC_0025032.jpg").read_bytes()
     body = handle_batch(loaded, HandlerSettings(heatmap_decimals=6), [{"body": {"image": base64.b64encode(image).decode(),
-                                                                              "target_class": "mel"}}], "1")[0].body
+                                                                              "target_class": "mel"}}], "1")[0].to_json()
     inputs = normalize_batch(load_model_input(image, loaded.preprocess)[0][None], loaded.preprocess)
     reference = normalize_maps(autograd_gradcam(loaded.model, inputs, torch.tensor([class_index("mel")])))[0]
     assert np.allclose(np.array(body["gradcam"]["heatmap"]), reference.numpy(), atol=1e-5)

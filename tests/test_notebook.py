@@ -37,9 +37,10 @@ def test_committed_notebook_is_valid_and_has_no_outputs():
     code = [cell for cell in notebook.cells if cell.cell_type == "code"]
     assert code and all(cell.outputs == [] and cell.execution_count is None for cell in code)
     source = "\n".join(cell.source for cell in code)
-    # The project's own modules, not copies of their code.
-    for module in ("handler.model", "handler.inference", "handler.evaluation", "scripts"):
+    # The project's own modules, not copies of their code: the installed packages, never scripts or a sys.path edit.
+    for module in ("handler.checkpoint", "handler.inference", "lab.evaluation", "ops.client", "ops.paths"):
         assert f"from {module} import" in source
+    assert "sys.path" not in source and "scripts" not in source and "demo." not in source
 
 
 @pytest.mark.slow

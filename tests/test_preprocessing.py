@@ -7,8 +7,8 @@ from PIL import Image
 
 from handler.errors import ImageDimensionError, ImageTooLargeError, InvalidImageError
 from handler.preprocessing import (
-    DecodeLimits, PreprocessConfig, build_eval_transform, build_train_transform, decode_image, load_model_input,
-    normalize_batch, resize_center_crop)
+    DecodeLimits, PreprocessConfig, decode_image, load_model_input, normalize_batch, resize_center_crop)
+from lab.data import build_eval_transform, build_train_transform
 
 CONFIG = PreprocessConfig(image_size=224, resize_size=224, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
 

@@ -8,7 +8,7 @@ import pytest
 import requests
 import yaml
 
-from scripts import serve
+from ops import torchserve as serve
 from tests.conftest import ROOT, free_port, start_server
 
 PROMETHEUS_DIR = ROOT / "config" / "prometheus"

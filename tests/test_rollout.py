@@ -1,4 +1,5 @@
-"""Rollout and rollback through the management API under continuous load, with zero failed client requests."""
+"""Rollout and rollback of the released model through the management API under continuous load, with zero failed
+client requests (bookkeeping, restarts and tokens with tiny archives: tests/test_rollout_state.py)."""
 
 import threading
 import time
@@ -8,18 +9,23 @@ import requests
 import torch
 import yaml
 
-from handler.model import build_model, default_preprocess_config, make_checkpoint
-from scripts import package, rollout, serve
+from handler.architectures import build_model, default_preprocess_config
+from handler.calibration import Calibration
+from handler.checkpoint import Meta, make_checkpoint, read_checkpoint
+from ops import torchserve as serve
+from ops.archive import ArchiveSpec, build_archive
+from ops.paths import MODEL_CONFIG
+from ops.rollout import archive_name, status
+from scripts import rollout
 from tests.conftest import DATA, RELEASED_CHECKPOINT, ROOT, start_server
 
 pytestmark = [pytest.mark.slow, pytest.mark.data]
 
 
 def release(store, version, checkpoint=RELEASED_CHECKPOINT):
-    args = ["--checkpoint", str(checkpoint), "--export-path", str(store)]
-    if version is not None:
-        args += ["--version", version, "--archive-name", rollout.archive_name(version)]
-    package.main(package.get_args_parser().parse_args(args))
+    # These archives test rollouts, not the release policy: no input gate is required of them.
+    build_archive(ArchiveSpec(checkpoint, MODEL_CONFIG, store, version, archive_name(version) if version else None,
+                              require_gate=False))
 
 
 def run(action, server, version=None):
@@ -32,17 +38,18 @@ def versioned_server(tmp_path, samples_dir):
     store = tmp_path / "store"
     release(store, None)  # skin_lesion.mar, the released version, served at start
     release(store, "1.1")
-    wrong_shape = build_model("efficientnet_lite0", num_classes=5)
-    checkpoint = make_checkpoint(wrong_shape, "efficientnet_lite0", default_preprocess_config("efficientnet_lite0"), {})
-    checkpoint["config"]["num_classes"] = 7
-    torch.save(checkpoint, tmp_path / "wrong_shape.pt")
-    release(store, "9.0", tmp_path / "wrong_shape.pt")
+    preprocess = default_preprocess_config("efficientnet_lite0")
+    # Checkpoints that must be refused at rollout, each with the served operating point so that they pack.
+    point = read_checkpoint(RELEASED_CHECKPOINT).meta.operating_point
+    wrong_shape = make_checkpoint(build_model("efficientnet_lite0", num_classes=5), "efficientnet_lite0", preprocess,
+                                  Meta(preprocess, operating_point=point))
+    wrong_shape.config["num_classes"] = 7
+    release(store, "9.0", wrong_shape.save(tmp_path / "wrong_shape.pt"))
     torch.manual_seed(0)
-    untrained = make_checkpoint(build_model("efficientnet_lite0"), "efficientnet_lite0",
-                                default_preprocess_config("efficientnet_lite0"),
-                                {"calibration": {"none": {"temperature": 1.0, "class_bias": None, "class_prior": [1 / 7] * 7}}})
-    torch.save(untrained, tmp_path / "untrained.pt")
-    release(store, "9.1", tmp_path / "untrained.pt")
+    uniform = {"none": Calibration.from_dict({"temperature": 1.0, "class_bias": None, "class_prior": [1 / 7] * 7})}
+    untrained = make_checkpoint(build_model("efficientnet_lite0"), "efficientnet_lite0", preprocess,
+                                Meta(preprocess, calibration=uniform, operating_point=point))
+    release(store, "9.1", untrained.save(tmp_path / "untrained.pt"))
     server = start_server(tmp_path / "run", store)
     try:
         serve.wait_ready(server, timeout=240)
@@ -73,13 +80,13 @@ def test_rollout_and_rollback_under_load_lose_no_request(versioned_server, sampl
         time.sleep(2)
         assert run("rollout", server, "1.1") == 0
         time.sleep(2)
-        status = rollout.status(server)
+        current = status(server)
         workers = ["READY"] * yaml.safe_load((ROOT / "config" / "model-config.yaml").read_text())["minWorkers"]
-        assert status["default"] == "1.1" and status["versions"] == {released_version: workers, "1.1": workers}
+        assert current["default"] == "1.1" and current["versions"] == {released_version: workers, "1.1": workers}
         assert results[-1][1] == "1.1"
         assert run("rollback", server) == 0
         time.sleep(2)
-        assert rollout.status(server)["default"] == released_version and results[-1][1] == released_version
+        assert status(server)["default"] == released_version and results[-1][1] == released_version
 
         assert run("rollout", server, "9.0") == 1  # wrong-shaped checkpoint: fails to load
         err = capsys.readouterr().err
@@ -91,7 +98,7 @@ def test_rollout_and_rollback_under_load_lose_no_request(versioned_server, sampl
         stop.set()
         for thread in clients:
             thread.join(timeout=90)
-    final = rollout.status(server)
+    final = status(server)
     assert final["default"] == released_version and set(final["versions"]) == {released_version, "1.1"}
     failed = [r for r in results if r[0] != 200]
     print(f"\nrollout under load: {len(results)} requests, {len(failed)} failed, versions served "
@@ -109,3 +116,15 @@ def test_release_writes_a_versioned_archive(tmp_path):
     manifest = json.loads(zipfile.ZipFile(tmp_path / "skin_lesion_v2.3.mar").read("MAR-INF/MANIFEST.json"))
     assert manifest["model"]["modelVersion"] == "2.3" and manifest["model"]["modelName"] == "skin_lesion"
     assert (ROOT / "models" / "golden_smoke.json").exists()
+
+
+def test_release_refuses_a_checkpoint_without_an_input_gate(tmp_path, capsys):
+    from tests.tiny_release import tiny_checkpoint, tiny_model_config
+
+    checkpoint = tiny_checkpoint(tmp_path / "tiny.pt")
+    args = rollout.get_args_parser().parse_args(["release", "--version", "2.4", "--checkpoint", str(checkpoint),
+                                                 "--model-config", str(tiny_model_config(tmp_path)),
+                                                 "--model-store", str(tmp_path / "store")])
+    assert rollout.main(args) == 1
+    assert "out-of-distribution gate" in capsys.readouterr().err
+    assert not (tmp_path / "store" / "skin_lesion_v2.4.mar").exists()

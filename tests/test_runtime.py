@@ -5,8 +5,9 @@ import statistics
 import pytest
 import torch
 
-from handler.inference import HandlerSettings, handle_batch, prepare_for_serving
-from handler.model import load_checkpoint
+from handler.inference import handle_batch, prepare_for_serving
+from handler.settings import HandlerSettings
+from handler.checkpoint import load_checkpoint
 from handler.preprocessing import load_model_input
 from tests.conftest import RELEASED_CHECKPOINT
 
@@ -53,14 +54,14 @@ def test_served_answers_match_eager_fp32_within_tolerance(payloads, settings):
     correlations = []
     for want, got in zip(expected, served):
         assert got.status == want.status == 200
-        probabilities = torch.tensor(list(got.body["probabilities"].values()))
-        assert torch.allclose(probabilities, torch.tensor(list(want.body["probabilities"].values())), atol=tolerance)
+        probabilities = torch.tensor(list(got.to_json()["probabilities"].values()))
+        assert torch.allclose(probabilities, torch.tensor(list(want.to_json()["probabilities"].values())), atol=tolerance)
         if settings.precision == "fp32":
-            assert got.body["prediction"] == want.body["prediction"]
-            assert got.body.get("gradcam", {}).get("class") == want.body.get("gradcam", {}).get("class")
-        if "gradcam" in want.body and got.body["gradcam"]["class"] == want.body["gradcam"]["class"]:
-            heatmap = torch.tensor(got.body["gradcam"]["heatmap"]).flatten()
-            reference_map = torch.tensor(want.body["gradcam"]["heatmap"]).flatten()
+            assert got.to_json()["prediction"] == want.to_json()["prediction"]
+            assert got.to_json().get("gradcam", {}).get("class") == want.to_json().get("gradcam", {}).get("class")
+        if "gradcam" in want.to_json() and got.to_json()["gradcam"]["class"] == want.to_json()["gradcam"]["class"]:
+            heatmap = torch.tensor(got.to_json()["gradcam"]["heatmap"]).flatten()
+            reference_map = torch.tensor(want.to_json()["gradcam"]["heatmap"]).flatten()
             if settings.precision == "fp32":
                 assert torch.allclose(heatmap, reference_map, atol=2e-3)
             else:

@@ -6,8 +6,9 @@ import math
 import pytest
 import torch
 
-from handler.ensemble import combine_checkpoints
-from handler.model import ENSEMBLE_ARCH, load_checkpoint
+from handler.checkpoint import load_checkpoint, read_checkpoint
+from lab.ensembles import check_compatible_members
+from ops.paths import MODEL_CONFIG
 from scripts import evaluate, train
 from tests.conftest import RELEASED_CHECKPOINT
 
@@ -28,21 +29,24 @@ def test_train_pauses_resumes_and_writes_a_release_checkpoint(ham224_dir, tmp_pa
     assert {"train_loss", "val_loss", "val_balanced_accuracy"} <= set(history[0])
     loaded = load_checkpoint(tmp_path / "run" / "best.pt")
     assert loaded.version == "0.0.9" and loaded.preprocess.image_size == 64
-    assert loaded.meta["initialization"].startswith("ImageNet")
-    assert sum(loaded.meta["data"]["train_class_counts"].values()) == loaded.meta["data"]["train_images"]
-    assert 0.0 <= loaded.meta["validation"]["balanced_rule_balanced_accuracy"] <= 1.0
+    assert loaded.meta.provenance["initialization"].startswith("ImageNet")
+    assert loaded.meta.provenance["command"].startswith("python ")
+    assert loaded.meta.provenance["trained_epochs"] == 2 and loaded.meta.provenance["best_epoch"] in (1, 2)
+    assert sum(loaded.meta.data["train_class_counts"].values()) == loaded.meta.data["train_images"]
+    assert 0.0 <= loaded.meta.provenance["validation"]["balanced_rule_balanced_accuracy"] <= 1.0
     assert 0.0 <= report["balanced_accuracy"] <= 1.0
+    assert json.loads((tmp_path / "run" / "val_report.json").read_text()) == report
     # Resuming is exact: the same weights as one uninterrupted run (same data order, augmentations, dropout).
     train.main(train.get_args_parser().parse_args(common[:5] + [str(tmp_path / "straight")] + common[6:]))
     resumed_state, straight_state = (torch.load(tmp_path / name / "last.pt", weights_only=True)["model"]
                                      for name in ("run", "straight"))
     assert all(torch.equal(value, straight_state[key]) for key, value in resumed_state.items())
-    assert set(loaded.meta["calibration"]) == {"none", "hflip", "flip4"}
+    assert set(loaded.meta.calibration) == {"none", "hflip", "flip4"}
     # A 2-epoch model on 70 images may deserve any temperature; it must only be a usable one.
     assert all(math.isfinite(loaded.calibration(t).temperature) and loaded.calibration(t).temperature > 0
                for t in ("none", "hflip", "flip4"))
     split = json.loads((tmp_path / "run" / "split.json").read_text())
-    assert len(split["val_image_ids"]) == loaded.meta["data"]["val_images"]
+    assert len(split["val_image_ids"]) == loaded.meta.data["val_images"]
     assert sum(loaded.calibration("none").class_prior) == pytest.approx(1.0, abs=1e-4)
 
     # Second stage: continue from that checkpoint with the stem and first two stages frozen.
@@ -52,7 +56,7 @@ def test_train_pauses_resumes_and_writes_a_release_checkpoint(ham224_dir, tmp_pa
               "--init-checkpoint", str(tmp_path / "run" / "best.pt"), "--freeze-blocks", "2"]
     train.main(train.get_args_parser().parse_args(stage2))
     tuned = load_checkpoint(tmp_path / "stage2" / "best.pt")
-    assert tuned.meta["initialization"].startswith("checkpoint best.pt (version 0.0.9, sha256 ")
+    assert tuned.meta.provenance["initialization"].startswith("checkpoint best.pt (version 0.0.9, sha256 ")
     before, after = loaded.model.state_dict(), tuned.model.state_dict()
     frozen = [k for k in before if k.startswith(("conv_stem.", "bn1.", "blocks.0.", "blocks.1."))]
     trained = [k for k in before if k.startswith(("blocks.2.", "conv_head.", "classifier.")) and before[k].is_floating_point()]
@@ -68,8 +72,7 @@ def test_train_pauses_resumes_and_writes_a_release_checkpoint(ham224_dir, tmp_pa
     assert json.loads((tmp_path / "member" / "split.json").read_text()) == split
     other = load_checkpoint(tmp_path / "member" / "best.pt")
     assert not torch.equal(other.model.state_dict()["classifier.weight"], before["classifier.weight"])
-    checkpoints = [torch.load(tmp_path / name / "best.pt", weights_only=True) for name in ("run", "member")]
-    assert combine_checkpoints(checkpoints, {})["config"]["arch"] == ENSEMBLE_ARCH
+    check_compatible_members([read_checkpoint(tmp_path / name / "best.pt") for name in ("run", "member")])
 
 
 @pytest.mark.data
@@ -86,9 +89,9 @@ def test_evaluate_released_model_on_real_samples(samples_dir, tmp_path):
     assert sum(map(sum, metrics["confusion_matrix"])) == 70
     assert set(metrics["per_class"]["mel"]) >= {"recall", "precision", "auc"}
     # Defaults come from the serving config, so the figures describe what the service answers.
-    from handler.inference import load_handler_settings
+    from handler.settings import load_handler_settings
 
-    settings = load_handler_settings(evaluate.ROOT / "config" / "model-config.yaml")
+    settings = load_handler_settings(MODEL_CONFIG)
     assert metrics["tta"] == settings.tta and metrics["melanoma_threshold"] == settings.referral_threshold
     assert metrics["decision_rule"] == settings.decision_rule
     assert set(metrics["balanced_accuracy_by_rule"]) == {"most_probable", "balanced"}
@@ -112,7 +115,7 @@ def test_evaluate_released_model_on_real_samples(samples_dir, tmp_path):
 
 @pytest.mark.data
 def test_evaluate_reads_isic_ground_truth_like_ham_metadata(samples_dir, tiny_checkpoint, tmp_path):
-    from handler.data import read_labels
+    from lab.data import read_labels
 
     records = read_labels(samples_dir / "metadata.csv")[:14]
     columns = ["MEL", "NV", "BCC", "AKIEC", "BKL", "DF", "VASC"]
@@ -147,9 +150,14 @@ def test_calibrate_fits_every_tta_mode_and_an_operating_point(samples_dir, tiny_
          "--subset", str(subset), "--output", str(output), "--report", str(tmp_path / "cal.json"),
          "--tta-modes", "none", "hflip", "--folds", "2", "--repeats", "3", "--target-sensitivity", "0.9"]))
     loaded = load_checkpoint(output)
-    assert set(loaded.meta["calibration"]) == {"none", "hflip"}
-    point = loaded.meta["operating_point"]
-    assert point["tta"] == "none" and point["validation_out_of_fold"]["melanoma_sensitivity"] >= 0.9
+    assert set(loaded.meta.calibration) == {"none", "hflip"}
+    point = loaded.meta.operating_point
+    assert point.tta == "none" and point.target_melanoma_sensitivity == 0.9
+    assert point.validation_out_of_fold == figures["none"]["out_of_fold"]
+    assert point.referral_threshold == figures["none"]["referral_threshold"]
+    assert point.validation_out_of_fold["melanoma_sensitivity"] >= 0.9
+    assert loaded.meta.provenance["calibration_command"].startswith("python ")
+    assert loaded.meta.version == "0.0.1-test"  # the rest of the meta is kept
     # Fitting on the same images can only lower the negative log-likelihood, so in-sample
     # calibration is never worse than the identity by much; the figures must be recorded.
     assert figures["none"]["in_sample"]["ece"] <= figures["none"]["uncalibrated"]["ece"] + 0.05
@@ -165,19 +173,20 @@ def test_calibrate_fits_every_tta_mode_and_an_operating_point(samples_dir, tiny_
 
 
 def test_repeated_out_of_fold_averages_independent_partitions():
-    from scripts import calibrate
+    from lab import crossfit
+    from lab.evaluation import headline_figures
 
     generator = torch.Generator().manual_seed(0)
     labels = torch.arange(7).repeat(30)
     logits = torch.nn.functional.one_hot(labels, 7).float() * 2 + torch.randn(len(labels), 7, generator=generator) * 1.5
     labels = labels.numpy()
-    single = calibrate.repeated_out_of_fold(logits, labels, 5, range(3, 4), 0.2)
-    probabilities, calls = calibrate.out_of_fold_probabilities(logits, labels, 5, 3)
-    expected = calibrate.summarize(probabilities, labels, 0.2, calls)
+    single = crossfit.repeated_out_of_fold(logits, labels, 5, range(3, 4), 0.2)
+    probabilities, calls = crossfit.out_of_fold_probabilities(logits, labels, 5, 3)
+    expected = headline_figures(probabilities, labels, 0.2, calls)
     assert single["mean"]["balanced_accuracy"] == pytest.approx(expected["balanced_rule"]["balanced_accuracy"])
     assert single["mean"]["macro_auc"] == pytest.approx(expected["macro_auc"])
     assert single["sd"]["balanced_accuracy"] == 0.0
-    several = calibrate.repeated_out_of_fold(logits, labels, 5, range(3, 8), 0.2)
+    several = crossfit.repeated_out_of_fold(logits, labels, 5, range(3, 8), 0.2)
     assert several["repeats"] == 5 and several["sd"]["balanced_accuracy"] > 0  # the partitions differ
 
 
@@ -195,13 +204,16 @@ def test_evaluate_names_missing_images(tmp_path):
 @pytest.mark.data
 def test_explain_writes_side_by_side_panels(samples_dir, tmp_path):
     from PIL import Image
+
+    from lab.explanations import TEXT_BAND
     from scripts import explain
 
     images = [str(samples_dir / "ISIC_0024354.jpg"), str(samples_dir / "ISIC_0025032.jpg")]
-    written = explain.main(explain.get_args_parser().parse_args(images + ["--out", str(tmp_path), "--target-class", "mel"]))
-    assert [p.name for p in written] == ["ISIC_0024354_gradcam.png", "ISIC_0025032_gradcam.png"]
-    panel = Image.open(written[0])
-    assert panel.size == (1200, 450 + explain.TEXT_BAND)
+    results = explain.main(explain.get_args_parser().parse_args(images + ["--out", str(tmp_path), "--target-class", "mel"]))
+    assert [panel.name for _, _, panel in results] == ["ISIC_0024354_gradcam.png", "ISIC_0025032_gradcam.png"]
+    assert all(response.body.gradcam.class_code == "mel" for _, response, _ in results)
+    panel = Image.open(results[0][2])
+    assert panel.size == (1200, 450 + TEXT_BAND)
 
 
 @pytest.mark.data

@@ -8,12 +8,16 @@ import zipfile
 import pytest
 import requests
 
+from ops.paths import SERVER_CONFIG
+from ops.torchserve import read_properties
 from tests.conftest import ROOT
 
 
 def tracked_python_files():
-    names = subprocess.run(["git", "ls-files", "*.py"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
-    return [ROOT / name for name in names]
+    """The repository's Python files: tracked ones and new ones not yet committed (not ignored), as they are on disk."""
+    names = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard", "*.py"], cwd=ROOT,
+                           capture_output=True, text=True, check=True).stdout.split()
+    return [ROOT / name for name in sorted(set(names)) if (ROOT / name).is_file()]
 
 
 def test_every_torch_load_is_weights_only():
@@ -30,6 +34,21 @@ def test_every_torch_load_is_weights_only():
     assert calls, "the scan found no torch.load at all"
     unsafe = [(name, call) for name, call in calls if "weights_only=True" not in call]
     assert not unsafe
+
+
+def test_the_security_document_says_what_the_server_config_enables():
+    properties = read_properties(SERVER_CONFIG)
+    security = (ROOT / "SECURITY.md").read_text()
+    operations = (ROOT / "docs" / "OPERATIONS.md").read_text()
+    if properties.get("enable_model_api") == "true":
+        assert "enable_model_api=true" in security
+        assert "stays disabled" not in security and "model API off" not in security
+        # Where it is enabled: the loopback management listener, exactly as configured.
+        assert f"management_address={properties['management_address']}" in security
+        assert properties["management_address"].startswith("http://127.0.0.1:")
+    minutes = properties["token_expiration_min"]
+    assert f"`token_expiration_min` ({minutes} min" in security and f"`token_expiration_min`\n({minutes} minutes" in operations
+    assert "POST /token?type=" in (ROOT / "ops" / "client.py").read_text() and "/token?type=inference" in operations
 
 
 def test_dependencies_are_pinned():

@@ -12,12 +12,13 @@ import torch
 import yaml
 from PIL import Image
 
-from handler.model import load_checkpoint
+from handler.checkpoint import load_checkpoint
 from handler.decision import decide
-from handler.inference import load_handler_settings, predict_probabilities
+from handler.inference import predict_probabilities
 from handler.labels import CLASS_CODES
 from handler.preprocessing import load_model_input
-from scripts import serve
+from handler.settings import load_handler_settings
+from ops import torchserve as serve
 from tests.conftest import RELEASED_CHECKPOINT, ROOT, start_server
 
 pytestmark = [pytest.mark.slow, pytest.mark.data]

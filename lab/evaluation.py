@@ -1,14 +1,24 @@
-"""Classification metrics used by training (validation) and the evaluation CLI."""
+"""Classification metrics, and images run through the serving path, for training, calibration and evaluation.
+
+The serving path for labelled image files is here once: :func:`serve_files` (calibrated
+probabilities, as the service computes them) and :func:`logits_for_files` (raw logits, to fit
+calibrations on), both through the serving decode, preprocessing, runtime and forward pass.
+"""
 
 from __future__ import annotations
 
+import hashlib
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
 
+from handler.checkpoint import Checkpoint, LoadedModel, model_from_checkpoint
+from handler.inference import predict_probabilities, run_model
 from handler.labels import CLASS_CODES, REFERRAL_CLASSES, class_index
+from handler.preprocessing import DecodeLimits, load_model_input
 
 
 def reliability_bins(probabilities: np.ndarray, labels: np.ndarray, bins: int = 15) -> list[dict[str, float]]:
@@ -209,12 +219,109 @@ def format_report(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+HEADLINE_KEYS: tuple[str, ...] = ("balanced_accuracy", "accuracy", "macro_auc", "ece", "melanoma_sensitivity",
+                                  "melanoma_specificity", "malignant_sensitivity", "referral_rate", "melanoma_threshold")
+
+
+def headline_figures(probabilities: np.ndarray, labels: np.ndarray, threshold: float | None,
+                     balanced_calls: np.ndarray | None = None) -> dict[str, Any]:
+    """The headline figures (:data:`HEADLINE_KEYS`) of the most-probable-class rule, plus the balanced rule's
+    balanced and plain accuracy under ``"balanced_rule"`` when its calls are given."""
+    report = classification_report(probabilities, labels, threshold)
+    figures = {key: report[key] for key in HEADLINE_KEYS}
+    if balanced_calls is not None:
+        balanced = classification_report(probabilities, labels, threshold, balanced_calls)
+        figures |= {"balanced_rule": {key: balanced[key] for key in ("balanced_accuracy", "accuracy")}}
+    return figures
+
+
+def input_batches(paths: Sequence[str | Path], loaded: LoadedModel, batch_size: int = 32,
+                  limits: DecodeLimits = DecodeLimits()) -> Iterator[torch.Tensor]:
+    """``uint8`` model-input batches of image files, decoded and preprocessed as the service does."""
+    for start in range(0, len(paths), batch_size):
+        yield torch.stack([load_model_input(Path(path).read_bytes(), loaded.preprocess, limits)[0]
+                           for path in paths[start:start + batch_size]])
+
+
+@dataclass
+class ServedImages:
+    """What the service computes for each image of a set, before it writes the answers.
+
+    Attributes:
+        probabilities: (N, 7) calibrated probabilities, in the order of the files.
+        gate_scores: (N,) out-of-distribution scores of the model's input gate, or None
+            when the checkpoint has no gate.
+        gate_threshold: The gate's threshold (a score above it is refused), or None.
+        gate_method: The gate's method name, or None.
+    """
+
+    probabilities: torch.Tensor
+    gate_scores: torch.Tensor | None = None
+    gate_threshold: float | None = None
+    gate_method: str | None = None
+
+    @property
+    def refused(self) -> torch.Tensor:
+        """(N,) bool: which images the service would refuse as out of distribution (none without a gate)."""
+        if self.gate_scores is None:
+            return torch.zeros(len(self.probabilities), dtype=torch.bool)
+        return self.gate_scores > self.gate_threshold
+
+
+def serve_files(loaded: LoadedModel, paths: Sequence[str | Path], tta: str = "none", batch_size: int = 32,
+                limits: DecodeLimits = DecodeLimits()) -> ServedImages:
+    """Run image files through the per-image serving path: decode, preprocessing, runtime, calibration.
+
+    The one place that evaluation serves images (:func:`handler.inference.predict_probabilities`,
+    what :func:`handler.inference.handle_batch` computes for each request); what the service
+    decides per image beyond the probabilities (such as the input gate's refusals) belongs here.
+
+    Args:
+        loaded: The model, after :func:`handler.inference.prepare_for_serving` to run it as served.
+        paths: Image files.
+        tta: Test-time augmentation mode (its calibration is applied).
+        batch_size: Images per forward pass.
+        limits: The served decode limits.
+    """
+    chunks, scores = [], []
+    for batch in input_batches(paths, loaded, batch_size, limits):
+        chunks.append(predict_probabilities(loaded, batch, tta))
+        if loaded.gate is not None:
+            scores.append(loaded.gate.score(batch).cpu())
+    probabilities = torch.cat(chunks) if chunks else torch.empty(0, len(CLASS_CODES))
+    if loaded.gate is None:
+        return ServedImages(probabilities)
+    return ServedImages(probabilities, torch.cat(scores) if scores else torch.empty(0), float(loaded.gate.threshold),
+                        loaded.gate.method)
+
+
+def gate_scores_of_files(loaded: LoadedModel, paths: Sequence[str | Path], batch_size: int = 32,
+                         limits: DecodeLimits = DecodeLimits()) -> tuple[torch.Tensor, list[str]]:
+    """The input gate's scores of image files of any kind, as served; files the service refuses
+    before the gate (undecodable, bad dimensions) are listed apart by name.
+
+    Returns:
+        ``(scores of the decodable files, names of the files refused before the gate)``.
+    """
+    from handler.errors import RequestError
+
+    kept, refused_early = [], []
+    for path in paths:
+        try:
+            kept.append(load_model_input(Path(path).read_bytes(), loaded.preprocess, limits)[0])
+        except RequestError:
+            refused_early.append(Path(path).name)
+    scores = [loaded.gate.score(torch.stack(kept[start:start + batch_size])).cpu()
+              for start in range(0, len(kept), batch_size)]
+    return (torch.cat(scores) if scores else torch.empty(0)), refused_early
+
+
 @torch.inference_mode()
-def logits_for_files(loaded: Any, paths: Sequence[str | Path], tta: str = "none", batch_size: int = 32) -> torch.Tensor:
+def logits_for_files(loaded: LoadedModel, paths: Sequence[str | Path], tta: str = "none", batch_size: int = 32) -> torch.Tensor:
     """Raw (uncalibrated) logits for image files, through the serving decode, preprocessing and forward pass.
 
     Args:
-        loaded: A :class:`handler.model.LoadedModel`.
+        loaded: A :class:`handler.checkpoint.LoadedModel`.
         paths: Image files.
         tta: Test-time augmentation mode.
         batch_size: Images per forward pass.
@@ -222,11 +329,28 @@ def logits_for_files(loaded: Any, paths: Sequence[str | Path], tta: str = "none"
     Returns:
         (N, 7) float32 logits on the CPU, in the order of ``paths``.
     """
-    from handler.inference import run_model
-    from handler.preprocessing import load_model_input
-
-    chunks = []
-    for start in range(0, len(paths), batch_size):
-        batch = [load_model_input(Path(path).read_bytes(), loaded.preprocess)[0] for path in paths[start:start + batch_size]]
-        chunks.append(run_model(loaded, torch.stack(batch), tta)[1].cpu())
+    chunks = [run_model(loaded, batch, tta)[1].cpu() for batch in input_batches(paths, loaded, batch_size)]
     return torch.cat(chunks) if chunks else torch.empty(0, len(CLASS_CODES))
+
+
+def cached_logits(checkpoint: Checkpoint, key: str, paths: Sequence[str | Path], image_ids: Sequence[str],
+                  cache_dir: Path | None, batch_size: int = 32) -> torch.Tensor:
+    """One network's (N, 7) raw logits of image files (:func:`logits_for_files`), read from or written to a cache.
+
+    Args:
+        checkpoint: The network.
+        key: What names the network in the cache (e.g. its file digest).
+        paths: Image files.
+        image_ids: Their ids, which name the image set in the cache.
+        cache_dir: The cache folder; None computes the logits every time.
+        batch_size: Images per forward pass.
+    """
+    subset = hashlib.sha256("\n".join(image_ids).encode()).hexdigest()[:16]
+    cached = cache_dir / f"{key}-{subset}.pt" if cache_dir is not None else None
+    if cached is not None and cached.exists():
+        return torch.load(cached, weights_only=True)["logits"]
+    logits = logits_for_files(model_from_checkpoint(checkpoint), paths, "none", batch_size)
+    if cached is not None:
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        torch.save({"logits": logits, "image_ids": list(image_ids)}, cached)
+    return logits

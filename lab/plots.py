@@ -51,7 +51,7 @@ def plot_reliability(bins: Sequence[dict[str, Any]], ece: float, path: str | Pat
     """Save a top-label reliability diagram (accuracy against confidence per bin) as a PNG.
 
     Args:
-        bins: :func:`handler.evaluation.reliability_bins` output.
+        bins: :func:`lab.evaluation.reliability_bins` output.
         ece: The expected calibration error, shown in the title.
         path: PNG file to write.
         title: Figure title prefix.

@@ -1,4 +1,8 @@
-"""Labelled dermoscopy data sets: HAM10000/ISIC label files, image lookup and the lesion-grouped split."""
+"""Labelled dermoscopy data sets: HAM10000/ISIC label files, image lookup and the lesion-grouped split.
+
+Also the training augmentations and the validation transform, which produce the same ``uint8``
+tensors as the serving preprocessing (:mod:`handler.preprocessing`) that they build on.
+"""
 
 from __future__ import annotations
 
@@ -13,7 +17,7 @@ import torch
 from PIL import Image
 
 from handler.labels import CLASS_CODES, class_index
-from handler.preprocessing import decode_image
+from handler.preprocessing import PreprocessConfig, decode_image, pil_to_uint8_tensor, resize_for_augmentation, resize_to_model_input
 
 _IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 # ISIC 2018 Task 3 ground truth: one row per image, one-hot columns in this header order.
@@ -151,3 +155,46 @@ class LesionDataset(torch.utils.data.Dataset):
         with open(record.path, "rb") as handle:
             decoded = decode_image(handle.read())
         return self.transform(decoded.image), record.label
+
+
+def build_train_transform(config: PreprocessConfig, min_scale: float = 0.5) -> Callable[[Image.Image], torch.Tensor]:
+    """Augmentations for dermoscopy, producing the same ``uint8`` tensors as serving.
+
+    Dermoscopic lesions have no canonical orientation, so all flips and right-angle
+    rotations are label-preserving; colour jitter covers differences between
+    dermatoscopes and lighting; random resized crops cover zoom and framing. The crops are cut
+    from the image in the geometry of ``config.resize_mode``
+    (:func:`handler.preprocessing.resize_for_augmentation`): under ``full_view`` from the whole
+    image squeezed to the square input, so that a full-scale crop is what serving feeds the model.
+
+    Args:
+        config: The preprocessing parameters of the model being trained.
+        min_scale: Smallest crop area, as a fraction of the resized image.
+
+    Returns:
+        A callable from an RGB PIL image to a ``uint8`` CHW tensor.
+    """
+    from torchvision.transforms import v2
+
+    augment = v2.Compose([
+        v2.RandomResizedCrop(config.image_size, scale=(min_scale, 1.0), ratio=(3 / 4, 4 / 3), antialias=True),
+        v2.RandomHorizontalFlip(),
+        v2.RandomVerticalFlip(),
+        v2.RandomChoice([v2.RandomRotation((angle, angle)) for angle in (0, 90, 180, 270)]),
+        v2.ColorJitter(brightness=0.2, contrast=0.2, saturation=0.2, hue=0.03),
+        v2.PILToTensor(),
+    ])
+
+    def transform(image: Image.Image) -> torch.Tensor:
+        return augment(resize_for_augmentation(image, config))
+
+    return transform
+
+
+def build_eval_transform(config: PreprocessConfig) -> Callable[[Image.Image], torch.Tensor]:
+    """The deterministic serving transform, for validation and evaluation datasets (``config.resize_mode``'s geometry)."""
+
+    def transform(image: Image.Image) -> torch.Tensor:
+        return pil_to_uint8_tensor(resize_to_model_input(image, config))
+
+    return transform

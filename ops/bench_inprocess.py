@@ -1,4 +1,8 @@
-"""Component benchmarks for ``scripts/bench.py``: JPEG decoders and model runtimes, each as a ratio to the served choice.
+"""In-process benchmarks (no server): JPEG decoders, model runtimes and the handler's batch path.
+
+Decoders and runtimes are each reported as a ratio to the served choice; the handler path
+(:func:`bench_gradcam`, :func:`bench_in_process`) runs ``handler.inference.handle_batch`` itself,
+the served ceiling that ``scripts/bench.py`` compares TorchServe against.
 
 Every candidate is timed in interleaved rounds (A, B, C, A, B, C...) so that machine noise
 hits all of them alike, and the median round is reported.
@@ -7,11 +11,20 @@ hits all of them alike, and the median round is reported.
 from __future__ import annotations
 
 import io
+import os
+import platform
 import statistics
 import time
-from typing import Any, Callable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from handler.checkpoint import LoadedModel
+    from handler.settings import HandlerSettings
+
+# torch and the handler are imported inside the functions that need them.
 
 
 def _median_seconds(candidates: dict[str, Callable[[], Any]], rounds: int) -> dict[str, float]:
@@ -106,7 +119,7 @@ def bench_runtimes(checkpoint: str, payloads: Sequence[bytes], batch_sizes: Sequ
     """
     import torch
 
-    from handler.model import load_checkpoint
+    from handler.checkpoint import load_checkpoint
     from handler.preprocessing import load_model_input, normalize_batch
     from handler.runtime import FeaturesAndLogits, build_runner
 
@@ -155,3 +168,73 @@ def bench_runtimes(checkpoint: str, payloads: Sequence[bytes], batch_sizes: Sequ
                   f"ratio {rows[-1]['ratio_to_served']:.3f}", flush=True)
     return rows
 
+
+def per_image_ms(loaded: LoadedModel, settings: HandlerSettings, payloads: list[bytes], explain: bool) -> float:
+    """Milliseconds per image for one batch through the handler path."""
+    from handler.inference import handle_batch
+
+    rows = [{"body": data} for data in payloads]
+    started = time.perf_counter()
+    responses = handle_batch(loaded, settings, rows, "bench", [explain] * len(rows))
+    elapsed = time.perf_counter() - started
+    if any(r.status != 200 for r in responses):
+        raise RuntimeError(f"benchmark request failed: {[r.body for r in responses if r.status != 200][:1]}")
+    return elapsed * 1000 / len(rows)
+
+
+def bench_gradcam(loaded: LoadedModel, settings: HandlerSettings, payloads: list[bytes], batch_sizes: list[int],
+                  rounds: int) -> list[dict[str, Any]]:
+    """Explain cost / predict cost per image, interleaved, for each batch size and overlay format."""
+    results = []
+    for batch_size in batch_sizes:
+        batch = [payloads[i % len(payloads)] for i in range(batch_size)]
+        for image_format in ("jpeg", "png"):
+            format_settings = dataclasses.replace(settings, gradcam_format=image_format)
+            per_image_ms(loaded, format_settings, batch, True)  # warm-up
+            predict, explain = [], []
+            for _ in range(rounds):
+                predict.append(per_image_ms(loaded, format_settings, batch, False))
+                explain.append(per_image_ms(loaded, format_settings, batch, True))
+            row = {"batch_size": batch_size, "overlay_format": image_format,
+                   "predict_ms_per_image": statistics.median(predict), "explain_ms_per_image": statistics.median(explain)}
+            row["gradcam_cost_ratio"] = row["explain_ms_per_image"] / row["predict_ms_per_image"]
+            print(f"batch {batch_size} {image_format}: predict {row['predict_ms_per_image']:.1f} ms/image, "
+                  f"explain {row['explain_ms_per_image']:.1f} ms/image, ratio {row['gradcam_cost_ratio']:.3f}", flush=True)
+            results.append(row)
+    return results
+
+
+def bench_in_process(loaded: LoadedModel, settings: HandlerSettings, payloads: list[bytes], batch_sizes: list[int],
+                     seconds: float) -> list[dict[str, Any]]:
+    """Images/s of ``handle_batch`` (decode, preprocess, one batched forward, responses), per batch size.
+
+    Cycles through all payloads in batches for about ``seconds`` (at least 3 batches) after
+    one warm-up batch.
+    """
+    results = []
+    for batch_size in batch_sizes:
+        batches = [[payloads[(start + i) % len(payloads)] for i in range(batch_size)]
+                   for start in range(0, len(payloads), batch_size)]
+        per_image_ms(loaded, settings, batches[0], False)  # warm-up
+        images, elapsed, index = 0, 0.0, 0
+        while elapsed < seconds or index < 3:
+            batch = batches[index % len(batches)]
+            elapsed += per_image_ms(loaded, settings, batch, False) * len(batch) / 1000
+            images += len(batch)
+            index += 1
+        row = {"batch_size": batch_size, "images": images, "seconds": elapsed, "images_per_s": images / elapsed}
+        print(f"in-process batch {batch_size}: {row['images_per_s']:.1f} images/s", flush=True)
+        results.append(row)
+    return results
+
+
+def machine_description() -> str:
+    """CPU model, core count, torch version and threads."""
+    import torch
+
+    cpu = platform.processor() or "unknown CPU"
+    if Path("/proc/cpuinfo").exists():
+        names = [line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name")]
+        cpu = names[0] if names else cpu
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    return f"{cpu}, {os.cpu_count()} cores, {gpu}, torch {torch.__version__} ({torch.get_num_threads()} threads), Python {platform.python_version()}"

@@ -1,0 +1,247 @@
+"""The out-of-distribution gate: refuse requests that are not dermoscopic photos of a skin lesion.
+
+The classifier answers every image with a lesion class, often confidently: a document,
+a landscape or a flat grey frame gets "melanocytic nevus, 0.9". Its own features are a
+poor judge of that, because fine-tuning on dermoscopy taught them to ignore what is not a
+lesion (measured: AUROC 0.60-0.82 against everyday photos). A generic ImageNet network,
+before any fine-tuning, still describes photos, documents and textures in general, so
+dermoscopy forms a tight cluster in its pooled features and anything else lands far from
+it. The gate is therefore a separate, small ImageNet EfficientNet-Lite0, run at a reduced
+input size on the *same* ``uint8`` model input the classifier receives (one decode per
+request), followed by a distance to dermoscopic reference features.
+
+Everything the gate needs is one plain dict (:meth:`InputGate.to_dict`) of tensors and
+plain types that loads with ``torch.load(weights_only=True)``, stored in the release
+checkpoint as ``meta["input_gate"]``:
+
+``format``
+    :data:`GATE_FORMAT`.
+``method``
+    A short human-readable name, e.g. ``imagenet-lite0-128-cosine-knn10``.
+``arch``, ``storage``, ``state_dict``
+    The timm architecture of the backbone (pooled features, no classifier) and its weights
+    as :func:`handler.storage.pack_state_dict` stored them.
+``input_size``, ``mean``, ``std``
+    The gate's square input side, and the normalization (0..1 scale) of its ImageNet weights.
+``scorer`` and its tensors
+    ``cosine_knn``: ``reference`` (M, D) unit-length reference features (float16) and ``k``;
+    the score is one minus the mean cosine similarity to the ``k`` nearest references.
+    ``mahalanobis``: ``means`` (C, D) class means and ``whitening`` (D, D) with
+    ``whitening @ whitening.T`` the shared precision matrix; the score is the squared
+    Mahalanobis distance to the nearest class mean.
+``threshold``
+    Scores strictly above it are refused. Set from validation dermoscopy (``lab/ood.py``).
+``provenance``
+    Plain-types description of how the gate was fitted.
+
+The fitting and its measurements live in ``lab/ood.py`` and ``scripts/fit_input_gate.py``;
+this module only needs the stored dict, torch and timm.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from handler.storage import check_storage_dtype, pack_state_dict, unpack_state_dict
+
+GATE_FORMAT = 1
+GATE_ARCH = "tf_efficientnet_lite0"
+SCORERS: tuple[str, ...] = ("cosine_knn", "mahalanobis")
+# The normalization EfficientNet-Lite's ImageNet weights were trained with (0..1 scale).
+LITE_MEAN = (0.5, 0.5, 0.5)
+LITE_STD = (0.5, 0.5, 0.5)
+
+
+def build_gate_backbone(arch: str = GATE_ARCH) -> nn.Module:
+    """The untrained gate network: timm ``arch`` with no classifier, returning pooled features.
+
+    ``num_classes=0`` makes timm's forward end at global average pooling, so the output is
+    the (N, 1280) feature vector the scorers compare; no head weights are stored.
+    """
+    import timm
+
+    return timm.create_model(arch, pretrained=False, num_classes=0)
+
+
+def gate_input(batch: torch.Tensor, input_size: int, mean: tuple[float, ...] | list[float],
+               std: tuple[float, ...] | list[float]) -> torch.Tensor:
+    """The gate's normalized float input from the classifier's ``uint8`` NCHW batch.
+
+    The batch is downsampled with an antialiased bilinear filter (the area average matters:
+    a plain bilinear resize of 224 to 128 px aliases fine texture) and normalized, on the
+    batch's device.
+
+    Args:
+        batch: ``uint8`` tensor (N, 3, H, W), e.g. from :func:`handler.preprocessing.load_model_input`.
+        input_size: Side of the square gate input.
+        mean: Per-channel mean on the 0..1 scale.
+        std: Per-channel standard deviation on the 0..1 scale.
+
+    Returns:
+        ``float32`` (N, 3, input_size, input_size), channels-last.
+    """
+    if batch.dim() != 4 or batch.shape[1] != 3:
+        raise ValueError(f"expected an (N, 3, H, W) batch, got shape {tuple(batch.shape)}")
+    x = batch.float()
+    if tuple(x.shape[-2:]) != (input_size, input_size):
+        x = F.interpolate(x, size=(input_size, input_size), mode="bilinear", align_corners=False, antialias=True)
+    mean_t = torch.tensor([float(m) * 255.0 for m in mean], device=x.device).view(1, 3, 1, 1)
+    std_t = torch.tensor([float(s) * 255.0 for s in std], device=x.device).view(1, 3, 1, 1)
+    return ((x - mean_t) / std_t).contiguous(memory_format=torch.channels_last)
+
+
+def cosine_knn_scores(features: torch.Tensor, reference: torch.Tensor, k: int) -> torch.Tensor:
+    """One minus the mean cosine similarity of each feature vector to its ``k`` nearest references.
+
+    Args:
+        features: (N, D) features.
+        reference: (M, D) reference features, rows of unit length.
+        k: Neighbours averaged, ``1 <= k <= M``.
+
+    Returns:
+        (N,) float32 scores in [0, 2]; higher is further from the references.
+    """
+    unit = F.normalize(features.float(), dim=1)
+    similarity = unit @ reference.to(device=unit.device, dtype=torch.float32).T
+    return 1.0 - similarity.topk(k, dim=1).values.mean(dim=1)
+
+
+def mahalanobis_scores(features: torch.Tensor, means: torch.Tensor, whitening: torch.Tensor) -> torch.Tensor:
+    """Squared Mahalanobis distance to the nearest class mean, with one shared covariance.
+
+    Args:
+        features: (N, D) features.
+        means: (C, D) class means.
+        whitening: (D, D) matrix ``W`` with ``W @ W.T`` the shared precision matrix.
+
+    Returns:
+        (N,) float32 scores; higher is further from every class.
+    """
+    whitening = whitening.to(device=features.device, dtype=torch.float32)
+    z = features.float() @ whitening
+    centres = means.to(device=features.device, dtype=torch.float32) @ whitening
+    return torch.cdist(z, centres).pow(2).min(dim=1).values
+
+
+class InputGate:
+    """A fitted out-of-distribution gate (see the module docstring for the stored dict).
+
+    Build it with :meth:`from_dict`; :meth:`score` a ``uint8`` batch; :meth:`refuses` says
+    which images to turn away. The gate follows the device of the batch it is given.
+
+    Attributes:
+        method: Short name of the method, e.g. ``imagenet-lite0-128-cosine-knn10``.
+        threshold: Scores strictly above it are refused.
+        input_size: Side of the square gate input.
+        scorer: One of :data:`SCORERS`.
+    """
+
+    def __init__(self, stored: Mapping[str, Any], device: torch.device | str = "cpu") -> None:
+        self._stored = dict(stored)
+        if int(stored.get("format", -1)) != GATE_FORMAT:
+            raise ValueError(f"input gate format {stored.get('format')!r} is not {GATE_FORMAT}")
+        self.scorer = str(stored["scorer"])
+        if self.scorer not in SCORERS:
+            raise ValueError(f"unknown input gate scorer {self.scorer!r}; known: {list(SCORERS)}")
+        check_storage_dtype(str(stored["storage"]))
+        self.method = str(stored["method"])
+        self.threshold = float(stored["threshold"])
+        self.input_size = int(stored["input_size"])
+        self.mean = tuple(float(v) for v in stored["mean"])
+        self.std = tuple(float(v) for v in stored["std"])
+        self.k = int(stored.get("k", 0))
+        if self.scorer == "cosine_knn" and not 1 <= self.k <= stored["reference"].shape[0]:
+            raise ValueError(f"k={self.k} needs 1..{stored['reference'].shape[0]} references")
+        self.backbone = build_gate_backbone(str(stored["arch"]))
+        self.backbone.load_state_dict(unpack_state_dict(stored["state_dict"]))
+        self.backbone.eval().requires_grad_(False)
+        self.device = torch.device("cpu")
+        self._tensors: dict[str, torch.Tensor] = {}
+        self.to(device)
+
+    @classmethod
+    def from_dict(cls, stored: Mapping[str, Any], device: torch.device | str = "cpu") -> "InputGate":
+        """The gate a :meth:`to_dict` dict describes (e.g. ``checkpoint["meta"]["input_gate"]``)."""
+        return cls(stored, device)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The stored dict, unchanged (weights stay as packed: no second rounding)."""
+        return dict(self._stored)
+
+    def to(self, device: torch.device | str) -> "InputGate":
+        """Move the backbone and the reference tensors to ``device``; returns ``self``."""
+        self.backbone.to(torch.device(device)).to(memory_format=torch.channels_last)
+        # The parameters' device names the index ("cuda" becomes "cuda:0"), so that it compares
+        # equal to a batch's device and features() does not move the gate again on every call.
+        device = next(self.backbone.parameters()).device
+        if self.scorer == "cosine_knn":
+            # Renormalized after the float16 round trip, so that the score is an exact cosine.
+            self._tensors = {"reference": F.normalize(self._stored["reference"].to(device=device, dtype=torch.float32), dim=1)}
+        else:
+            self._tensors = {name: self._stored[name].to(device=device, dtype=torch.float32) for name in ("means", "whitening")}
+        self.device = device
+        return self
+
+    def features(self, batch: torch.Tensor) -> torch.Tensor:
+        """(N, D) pooled ImageNet features of a ``uint8`` (N, 3, H, W) batch."""
+        if batch.device != self.device:
+            self.to(batch.device)
+        with torch.inference_mode():
+            return self.backbone(gate_input(batch, self.input_size, self.mean, self.std)).float()
+
+    def score_features(self, features: torch.Tensor) -> torch.Tensor:
+        """(N,) scores of :meth:`features` output; higher is more out of distribution."""
+        with torch.inference_mode():
+            if self.scorer == "cosine_knn":
+                return cosine_knn_scores(features, self._tensors["reference"], self.k)
+            return mahalanobis_scores(features, self._tensors["means"], self._tensors["whitening"])
+
+    def score(self, batch: torch.Tensor) -> torch.Tensor:
+        """(N,) out-of-distribution scores of a ``uint8`` batch, on the batch's device."""
+        return self.score_features(self.features(batch))
+
+    def refuses(self, batch: torch.Tensor) -> torch.Tensor:
+        """(N,) booleans: which images of a ``uint8`` batch score above :attr:`threshold`."""
+        return self.score(batch) > self.threshold
+
+    def __repr__(self) -> str:
+        return f"InputGate(method={self.method!r}, threshold={self.threshold:.6g}, device={self.device})"
+
+
+def make_gate_dict(backbone_state: Mapping[str, torch.Tensor], *, method: str, input_size: int, scorer: str,
+                   threshold: float, storage: str = "float16", arch: str = GATE_ARCH,
+                   mean: tuple[float, ...] = LITE_MEAN, std: tuple[float, ...] = LITE_STD, k: int = 0,
+                   reference: torch.Tensor | None = None, means: torch.Tensor | None = None,
+                   whitening: torch.Tensor | None = None,
+                   provenance: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Assemble the stored gate dict (plain types and tensors only).
+
+    Args:
+        backbone_state: The float32 state dict of :func:`build_gate_backbone`'s network;
+            packed here with ``storage``.
+        reference: For ``cosine_knn``: (M, D) features; normalized to unit rows and stored as float16.
+        means, whitening: For ``mahalanobis``: stored as float32 (precision matters there).
+        Others: See the module docstring.
+    """
+    if scorer not in SCORERS:
+        raise ValueError(f"unknown scorer {scorer!r}; known: {list(SCORERS)}")
+    gate: dict[str, Any] = {
+        "format": GATE_FORMAT, "method": str(method), "arch": str(arch), "storage": check_storage_dtype(storage),
+        "state_dict": pack_state_dict({name: t.detach().cpu() for name, t in backbone_state.items()}, storage),
+        "input_size": int(input_size), "mean": [float(v) for v in mean], "std": [float(v) for v in std],
+        "scorer": scorer, "k": int(k), "threshold": float(threshold), "provenance": dict(provenance or {}),
+    }
+    if scorer == "cosine_knn":
+        if reference is None:
+            raise ValueError("cosine_knn needs reference features")
+        gate["reference"] = F.normalize(reference.detach().float().cpu(), dim=1).to(torch.float16)
+    else:
+        if means is None or whitening is None:
+            raise ValueError("mahalanobis needs means and whitening")
+        gate["means"] = means.detach().float().cpu()
+        gate["whitening"] = whitening.detach().float().cpu()
+    return gate

@@ -1,0 +1,186 @@
+"""What goes back for one request: typed response bodies and their JSON form.
+
+Metrics, the demo and ``scripts/explain.py`` read these fields by attribute; the JSON the
+service returns is :meth:`Prediction.to_json` / :meth:`ErrorBody.to_json`, and clients that
+receive JSON turn it back with :meth:`Prediction.from_json`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Mapping, Sequence
+
+from handler.errors import RequestError
+from handler.labels import CLASS_CODES, REFERRAL_CLASSES, Risk, class_index, lesion_class
+
+NOTICE = ("Research and screening aid only, not a diagnosis. A dermatologist must assess any lesion of concern; "
+          "a low-risk result does not rule out melanoma or skin cancer.")
+
+
+@dataclass(frozen=True)
+class Referral:
+    """Whether the malignant probability reached the referral threshold."""
+
+    refer: bool
+    threshold: float
+
+
+@dataclass(frozen=True)
+class InputCheck:
+    """The out-of-distribution gate's verdict on one image (higher score = less like dermoscopy)."""
+
+    in_distribution: bool
+    score: float
+    threshold: float
+    method: str
+
+
+@dataclass(frozen=True)
+class GradcamResult:
+    """A Grad-CAM explanation: overlay on the full-resolution original, plus the raw map.
+
+    Attributes:
+        class_code: The explained class.
+        overlay: The overlay image, base64-encoded.
+        format: ``jpeg`` or ``png``.
+        width: Overlay width in pixels.
+        height: Overlay height in pixels.
+        heatmap: The raw map over the model's input, rows of values in [0, 1].
+        has_evidence: False when no region raises the class's score (an all-zero map).
+        heatmap_box: ``(left, top, right, bottom)`` of the model's view in the overlay.
+    """
+
+    class_code: str
+    overlay: str
+    format: str
+    width: int
+    height: int
+    heatmap: list[list[float]]
+    has_evidence: bool
+    heatmap_box: tuple[int, int, int, int]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"class": self.class_code, "overlay": self.overlay, "format": self.format, "width": self.width,
+                "height": self.height, "heatmap": self.heatmap, "has_evidence": self.has_evidence,
+                "heatmap_box": list(self.heatmap_box)}
+
+    @classmethod
+    def from_json(cls, values: Mapping[str, Any]) -> "GradcamResult":
+        return cls(values["class"], values["overlay"], values["format"], int(values["width"]), int(values["height"]),
+                   values["heatmap"], bool(values["has_evidence"]), tuple(values["heatmap_box"]))
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """The answer for one image.
+
+    Attributes:
+        prediction: The class the decision rule names.
+        label: Its name.
+        confidence: Its calibrated probability.
+        most_probable: The most probable class (may differ under the ``balanced`` rule).
+        decision_rule: The rule that named ``prediction``.
+        probabilities: Calibrated probability per class code.
+        malignant_probability: p(mel) + p(bcc) + p(akiec).
+        risk: ``low``/``medium``/``high``, or ``unknown`` for an image the gate judged out of distribution.
+        referral: The referral flag and its threshold.
+        model_version: The served model's version.
+        notice: What the answer is and is not.
+        input_check: The input gate's verdict, or None when the model has no gate.
+        gradcam: The explanation, when asked for.
+    """
+
+    prediction: str
+    label: str
+    confidence: float
+    most_probable: str
+    decision_rule: str
+    probabilities: dict[str, float]
+    malignant_probability: float
+    risk: str
+    referral: Referral
+    model_version: str
+    notice: str = NOTICE
+    input_check: InputCheck | None = None
+    gradcam: GradcamResult | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        """The response body."""
+        body = {field.name: getattr(self, field.name) for field in dataclasses.fields(self)
+                if field.name not in ("referral", "input_check", "gradcam")}
+        body["referral"] = dataclasses.asdict(self.referral)
+        if self.input_check is not None:
+            body["input_check"] = dataclasses.asdict(self.input_check)
+        if self.gradcam is not None:
+            body["gradcam"] = self.gradcam.to_json()
+        return body
+
+    @classmethod
+    def from_json(cls, values: Mapping[str, Any]) -> "Prediction":
+        """A response body turned back into a :class:`Prediction`."""
+        plain = {field.name: values[field.name] for field in dataclasses.fields(cls)
+                 if field.name not in ("referral", "input_check", "gradcam") and field.name in values}
+        return cls(**plain, referral=Referral(**values["referral"]),
+                   input_check=InputCheck(**values["input_check"]) if values.get("input_check") else None,
+                   gradcam=GradcamResult.from_json(values["gradcam"]) if values.get("gradcam") else None)
+
+
+@dataclass(frozen=True)
+class ErrorBody:
+    """A refused request: ``{"error": {"code", "message", "status", ...details}}``."""
+
+    code: str
+    message: str
+    status: int
+    details: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"error": {"code": self.code, "message": self.message, "status": self.status, **self.details}}
+
+
+@dataclass
+class Response:
+    """What goes back for one request of a batch: a status code and a typed body."""
+
+    status: int
+    body: Prediction | ErrorBody
+
+    @property
+    def ok(self) -> bool:
+        return isinstance(self.body, Prediction)
+
+    def to_json(self) -> dict[str, Any]:
+        return self.body.to_json()
+
+
+def error_response(error: RequestError) -> Response:
+    """The response for a request error: its status and code (the one mapping: :mod:`handler.errors`)."""
+    status = int(error.status)
+    return Response(status, ErrorBody(error.code, str(error), status, dict(error.details)))
+
+
+def make_prediction(probabilities: Sequence[float], model_version: str, referral_threshold: float,
+                    predicted: int | None = None, decision_rule: str = "most_probable",
+                    input_check: InputCheck | None = None) -> Prediction:
+    """The answer for one image from its calibrated probabilities.
+
+    Args:
+        probabilities: The 7 class probabilities in :data:`CLASS_CODES` order.
+        model_version: Version of the served model.
+        referral_threshold: Malignant probability that raises the referral flag.
+        predicted: Index of the class the decision rule names; None names the most probable.
+        decision_rule: The rule that chose ``predicted``.
+        input_check: The input gate's verdict; an image out of distribution gets risk ``unknown``.
+    """
+    probs = {code: round(float(p), 6) for code, p in zip(CLASS_CODES, probabilities)}
+    most_probable = max(probs, key=probs.get)
+    top = most_probable if predicted is None else CLASS_CODES[predicted]
+    malignant = float(sum(probabilities[class_index(code)] for code in REFERRAL_CLASSES))
+    refer = malignant >= referral_threshold
+    risk = Risk.HIGH if refer else lesion_class(top).risk
+    # No risk level is honest for an image the gate does not recognise as dermoscopy, even if asked for.
+    risk_value = "unknown" if input_check is not None and not input_check.in_distribution else risk.value
+    return Prediction(top, lesion_class(top).name, probs[top], most_probable, decision_rule, probs,
+                      round(malignant, 6), risk_value, Referral(refer, referral_threshold), model_version,
+                      input_check=input_check)

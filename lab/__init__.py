@@ -1,0 +1,1 @@
+"""Offline fitting and measurement code: never imported by the served handler."""

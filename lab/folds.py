@@ -1,0 +1,700 @@
+"""Cross-fitted training over every image: K lesion-grouped, class-stratified folds, one network per fold.
+
+The fold assignment (:class:`FoldAssignment`) partitions every image of a metadata CSV into K folds
+so that all images of a lesion are in one fold and each fold has about the same share of every
+diagnosis. It is saved once (``models/provenance/folds_k<K>.json``) with a digest of the records
+it was built from (image, lesion and diagnosis of every row) and a digest of itself, and every tool
+that uses it checks both (:func:`load_folds`): a fold file that was edited, or a metadata file
+with other images, lesions or labels, is refused rather than silently re-split.
+
+Network ``k`` is trained on the other K-1 folds and scores fold ``k`` after every epoch
+(:func:`run_fold_epochs`), so the out-of-fold predictions cover every image at every epoch. There
+is no early stopping per fold: one epoch count for all folds is chosen from the out-of-fold curve
+(:func:`out_of_fold_curve`, :func:`select_epoch`), and each fold's weights at that epoch become
+its teacher checkpoint (:func:`export_teachers`). Figures are per lesion (a lesion's images'
+calibrated probabilities averaged), calibrated across folds: fold ``k``'s images are calibrated
+with the temperature and class biases fitted on the other folds' out-of-fold logits
+(:func:`cross_fitted_probabilities`).
+
+Layout of a run folder (:class:`FoldLayout`)::
+
+    fold_<k>/run.json                       recipe, preprocessing, fold, folds digest (checked on resume)
+    fold_<k>/last.pt                        training state after the last finished epoch (resumable)
+    fold_<k>/metrics.jsonl                  one row per epoch: training loss, held-out fold figures
+    fold_<k>/holdout_logits/epoch_<e>.pt    the held-out fold's logits after epoch e
+    fold_<k>/weights/epoch_<e>.pt           the evaluated (EMA) weights after epoch e, float16
+    fold_<k>/done.json                      written when the fold has run all its epochs
+    fold_<k>/teacher.pt                     release-format checkpoint of the selected epoch
+    out_of_fold_logits.pt                   (images, epochs, classes) logits, image and lesion ids, folds
+    summary.json                            the out-of-fold curve, the selected epoch, its figures
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import hashlib
+import json
+import os
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from handler.architectures import build_model
+from handler.calibration import fit_calibration
+from handler.checkpoint import Checkpoint, Meta, make_checkpoint
+from handler.decision import decide
+from handler.labels import CLASS_CODES
+from handler.preprocessing import PreprocessConfig
+from handler.storage import pack_state_dict, unpack_state_dict
+from lab.data import LabelledImage, class_counts, read_labels
+from lab.evaluation import bootstrap_intervals, classification_report, referral_threshold_for_sensitivity
+from lab.provenance import file_sha256
+from lab.training import (
+    Progress, Recipe, Trainer, freeze_early_layers, initialize, make_ema, make_optimizer, predict_logits, resume, save_state,
+    seed_epoch, seed_everything, train_one_epoch)
+
+FOLDS_FORMAT = 1
+FOLD_METHOD = "sklearn StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed): grouped by lesion_id, stratified by dx"
+SELECT_KEYS = ("lesion_balanced_accuracy", "lesion_macro_auc", "image_log_loss")
+
+
+class FoldMismatchError(ValueError):
+    """A fold file that does not belong to this metadata, or that was changed after it was written."""
+
+
+def records_digest(records: Sequence[LabelledImage]) -> str:
+    """SHA-256 of every row's ``image_id,lesion_id,dx``, sorted: what a fold assignment depends on.
+
+    Column order, extra columns (age, localization...) and row order do not change it; a changed,
+    added or removed image, lesion or label does.
+    """
+    rows = sorted(f"{r.image_id},{r.lesion_id},{CLASS_CODES[r.label]}" for r in records)
+    return hashlib.sha256("\n".join(rows).encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class FoldAssignment:
+    """K folds of image ids over one metadata file.
+
+    Attributes:
+        k: Number of folds.
+        seed: Seed of the partition.
+        metadata: The metadata file it was built from (its name, for people).
+        metadata_sha256: That file's SHA-256 when the folds were built (for people; the check is
+            on :attr:`records_sha256`, so the same rows in the Kaggle layout's file also match).
+        records_sha256: :func:`records_digest` of the rows it partitions.
+        folds: Each fold's image ids, sorted.
+        counts: Per fold: images, lesions and images per class (descriptive).
+    """
+
+    k: int
+    seed: int
+    metadata: str
+    metadata_sha256: str
+    records_sha256: str
+    folds: tuple[tuple[str, ...], ...]
+    counts: tuple[dict[str, Any], ...] = ()
+
+    @property
+    def digest(self) -> str:
+        """SHA-256 of what defines the assignment (k, seed, records digest, the folds): names it in checkpoints."""
+        body = json.dumps({"k": self.k, "seed": self.seed, "records_sha256": self.records_sha256,
+                           "folds": [list(fold) for fold in self.folds]}, sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(body.encode()).hexdigest()
+
+    def fold_of(self) -> dict[str, int]:
+        """Image id -> its fold."""
+        return {image_id: index for index, fold in enumerate(self.folds) for image_id in fold}
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"format": FOLDS_FORMAT, "method": FOLD_METHOD, "k": self.k, "seed": self.seed, "metadata": self.metadata,
+                "metadata_sha256": self.metadata_sha256, "records_sha256": self.records_sha256, "digest": self.digest,
+                "counts": list(self.counts), "folds": [list(fold) for fold in self.folds]}
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any], name: str = "fold file") -> "FoldAssignment":
+        """Rebuild and verify a stored assignment.
+
+        Raises:
+            FoldMismatchError: Another format, or folds that no longer match the stored digest.
+        """
+        if values.get("format") != FOLDS_FORMAT:
+            raise FoldMismatchError(f"{name}: fold file format {values.get('format')!r}, expected {FOLDS_FORMAT}")
+        assignment = cls(int(values["k"]), int(values["seed"]), str(values["metadata"]), str(values["metadata_sha256"]),
+                         str(values["records_sha256"]), tuple(tuple(fold) for fold in values["folds"]),
+                         tuple(values.get("counts") or ()))
+        if assignment.digest != values.get("digest"):
+            raise FoldMismatchError(f"{name}: its folds do not match its digest (the file was edited after it was "
+                                    f"written); rebuild it with scripts/train_folds.py --rebuild-folds")
+        if len(assignment.folds) != assignment.k:
+            raise FoldMismatchError(f"{name}: {len(assignment.folds)} folds listed for k={assignment.k}")
+        return assignment
+
+    def save(self, path: str | os.PathLike) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        temporary = path.with_name(path.name + ".tmp")
+        temporary.write_text(json.dumps(self.to_dict(), indent=1) + "\n")
+        os.replace(temporary, path)
+        return path
+
+
+def make_folds(records: Sequence[LabelledImage], k: int, seed: int, metadata: str | os.PathLike) -> FoldAssignment:
+    """Partition every record into ``k`` lesion-grouped, class-stratified folds.
+
+    Args:
+        records: Every labelled image of ``metadata`` (:func:`lab.data.read_labels`).
+        k: Number of folds (at least 2).
+        seed: Seed of the partition.
+        metadata: The metadata file the records were read from.
+
+    Raises:
+        ValueError: Fewer than 2 folds, more folds than lesions, or a lesion with two diagnoses.
+    """
+    from sklearn.model_selection import StratifiedGroupKFold
+
+    if k < 2:
+        raise ValueError(f"need at least 2 folds, got {k}")
+    diagnosis: dict[str, int] = {}
+    for record in records:
+        if diagnosis.setdefault(record.lesion_id, record.label) != record.label:
+            raise ValueError(f"lesion {record.lesion_id} has images with different diagnoses")
+    if len(diagnosis) < k:
+        raise ValueError(f"{len(diagnosis)} lesions cannot fill {k} folds")
+    splitter = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed)
+    folds: list[tuple[str, ...]] = []
+    counts = []
+    for _, held_out in splitter.split(np.zeros(len(records)), [r.label for r in records], [r.lesion_id for r in records]):
+        members = [records[i] for i in held_out]
+        folds.append(tuple(sorted(r.image_id for r in members)))
+        counts.append({"images": len(members), "lesions": len({r.lesion_id for r in members}),
+                       "class_images": dict(zip(CLASS_CODES, class_counts(members)))})
+    return FoldAssignment(k, seed, f"{Path(metadata).resolve().parent.name}/{Path(metadata).name}", file_sha256(metadata), records_digest(records), tuple(folds),
+                          tuple(counts))
+
+
+def check_folds(assignment: FoldAssignment, records: Sequence[LabelledImage], name: str = "fold file") -> None:
+    """Refuse an assignment that is not a lesion-grouped partition of exactly these records.
+
+    Raises:
+        FoldMismatchError: Naming what differs.
+    """
+    digest = records_digest(records)
+    if digest != assignment.records_sha256:
+        fold_of = assignment.fold_of()
+        ids = {r.image_id for r in records}
+        missing, extra = sorted(ids - set(fold_of)), sorted(set(fold_of) - ids)
+        detail = (f"{len(missing)} images not in the folds (e.g. {missing[:3]}), {len(extra)} fold images not in the "
+                  f"metadata (e.g. {extra[:3]})" if missing or extra else "the same images, but other lesions or labels")
+        raise FoldMismatchError(f"{name} was built from other metadata ({assignment.metadata}, records digest "
+                                f"{assignment.records_sha256[:12]}; this metadata's is {digest[:12]}): {detail}. Use the "
+                                f"metadata it was built from, or another fold file")
+    fold_of = assignment.fold_of()
+    if sum(len(fold) for fold in assignment.folds) != len(fold_of) or set(fold_of) != {r.image_id for r in records}:
+        raise FoldMismatchError(f"{name}: the folds are not a partition of the metadata's images")
+    lesion_fold: dict[str, int] = {}
+    for record in records:
+        if lesion_fold.setdefault(record.lesion_id, fold_of[record.image_id]) != fold_of[record.image_id]:
+            raise FoldMismatchError(f"{name}: lesion {record.lesion_id} has images in two folds")
+
+
+def read_folds(path: str | os.PathLike) -> FoldAssignment:
+    """A stored assignment, its own digest verified (:meth:`FoldAssignment.from_dict`)."""
+    return FoldAssignment.from_dict(json.loads(Path(path).read_text()), str(path))
+
+
+def load_folds(path: str | os.PathLike, metadata: str | os.PathLike) -> tuple[FoldAssignment, list[LabelledImage]]:
+    """A stored assignment checked against a metadata file, and that file's records.
+
+    Raises:
+        FoldMismatchError: If either does not match (:func:`check_folds`).
+    """
+    records = read_labels(metadata)
+    assignment = read_folds(path)
+    check_folds(assignment, records, str(path))
+    return assignment, records
+
+
+def ensure_folds(path: str | os.PathLike, metadata: str | os.PathLike, k: int, seed: int,
+                 rebuild: bool = False) -> tuple[FoldAssignment, list[LabelledImage]]:
+    """The assignment at ``path``, checked against ``metadata``; built and saved there if there is none.
+
+    Raises:
+        FoldMismatchError: An existing file for other metadata, or with another ``k`` or ``seed``
+            (``rebuild`` overwrites it instead).
+    """
+    path = Path(path)
+    if path.exists() and not rebuild:
+        assignment, records = load_folds(path, metadata)
+        if (assignment.k, assignment.seed) != (k, seed):
+            raise FoldMismatchError(f"{path} holds k={assignment.k}, seed={assignment.seed}; asked for k={k}, seed={seed}")
+        return assignment, records
+    records = read_labels(metadata)
+    assignment = make_folds(records, k, seed, metadata)
+    assignment.save(path)
+    print(f"wrote {path}: {k} folds of {[len(fold) for fold in assignment.folds]} images, digest {assignment.digest[:12]}",
+          flush=True)
+    return assignment, records
+
+
+def fold_split(records: Sequence[LabelledImage], assignment: FoldAssignment,
+               fold: int) -> tuple[list[LabelledImage], list[LabelledImage]]:
+    """``(training images: every other fold, held-out images: fold ``fold``)``, in the records' order."""
+    if not 0 <= fold < assignment.k:
+        raise ValueError(f"fold {fold} is not one of 0..{assignment.k - 1}")
+    fold_of = assignment.fold_of()
+    train = [r for r in records if fold_of[r.image_id] != fold]
+    return train, [r for r in records if fold_of[r.image_id] == fold]
+
+
+def limit_records(records: Sequence[LabelledImage], limit: int, seed: int) -> list[LabelledImage]:
+    """A seeded sample of ``limit`` records in their original order (smoke runs); 0 keeps all."""
+    if not limit or limit >= len(records):
+        return list(records)
+    keep = set(random.Random(seed).sample(range(len(records)), limit))
+    return [r for i, r in enumerate(records) if i in keep]
+
+
+def folds_data_record(assignment: FoldAssignment, folds_file: str | os.PathLike, fold: int | None,
+                      train_images: int, val_images: int) -> dict[str, Any]:
+    """``meta.data`` of a network trained on the folds: which fold file, which folds, how many images.
+
+    ``fold`` is the held-out fold, or None for a network trained on every fold.
+    """
+    split = (f"fold {fold} of {assignment.k} held out ({Path(folds_file).name})" if fold is not None
+             else f"all {assignment.k} folds ({Path(folds_file).name}), nothing held out")
+    return {"metadata": assignment.metadata, "train_images": train_images, "val_images": val_images, "split": split,
+            "folds_file": Path(folds_file).name, "folds_sha256": assignment.digest, "folds_k": assignment.k,
+            "fold": fold, "records_sha256": assignment.records_sha256}
+
+
+def check_trained_on(data: dict[str, Any] | None, assignment: FoldAssignment, fold: int | None, name: str) -> None:
+    """Refuse a network whose ``meta.data`` names another fold assignment or another held-out fold.
+
+    Raises:
+        FoldMismatchError: Naming the difference.
+    """
+    data = data or {}
+    if data.get("folds_sha256") != assignment.digest:
+        raise FoldMismatchError(f"{name} was trained on folds {str(data.get('folds_sha256'))[:12]}, not on this fold file "
+                                f"({assignment.digest[:12]})")
+    if data.get("fold") != fold:
+        raise FoldMismatchError(f"{name} holds out fold {data.get('fold')}, expected fold {fold}")
+
+
+# --- one network per fold -----------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class FoldLayout:
+    """Where a cross-fitted run keeps its files (see the module docstring)."""
+
+    root: Path
+
+    def fold_dir(self, fold: int) -> Path:
+        return self.root / f"fold_{fold}"
+
+    def logits_path(self, fold: int, epoch: int) -> Path:
+        return self.fold_dir(fold) / "holdout_logits" / f"epoch_{epoch:03d}.pt"
+
+    def weights_path(self, fold: int, epoch: int) -> Path:
+        return self.fold_dir(fold) / "weights" / f"epoch_{epoch:03d}.pt"
+
+    def teacher_path(self, fold: int) -> Path:
+        return self.fold_dir(fold) / "teacher.pt"
+
+    def done_path(self, fold: int) -> Path:
+        return self.fold_dir(fold) / "done.json"
+
+
+def _atomic_save(value: Any, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(path.name + ".tmp")
+    torch.save(value, temporary)
+    os.replace(temporary, path)
+
+
+def _atomic_write_text(text: str, path: Path) -> None:
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.write_text(text)
+    os.replace(temporary, path)
+
+
+def check_run_config(path: Path, config: dict[str, Any]) -> None:
+    """Write a run's configuration, or refuse to resume a run that was started with another one.
+
+    Raises:
+        ValueError: Naming the settings that differ.
+    """
+    if path.exists():
+        before = json.loads(path.read_text())
+        differ = sorted(key for key in set(before) | set(config) if before.get(key) != config.get(key))
+        if differ:
+            raise ValueError(f"{path.parent} was started with other settings ({', '.join(differ)}: "
+                             f"{[before.get(key) for key in differ]} vs {[config.get(key) for key in differ]}); "
+                             f"rerun with the same settings to resume, or choose another --output")
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _atomic_write_text(json.dumps(config, indent=1) + "\n", path)
+
+
+def build_trainer(recipe: Recipe, preprocess: PreprocessConfig, criterion: nn.Module, steps_per_epoch: int,
+                  device: torch.device, amp: torch.dtype | None, pretrained: str = "auto",
+                  freeze_blocks: int = 0) -> tuple[Trainer, str]:
+    """A fresh network of ``recipe.arch`` (ImageNet weights unless ``pretrained`` says otherwise) and what trains it.
+
+    Returns:
+        The trainer and where the starting weights came from.
+    """
+    seed_everything(recipe.seed)
+    model = build_model(recipe.arch, dropout=recipe.dropout)
+    source = initialize(model, recipe.arch, preprocess, None, pretrained)
+    model = model.to(device).to(memory_format=torch.channels_last)
+    frozen = freeze_early_layers(model, freeze_blocks)
+    ema = make_ema(model, recipe.ema_decay)
+    optimizer, scheduler = make_optimizer(model, recipe, steps_per_epoch)
+    return Trainer(model, ema, optimizer, scheduler, criterion.to(device), preprocess, device, amp, frozen), source
+
+
+def holdout_figures(logits: torch.Tensor, labels: torch.Tensor, lesion_ids: Sequence[str]) -> dict[str, float]:
+    """Uncalibrated figures of one epoch on the held-out fold: per image, and per lesion (probabilities averaged)."""
+    probabilities = torch.softmax(logits.float(), 1).numpy()
+    image = classification_report(probabilities, labels.numpy())
+    lesion_probabilities, lesion_labels, _ = lesion_average(probabilities, labels.numpy(), lesion_ids)
+    lesion = classification_report(lesion_probabilities, lesion_labels)
+    return {"holdout_loss": float(nn.functional.cross_entropy(logits.float(), labels)),
+            "holdout_balanced_accuracy": image["balanced_accuracy"], "holdout_macro_auc": image["macro_auc"],
+            "holdout_lesion_balanced_accuracy": lesion["balanced_accuracy"], "holdout_lesion_macro_auc": lesion["macro_auc"]}
+
+
+def run_fold_epochs(trainer: Trainer, train_loader: Iterable, holdout_loader: Iterable | None,
+                    holdout: Sequence[LabelledImage], recipe: Recipe, output: Path, progress: Progress,
+                    epochs_this_run: int = 0, keep_weights: bool = True) -> bool:
+    """Train a fixed schedule of ``recipe.epochs`` epochs, scoring the held-out images after each one.
+
+    Each epoch writes the held-out logits (``holdout_logits/epoch_<e>.pt``), the evaluated weights
+    in float16 (``weights/epoch_<e>.pt``, unless ``keep_weights`` is False), ``metrics.jsonl`` (all rows,
+    rewritten from the run's history so that a crash never duplicates one) and ``last.pt``, in that
+    order: an interrupted epoch is redone whole on the next run. No early stopping: the epoch to
+    keep is chosen afterwards, for all folds at once, from the out-of-fold curve.
+
+    Args:
+        trainer: The run.
+        train_loader: Training batches (``(uint8 images, targets)``, whatever ``trainer.criterion`` takes).
+        holdout_loader: ``(uint8 images, labels)`` of ``holdout`` in order, or None (nothing held out).
+        holdout: The held-out images (their ids and lesions name the logits).
+        recipe: Epochs and seed.
+        output: The fold's folder.
+        progress: Where the run stands (updated in place).
+        epochs_this_run: Pause after this many epochs (0: never).
+        keep_weights: Save every epoch's weights (needed to export the selected epoch).
+
+    Returns:
+        True when all epochs have run; False when it paused.
+    """
+    output.mkdir(parents=True, exist_ok=True)
+    image_ids = [r.image_id for r in holdout]
+    lesion_ids = [r.lesion_id for r in holdout]
+    for epoch in range(progress.start_epoch, recipe.epochs):
+        number = epoch + 1
+        seed_epoch(recipe.seed, epoch)
+        started = time.perf_counter()
+        stats = train_one_epoch(trainer, train_loader, f"{output.name} epoch {number}/{recipe.epochs}")
+        row: dict[str, Any] = {"epoch": number, "train_loss": stats.loss, "lr": trainer.scheduler.get_last_lr()[0],
+                               "train_images_per_s": stats.seen / max(stats.seconds, 1e-9)}
+        if holdout_loader is not None:
+            logits, labels = predict_logits(trainer.eval_model, holdout_loader, trainer.preprocess, trainer.device, trainer.amp)
+            _atomic_save({"epoch": number, "image_ids": image_ids, "logits": logits, "labels": labels},
+                         output / "holdout_logits" / f"epoch_{number:03d}.pt")
+            row |= holdout_figures(logits, labels, lesion_ids)
+        if keep_weights:
+            state = {name: tensor.detach().cpu() for name, tensor in trainer.eval_model.state_dict().items()}
+            _atomic_save({"epoch": number, "state_dict": pack_state_dict(state, "float16")},
+                         output / "weights" / f"epoch_{number:03d}.pt")
+        row["epoch_seconds"] = time.perf_counter() - started
+        progress.history.append(row)
+        _atomic_write_text("".join(json.dumps(r) + "\n" for r in progress.history), output / "metrics.jsonl")
+        save_state(output / "last.pt", trainer, progress, epoch)
+        print(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()), flush=True)
+        if epochs_this_run and number - progress.start_epoch >= epochs_this_run and number < recipe.epochs:
+            print(f"paused after epoch {number}; rerun the same command to resume from {output / 'last.pt'}", flush=True)
+            return False
+    return True
+
+
+def train_fold(recipe: Recipe, preprocess: PreprocessConfig, criterion: nn.Module, train_loader: Any,
+               holdout_loader: Any, holdout: Sequence[LabelledImage], output: Path, device: torch.device,
+               amp: torch.dtype | None, run_config: dict[str, Any], pretrained: str = "auto", freeze_blocks: int = 0,
+               epochs_this_run: int = 0, keep_weights: bool = True) -> bool:
+    """One network of a cross-fitted run, from scratch or resumed from ``output/last.pt``.
+
+    ``run_config`` is written to ``output/run.json`` the first time and must match on every
+    resume (:func:`check_run_config`); ``output/done.json`` marks a finished fold, which is then
+    not rebuilt at all.
+
+    Returns:
+        True when the fold has run all its epochs; False when it paused.
+    """
+    if (output / "done.json").exists():
+        return True
+    check_run_config(output / "run.json", run_config)
+    trainer, source = build_trainer(recipe, preprocess, criterion, len(train_loader), device, amp, pretrained, freeze_blocks)
+    progress = resume(output / "last.pt", trainer)
+    if progress is None:
+        progress = Progress()
+        print(f"{output.name}: initialized from {source}", flush=True)
+    else:
+        print(f"{output.name}: resumed from {output / 'last.pt'} at epoch {progress.start_epoch}", flush=True)
+    if not run_fold_epochs(trainer, train_loader, holdout_loader, holdout, recipe, output, progress, epochs_this_run,
+                           keep_weights):
+        return False
+    _atomic_write_text(json.dumps({"epochs": recipe.epochs, "initialization": source,
+                                   "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}) + "\n",
+                       output / "done.json")
+    return True
+
+
+def load_epoch_weights(model: nn.Module, path: Path) -> nn.Module:
+    """Put one epoch's saved (float16) weights into ``model``; returns it."""
+    model.load_state_dict(unpack_state_dict(torch.load(path, map_location="cpu", weights_only=True)["state_dict"]))
+    return model
+
+
+# --- out-of-fold predictions --------------------------------------------------------------------------------------
+
+@dataclass
+class OutOfFold:
+    """Every image's logits from the network that did not train on it, after every epoch.
+
+    Attributes:
+        image_ids: (N,) in the records' order.
+        lesion_ids: (N,) their lesions.
+        labels: (N,) true class indices.
+        folds: (N,) each image's fold.
+        epochs: The epoch numbers (1-based) of the second axis of ``logits``.
+        logits: (N, E, C) float32.
+    """
+
+    image_ids: list[str]
+    lesion_ids: list[str]
+    labels: np.ndarray
+    folds: np.ndarray
+    epochs: list[int]
+    logits: np.ndarray
+
+    def at_epoch(self, epoch: int) -> np.ndarray:
+        """(N, C) logits after epoch ``epoch``."""
+        return self.logits[:, self.epochs.index(epoch)]
+
+    def save(self, path: Path) -> None:
+        _atomic_save({"image_ids": self.image_ids, "lesion_ids": self.lesion_ids, "labels": torch.from_numpy(self.labels),
+                      "folds": torch.from_numpy(self.folds), "epochs": self.epochs, "logits": torch.from_numpy(self.logits)},
+                     path)
+
+
+def collect_out_of_fold(layout: FoldLayout, assignment: FoldAssignment, records: Sequence[LabelledImage],
+                        epochs: int, folds: Sequence[int] | None = None) -> OutOfFold:
+    """Gather the held-out logits of every fold and epoch, in the records' order.
+
+    Args:
+        layout: The run folder.
+        assignment: The folds.
+        records: The images that were trained on and scored (all, or a ``--limit`` sample).
+        epochs: Epochs per fold.
+        folds: The folds to gather (default all); records of other folds are left out.
+
+    Raises:
+        FileNotFoundError: A fold has not finished an epoch.
+        FoldMismatchError: A fold's held-out logits name other images than the folds say.
+    """
+    folds = list(range(assignment.k)) if folds is None else list(folds)
+    fold_of = assignment.fold_of()
+    kept = [r for r in records if fold_of[r.image_id] in folds]
+    row_of = {r.image_id: i for i, r in enumerate(kept)}
+    logits = np.zeros((len(kept), epochs, len(CLASS_CODES)), np.float32)
+    for fold in folds:
+        expected = [r.image_id for r in kept if fold_of[r.image_id] == fold]
+        rows = [row_of[image_id] for image_id in expected]
+        for epoch in range(1, epochs + 1):
+            path = layout.logits_path(fold, epoch)
+            if not path.exists():
+                raise FileNotFoundError(f"fold {fold} has not finished epoch {epoch} ({path} is missing)")
+            stored = torch.load(path, map_location="cpu", weights_only=True)
+            if list(stored["image_ids"]) != expected:
+                raise FoldMismatchError(f"{path} scores other images than fold {fold} of this fold file")
+            logits[rows, epoch - 1] = stored["logits"].float().numpy()
+    return OutOfFold([r.image_id for r in kept], [r.lesion_id for r in kept], np.array([r.label for r in kept]),
+                     np.array([fold_of[r.image_id] for r in kept]), list(range(1, epochs + 1)), logits)
+
+
+def lesion_average(probabilities: np.ndarray, labels: np.ndarray,
+                   lesion_ids: Sequence[str]) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """One row per lesion: the mean of its images' probabilities, and its label.
+
+    Returns:
+        ``(lesion probabilities (L, C), lesion labels (L,), lesion ids)``, lesions in order of first appearance.
+
+    Raises:
+        ValueError: A lesion whose images carry different labels.
+    """
+    order: dict[str, int] = {}
+    index = np.array([order.setdefault(lesion, len(order)) for lesion in lesion_ids], dtype=np.int64)
+    sums = np.zeros((len(order), probabilities.shape[1]), np.float64)
+    np.add.at(sums, index, probabilities)
+    counts = np.bincount(index, minlength=len(order))
+    lesion_labels = np.full(len(order), -1, np.int64)
+    lesion_labels[index] = labels
+    if not np.array_equal(lesion_labels[index], labels):
+        raise ValueError("a lesion's images carry different labels")
+    return (sums / counts[:, None]).astype(np.float32), lesion_labels, list(order)
+
+
+def cross_fitted_probabilities(logits: np.ndarray, labels: np.ndarray,
+                               folds: np.ndarray) -> tuple[np.ndarray, dict[int, tuple[float, ...]]]:
+    """Calibrated probabilities where each fold's images are calibrated on the other folds' out-of-fold logits.
+
+    Returns:
+        (N, C) probabilities, and each fold's class prior (for the balanced decision rule).
+    """
+    probabilities = np.zeros(logits.shape, np.float32)
+    priors: dict[int, tuple[float, ...]] = {}
+    tensor = torch.from_numpy(np.ascontiguousarray(logits))
+    for fold in np.unique(folds):
+        scored, fitted = folds == fold, folds != fold
+        if not fitted.any():  # a single fold gathered: calibrate on itself (reported as such)
+            fitted = scored
+        calibration = fit_calibration(tensor[fitted], torch.from_numpy(labels[fitted]))
+        probabilities[scored] = calibration.apply(tensor[scored]).numpy()
+        priors[int(fold)] = tuple(calibration.class_prior)
+    return probabilities, priors
+
+
+def lesion_figures(logits: np.ndarray, labels: np.ndarray, lesion_ids: Sequence[str], folds: np.ndarray,
+                   threshold: float | None = None, target_sensitivity: float | None = None,
+                   bootstrap: int = 0, seed: int = 0) -> dict[str, Any]:
+    """The per-lesion figures of out-of-fold logits, calibrated across folds, balanced decision rule.
+
+    Args:
+        logits: (N, C) out-of-fold logits of N images.
+        labels: (N,) true classes.
+        lesion_ids: (N,) each image's lesion.
+        folds: (N,) each image's fold.
+        threshold: The referral threshold to measure melanoma figures at; None chooses it as the
+            highest that keeps ``target_sensitivity`` of melanoma lesions flagged (on these same
+            lesions, so the melanoma figures are then optimistic).
+        target_sensitivity: See ``threshold``; None with no threshold measures "mel is the called class".
+        bootstrap: Resamples for the 95% intervals (:func:`lab.evaluation.bootstrap_intervals`); 0 skips them.
+        seed: Seed of the bootstrap.
+
+    Returns:
+        ``classification_report``'s dict over lesions, plus ``n_lesions``, ``referral_threshold``,
+        ``per_fold`` (balanced accuracy, macro AUC, melanoma sensitivity per fold) and ``bootstrap``.
+    """
+    probabilities, priors = cross_fitted_probabilities(logits, labels, folds)
+    lesion_probabilities, lesion_labels, lesions = lesion_average(probabilities, labels, lesion_ids)
+    first_row = {lesion: i for i, lesion in reversed(list(enumerate(lesion_ids)))}
+    lesion_folds = np.array([folds[first_row[lesion]] for lesion in lesions])
+    calls = np.zeros(len(lesions), np.int64)
+    for fold, prior in priors.items():
+        rows = lesion_folds == fold
+        calls[rows] = decide(torch.from_numpy(lesion_probabilities[rows]), "balanced", prior).numpy()
+    if threshold is None and target_sensitivity is not None and (lesion_labels == CLASS_CODES.index("mel")).any():
+        threshold = referral_threshold_for_sensitivity(lesion_probabilities, lesion_labels, target_sensitivity)
+    report = classification_report(lesion_probabilities, lesion_labels, threshold, calls)
+    report["n_lesions"] = report.pop("n_images")
+    report["referral_threshold"] = threshold
+    per_fold = {}
+    for fold in priors:
+        rows = lesion_folds == fold
+        fold_report = classification_report(lesion_probabilities[rows], lesion_labels[rows], threshold, calls[rows])
+        per_fold[str(fold)] = {key: fold_report[key] for key in ("balanced_accuracy", "macro_auc", "melanoma_sensitivity",
+                                                                 "melanoma_specificity", "ece")} | {"n_lesions": int(rows.sum())}
+    report["per_fold"] = per_fold
+    if bootstrap:
+        report["bootstrap"] = bootstrap_intervals(lesion_probabilities, lesion_labels, calls, threshold, bootstrap, seed=seed)
+    return report
+
+
+def out_of_fold_curve(oof: OutOfFold) -> list[dict[str, Any]]:
+    """Per epoch: the out-of-fold figures that choose the epoch count (:data:`SELECT_KEYS`) and a few more."""
+    rows = []
+    for column, epoch in enumerate(oof.epochs):
+        logits = oof.logits[:, column]
+        lesion = lesion_figures(logits, oof.labels, oof.lesion_ids, oof.folds)
+        image_loss = float(nn.functional.cross_entropy(torch.from_numpy(logits), torch.from_numpy(oof.labels)))
+        rows.append({"epoch": epoch, "lesion_balanced_accuracy": lesion["balanced_accuracy"],
+                     "lesion_macro_auc": lesion["macro_auc"], "lesion_ece": lesion["ece"], "image_log_loss": image_loss,
+                     "per_fold_lesion_balanced_accuracy": {fold: row["balanced_accuracy"]
+                                                           for fold, row in lesion["per_fold"].items()}})
+    return rows
+
+
+def select_epoch(curve: Sequence[dict[str, Any]], key: str = "lesion_balanced_accuracy") -> int:
+    """The epoch with the best out-of-fold ``key`` (lowest for a loss, highest otherwise); the earliest on ties."""
+    if key not in SELECT_KEYS:
+        raise ValueError(f"unknown selection key {key!r}; choose one of {SELECT_KEYS}")
+    sign = -1.0 if key.endswith("loss") else 1.0
+    best = max(curve, key=lambda row: (sign * (row[key] if row[key] is not None else -np.inf), -row["epoch"]))
+    return int(best["epoch"])
+
+
+def summarize(oof: OutOfFold, key: str = "lesion_balanced_accuracy", epoch: int | None = None,
+              target_sensitivity: float = 0.85, bootstrap: int = 1000, seed: int = 0) -> dict[str, Any]:
+    """The out-of-fold curve, the selected epoch and its per-lesion figures with bootstrap intervals."""
+    curve = out_of_fold_curve(oof)
+    selected = select_epoch(curve, key) if epoch is None else epoch
+    logits = oof.at_epoch(selected)
+    lesion = lesion_figures(logits, oof.labels, oof.lesion_ids, oof.folds, target_sensitivity=target_sensitivity,
+                            bootstrap=bootstrap, seed=seed)
+    probabilities, priors = cross_fitted_probabilities(logits, oof.labels, oof.folds)
+    image_calls = np.zeros(len(oof.labels), np.int64)
+    for fold, prior in priors.items():
+        rows = oof.folds == fold
+        image_calls[rows] = decide(torch.from_numpy(probabilities[rows]), "balanced", prior).numpy()
+    image = classification_report(probabilities, oof.labels, lesion["referral_threshold"], image_calls)
+    return {"selected_epoch": selected, "selected_by": key if epoch is None else "given", "folds": sorted(map(int, priors)),
+            "n_images": len(oof.labels), "n_lesions": lesion["n_lesions"],
+            "method": "out-of-fold logits; fold k calibrated (temperature + class biases) on the other folds' out-of-fold "
+                      "logits; a lesion's images' probabilities averaged; balanced decision rule; referral threshold the "
+                      f"highest keeping {target_sensitivity} of melanoma lesions flagged on these same lesions",
+            "lesion": lesion, "image": image, "curve": curve}
+
+
+def write_out_of_fold_csv(oof: OutOfFold, epoch: int, path: Path) -> None:
+    """The selected epoch's out-of-fold logits, one row per image: what calibration and thresholds are fitted on."""
+    logits = oof.at_epoch(epoch)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["image_id", "lesion_id", "dx", "fold", *[f"logit_{code}" for code in CLASS_CODES]])
+        for i, image_id in enumerate(oof.image_ids):
+            writer.writerow([image_id, oof.lesion_ids[i], CLASS_CODES[oof.labels[i]], int(oof.folds[i]),
+                             *[f"{value:.5f}" for value in logits[i]]])
+
+
+def export_teachers(layout: FoldLayout, assignment: FoldAssignment, folds_file: str | os.PathLike, epoch: int,
+                    recipe: Recipe, preprocess: PreprocessConfig, records: Sequence[LabelledImage],
+                    storage: str = "float16", **provenance: Any) -> list[Path]:
+    """Write each fold's weights after ``epoch`` as a release-format checkpoint (``fold_<k>/teacher.pt``).
+
+    ``meta.data`` names the fold file (by digest) and the held-out fold (:func:`folds_data_record`),
+    which :func:`check_trained_on` verifies wherever a teacher is used.
+    """
+    paths = []
+    for fold in range(assignment.k):
+        train, holdout = fold_split(records, assignment, fold)
+        model = load_epoch_weights(build_model(recipe.arch, dropout=recipe.dropout), layout.weights_path(fold, epoch))
+        done = json.loads(layout.done_path(fold).read_text())
+        meta = Meta(preprocess, data=folds_data_record(assignment, folds_file, fold, len(train), len(holdout)))
+        checkpoint = make_checkpoint(model, recipe.arch, preprocess, meta, recipe.dropout, epoch=epoch,
+                                     trained_epochs=recipe.epochs, initialization=done["initialization"],
+                                     recipe=dataclasses.asdict(recipe), **provenance)
+        checkpoint = Checkpoint(pack_state_dict(checkpoint.state_dict, storage), checkpoint.config, checkpoint.meta)
+        paths.append(checkpoint.save(layout.teacher_path(fold)))
+    return paths

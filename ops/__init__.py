@@ -1,0 +1,1 @@
+"""Running the service: project paths, TorchServe processes, archives, rollouts, HTTP clients and load generation."""

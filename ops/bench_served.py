@@ -1,0 +1,136 @@
+"""Served benchmarks: build an archive from a changed copy of the model config, serve it on free loopback ports, sweep it.
+
+A server started by ``make serve`` on the default ports is left alone. The sweep itself runs
+in a separate client process (:func:`ops.loadgen.sweep_target`).
+"""
+
+from __future__ import annotations
+
+import socket
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import yaml
+
+from ops.archive import ArchiveSpec, build_archive
+from ops.loadgen import ServedTarget, SweepPlan, sweep_target
+from ops.paths import MODEL_CONFIG, MODEL_NAME, SERVER_CONFIG
+from ops.torchserve import ADDRESS_KEYS, Server, start, stop, wait_ready
+
+# The unbatched baseline: one request per forward pass, no waiting for company.
+UNBATCHED_OVERRIDES = {"batchSize": 1, "maxBatchDelay": 0}
+
+
+def model_config_overrides(batch_size: int | None = None, max_batch_delay: int | None = None,
+                           workers: int | None = None, handler: Sequence[str] = ()) -> dict[str, Any]:
+    """Model-config changes for a swept archive.
+
+    Args:
+        batch_size: ``batchSize``.
+        max_batch_delay: ``maxBatchDelay`` (ms).
+        workers: ``minWorkers`` = ``maxWorkers``.
+        handler: ``KEY=VALUE`` handler settings (values parsed as YAML).
+
+    Raises:
+        ValueError: A handler item without ``=``.
+    """
+    overrides: dict[str, Any] = {}
+    if batch_size is not None:
+        overrides["batchSize"] = batch_size
+    if max_batch_delay is not None:
+        overrides["maxBatchDelay"] = max_batch_delay
+    if workers is not None:
+        overrides["minWorkers"] = overrides["maxWorkers"] = workers
+    if handler:
+        pairs = [item.split("=", 1) for item in handler]
+        if any(len(pair) != 2 for pair in pairs):
+            raise ValueError(f"handler settings take KEY=VALUE, got {list(handler)}")
+        overrides["handler"] = {key: yaml.safe_load(value) for key, value in pairs}
+    return overrides
+
+
+def model_config_with(base: Path, overrides: dict[str, Any]) -> dict[str, Any]:
+    """The model config at ``base`` with top-level keys replaced (``batchSize``, ``maxBatchDelay``, ``minWorkers``...).
+
+    A ``handler`` entry in ``overrides`` is merged into the config's ``handler:`` block.
+    """
+    config = yaml.safe_load(base.read_text())
+    unknown = set(overrides) - set(config) - {"minWorkers", "maxWorkers", "batchSize", "maxBatchDelay", "handler"}
+    if unknown:
+        raise ValueError(f"unknown model-config keys {sorted(unknown)}")
+    handler = {**(config.get("handler") or {}), **(overrides.get("handler") or {})}
+    return {**config, **overrides, "handler": handler}
+
+
+def free_loopback_port() -> int:
+    """A TCP port on 127.0.0.1 that is free right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_all_workers(server: Server, count: int, timeout: float = 240.0) -> dict[str, Any]:
+    """Wait until ``count`` workers are READY (``wait_ready`` returns at the first one).
+
+    Returns:
+        The management API's description of the model.
+
+    Raises:
+        TimeoutError: If fewer are ready in time.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        description = wait_ready(server, timeout=max(1.0, deadline - time.monotonic()))
+        ready = sum(worker.get("status") == "READY" for worker in description.get("workers", []))
+        if ready >= count:
+            return description
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"only {ready} of {count} workers READY after {timeout:.0f} s\n{server.log_tail()}")
+        time.sleep(0.5)
+
+
+def served_sweep(model_config_overrides: dict[str, Any], payload_paths: Sequence[str], plan: SweepPlan,
+                 checkpoint: Path, base_model_config: Path = MODEL_CONFIG) -> dict[str, Any]:
+    """Build an archive from a changed copy of the model config, serve it, sweep it, stop it.
+
+    Args:
+        model_config_overrides: Top-level model-config keys to change, e.g.
+            ``{"batchSize": 1, "maxBatchDelay": 0}`` or ``{"minWorkers": 2, "maxWorkers": 2}``.
+        payload_paths: Request bodies (real JPEG files).
+        plan: Levels and bounds.
+        checkpoint: Checkpoint to archive.
+        base_model_config: Model config the copy starts from.
+
+    Returns:
+        :func:`sweep_target`'s result plus ``model_config`` (the served batch and worker
+        settings) and ``startup_s`` (start until a READY worker).
+    """
+    config = model_config_with(base_model_config, model_config_overrides)
+    with tempfile.TemporaryDirectory(prefix="bench-served-") as work:
+        work_dir = Path(work)
+        (work_dir / "model-config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+        store = work_dir / "model_store"
+        # A benchmark archive measures speed, not decisions: no gate is required, and a changed
+        # TTA mode (--handler tta=...) may serve a threshold measured for another mode.
+        build_archive(ArchiveSpec(checkpoint, work_dir / "model-config.yaml", store, require_gate=False,
+                                  force_threshold=True))
+        # Free loopback ports for every listener (gRPC binds too), as the tests do: a server
+        # started by `make serve` on the default ports is left alone.
+        addresses = {key: f"http://127.0.0.1:{free_loopback_port()}" for key in ADDRESS_KEYS.values()}
+        addresses |= {"grpc_inference_port": str(free_loopback_port()), "grpc_management_port": str(free_loopback_port())}
+        started = time.monotonic()
+        server = start(work_dir / "run", store, SERVER_CONFIG, addresses)
+        try:
+            description = wait_all_workers(server, int(config.get("minWorkers", 1)))
+            startup_s = time.monotonic() - started
+            target = ServedTarget(f"{server.url('inference')}/predictions/{MODEL_NAME}", {}, server.url("metrics"),
+                                  run_dir=str(server.run_dir))
+            print(f"served {', '.join(f'{k}={v}' for k, v in model_config_overrides.items()) or 'as configured'}: "
+                  f"READY in {startup_s:.1f} s", flush=True)
+            result = sweep_target(target, payload_paths, plan)
+        finally:
+            stop(server)
+    served_settings = {key: description.get(key) for key in ("batchSize", "maxBatchDelay", "minWorkers", "maxWorkers")}
+    return {"model_config": served_settings, "overrides": model_config_overrides, "startup_s": startup_s, **result}

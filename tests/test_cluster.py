@@ -1,0 +1,345 @@
+"""The replicated cluster (ops/cluster.py, scripts/cluster.py) with real processes on loopback.
+
+Three TorchServe replicas of a tiny archive (fast to load on 2 cores; the balancer, the
+supervisor and the rollout gate do not care what the network is) behind a real HAProxy:
+
+* kill -9 one replica's frontend under closed-loop load: no client request fails, HAProxy takes
+  the replica out (read from its stats socket) and sends it nothing until the supervisor has
+  it READY again;
+* a rolling rollout under load with the golden smoke gate: no client request fails; a version
+  that fails the gate, or a failure half-way, leaves every replica on the old version;
+* Prometheus scrapes every replica under one job with a ``replica`` label, and the dashboard's
+  queries add the replicas up.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import threading
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import requests
+import torch
+
+from handler.architectures import build_model, default_preprocess_config
+from handler.calibration import Calibration
+from handler.checkpoint import Meta, OperatingPoint, make_checkpoint
+from handler.labels import CLASS_CODES
+from handler.settings import load_handler_settings
+from ops import cluster as clusters
+from ops import rollout as rollouts
+from ops.paths import MODEL_CONFIG, SERVER_CONFIG
+from scripts import cluster as cluster_script
+from tests.conftest import DATA, ROOT, free_port
+from tests.tiny_release import tiny_archive, tiny_checkpoint, tiny_model_config
+
+pytestmark = [pytest.mark.slow, pytest.mark.data,
+              pytest.mark.skipif(shutil.which("haproxy") is None,
+                                 reason="Debian package 'haproxy' not installed (.ci/run installs it)")]
+
+REPLICAS = 3
+GOLDEN_COUNT = 6
+
+
+class Load:
+    """Closed-loop clients through the balancer, each pausing ``pause`` s between requests.
+
+    Bounded: the clients stop at ``max_requests`` or ``max_seconds`` even if nobody stops them.
+    """
+
+    def __init__(self, cluster: clusters.Cluster, image: bytes, clients: int = 3, pause: float = 0.1,
+                 max_requests: int = 900, max_seconds: float = 600.0) -> None:
+        self.results: list[tuple[float, int, str | None]] = []
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        headers = {**cluster.headers(), "Content-Type": "image/jpeg"}
+        deadline = time.monotonic() + max_seconds
+
+        def client() -> None:
+            with requests.Session() as session:
+                while not self._stop.is_set() and time.monotonic() < deadline:
+                    with self._lock:
+                        if len(self.results) >= max_requests:
+                            return
+                    try:
+                        response = session.post(f"{cluster.url}/predictions/skin_lesion", data=image, headers=headers,
+                                                timeout=120)
+                        version = response.json().get("model_version") if response.status_code == 200 else response.text[:200]
+                        outcome = (time.monotonic(), response.status_code, version)
+                    except (requests.RequestException, ValueError) as error:
+                        outcome = (time.monotonic(), -1, repr(error))
+                    with self._lock:
+                        self.results.append(outcome)
+                    self._stop.wait(pause)
+
+        self._threads = [threading.Thread(target=client) for _ in range(clients)]
+
+    def __enter__(self) -> Load:
+        for thread in self._threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(timeout=150)
+
+    def running(self) -> bool:
+        return any(thread.is_alive() for thread in self._threads)
+
+    def failed(self) -> list:
+        return [r for r in self.results if r[1] != 200]
+
+    def wait_for(self, count: int, timeout: float = 120) -> None:
+        deadline = time.monotonic() + timeout
+        while len(self.results) < count and time.monotonic() < deadline:
+            time.sleep(0.05)
+
+
+def forced_checkpoint(path: Path, class_code: str) -> Path:
+    """A tiny checkpoint whose calibration pushes every answer to ``class_code`` (it fails any golden set without it)."""
+    torch.manual_seed(1)
+    preprocess = default_preprocess_config("efficientnet_lite0", image_size=64)
+    bias = [40.0 if code == class_code else 0.0 for code in CLASS_CODES]
+    calibration = {tta: Calibration.from_dict({"temperature": 1.0, "class_bias": bias, "class_prior": [1 / 7] * 7})
+                   for tta in ("none", "hflip", "flip4")}
+    threshold = load_handler_settings(MODEL_CONFIG).referral_threshold
+    meta = Meta(preprocess, version="6.6", calibration=calibration, operating_point=OperatingPoint("none", threshold))
+    return make_checkpoint(build_model("efficientnet_lite0").eval(), "efficientnet_lite0", preprocess, meta).save(path)
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory, samples_dir):
+    root = tmp_path_factory.mktemp("cluster")
+    store = root / "store"
+    config = tiny_model_config(root)
+    checkpoint = tiny_checkpoint(root / "tiny.pt")
+    tiny_archive(store, checkpoint, config, "1.0", "skin_lesion")  # served at start (load_models)
+    tiny_archive(store, checkpoint, config, "1.1")  # same weights: passes the golden gate
+    cluster = clusters.up(root / "cluster", REPLICAS, store, SERVER_CONFIG, f"127.0.0.1:{free_port()}", timeout=500)
+    try:
+        images = sorted(samples_dir.glob("*.jpg"))[:GOLDEN_COUNT]
+        yield SimpleNamespace(root=root, store=store, config=config, cluster=cluster, images=images,
+                              image=images[0].read_bytes())
+    finally:
+        stopped = clusters.down(cluster.directory)
+        print(f"\ncluster down: stopped {stopped}")
+
+
+def test_cluster_json_and_balancer_authentication(env):
+    cluster = env.cluster
+    description = json.loads((cluster.directory / "cluster.json").read_text())
+    assert set(description) == {"url", "token", "replicas"}
+    assert description["url"] == cluster.url and Path(description["token"]) == cluster.token_file
+    assert oct(cluster.token_file.stat().st_mode & 0o777) == "0o600"
+    assert [r["name"] for r in description["replicas"]] == [f"r{i}" for i in range(REPLICAS)]
+    for replica in description["replicas"]:
+        assert set(replica) == {"name", "pid", "inference", "management"}
+        assert replica["inference"].startswith("http://127.0.0.1:") and replica["management"].startswith("http://127.0.0.1:")
+        # The pid is the TorchServe frontend (Java), not the Python launcher.
+        assert Path(f"/proc/{replica['pid']}/exe").resolve().name.startswith("java")
+    url = f"{cluster.url}/predictions/skin_lesion"
+    jpeg = {"Content-Type": "image/jpeg"}
+    assert requests.post(url, data=env.image, headers=jpeg, timeout=60).status_code == 401
+    wrong = requests.post(url, data=env.image, headers={**jpeg, "Authorization": "Bearer nope"}, timeout=60)
+    assert wrong.status_code == 401 and wrong.json()["error"]["code"] == "unauthorized"
+    good = requests.post(url, data=env.image, headers={**jpeg, **cluster.headers()}, timeout=60)
+    assert good.status_code == 200 and good.json()["model_version"] == "1.0"
+    # Only the inference API goes through the balancer; management stays on the replicas' loopback ports.
+    assert requests.get(f"{cluster.url}/models", headers=cluster.headers(), timeout=10).status_code == 404
+    assert requests.get(f"{cluster.url}/ping", headers=cluster.headers(), timeout=10).status_code == 200
+
+
+def _watch(cluster: clusters.Cluster, name: str, until: threading.Event, samples: list) -> None:
+    while not until.is_set():
+        row = cluster.stats()[name]
+        samples.append((time.monotonic(), row["status"], int(row["lbtot"]), int(row["wretr"]), int(row["wredis"])))
+        time.sleep(0.05)
+
+
+@pytest.mark.timeout(1500)
+def test_kill_one_replica_under_load_loses_no_request(env):
+    cluster = env.cluster
+    victim = cluster.replica("r1")
+    old_pid = victim.frontend_pid()
+    samples: list = []
+    done = threading.Event()
+    watcher = threading.Thread(target=_watch, args=(cluster, victim.name, done, samples))
+    # About 4 requests/s: a few hundred over a restart that takes ~15 s on a quiet 2-core
+    # machine and over a minute on a busy one.
+    with Load(cluster, env.image, clients=2, pause=0.4) as load:
+        load.wait_for(30)
+        watcher.start()
+        killed_at = time.monotonic()
+        os.kill(old_pid, signal.SIGKILL)
+        sent_at_kill = len(load.results)
+        # The supervisor restarts it; wait (bounded) until the balancer has it UP again.
+        deadline = killed_at + 900
+        while time.monotonic() < deadline:
+            if samples and samples[-1][0] > killed_at + 1 and samples[-1][1] == "UP" and victim.is_alive():
+                break
+            time.sleep(0.2)
+        back_seen = time.monotonic()
+        # Keep the load on until the restarted replica has answered some requests itself.
+        lbtot_back = int(cluster.stats()[victim.name]["lbtot"])
+        while time.monotonic() < back_seen + 60 and int(cluster.stats()[victim.name]["lbtot"]) < lbtot_back + 5:
+            time.sleep(0.2)
+        load_was_running = load.running()
+        done.set()
+        watcher.join()
+    out = [s for s in samples if not s[1].startswith("UP")]
+    assert out, f"the balancer never took {victim.name} out of rotation: {samples[-3:]}"
+    first_out, last_out = out[0], out[-1]
+    back = next(s for s in samples if s[0] > last_out[0] and s[1].startswith("UP"))
+    final = cluster.stats()[victim.name]
+    print(f"\nkill test: {len(load.results)} requests ({sent_at_kill} before the kill), {len(load.failed())} failed; "
+          f"{victim.name} out of rotation {first_out[0] - killed_at:.2f} s after kill -9 (status {first_out[1]}), "
+          f"back in rotation after {back[0] - killed_at:.1f} s; HAProxy retries {final['wretr']}, "
+          f"redispatches {final['wredis']}")
+    assert not load.failed(), load.failed()[:5]
+    assert load_was_running, "the load ended (request cap) before the replica was back: nothing was tested after it"
+    assert first_out[0] - killed_at < 5.0
+    # While it was out, the balancer chose it for nothing: its lbtot did not move.
+    assert {s[2] for s in out} == {first_out[2]}, sorted({s[2] for s in out})
+    assert int(final["lbtot"]) > back[2], "the restarted replica got no traffic after it came back"
+    # A new frontend, recorded in cluster.json, with its model READY before it was put back.
+    assert victim.frontend_pid() != old_pid and clusters.pid_alive(victim.frontend_pid())
+    description = json.loads((cluster.directory / "cluster.json").read_text())
+    assert {r["name"]: r["pid"] for r in description["replicas"]}[victim.name] == victim.frontend_pid()
+    log = (cluster.directory / "supervisor.log").read_text()
+    assert f"{victim.name} is down" in log and f"{victim.name} READY again" in log
+    assert len(load.results) >= 100
+
+
+def _golden(env) -> Path:
+    """Golden cases for the tiny model: what version 1.0 answers on real images (the gate then passes 1.0's weights)."""
+    cases = []
+    for path in env.images:
+        response = requests.post(f"{env.cluster.url}/predictions/skin_lesion", data=path.read_bytes(),
+                                 headers={**env.cluster.headers(), "Content-Type": "image/jpeg"}, timeout=60)
+        cases.append({"image": path.name, "expected": response.json()["prediction"]})
+    golden = env.root / "golden.json"
+    golden.write_text(json.dumps({"images": env.images[0].parent.name, "min_matches": len(cases), "cases": cases}))
+    return golden
+
+
+@pytest.mark.timeout(2400)
+def test_rolling_rollout_under_load_and_failing_versions_change_nothing(env, monkeypatch, capsys):
+    cluster = env.cluster
+    golden = _golden(env)
+    expected = {case["expected"] for case in json.loads(golden.read_text())["cases"]}
+    forced = next(code for code in CLASS_CODES if code not in expected)
+    tiny_archive(env.store, forced_checkpoint(env.root / "forced.pt", forced), env.config, "6.6")
+
+    def rollout(version):
+        argv = ["rollout", "--cluster-dir", str(cluster.directory), "--version", version, "--golden", str(golden),
+                "--golden-images", str(DATA), "--timeout", "600"]
+        return cluster_script.main(cluster_script.get_args_parser().parse_args(argv))
+
+    # About 2 requests/s: each replica loads the new version while the load goes on.
+    with Load(cluster, env.image, clients=2, pause=0.6, max_requests=1500, max_seconds=1800) as load:
+        load.wait_for(10)
+        started = time.monotonic()
+        assert rollout("1.1") == 0, capsys.readouterr().err
+        good_seconds = time.monotonic() - started
+        assert set(clusters.default_versions(cluster).values()) == {"1.1"}
+        sent_good = len(load.results)
+
+        # A version that fails the smoke gate stops at the first replica: nothing changes.
+        assert rollout("6.6") == 1
+        err = capsys.readouterr().err
+        assert "stopped at r0" in err and "smoke test failed" in err, err
+        assert set(clusters.default_versions(cluster).values()) == {"1.1"}
+        for replica in cluster.replicas:
+            assert rollouts.Management(replica.server).describe("6.6") is None
+
+        # A failure half-way (r1 fails its gate): r0, already switched, is rolled back.
+        real_smoke_test = rollouts.smoke_test
+
+        def failing_on_r1(server, version, golden_file, images_root):
+            if server.run_dir.name == "r1":
+                raise rollouts.RolloutError("smoke test failed: injected on r1")
+            return real_smoke_test(server, version, golden_file, images_root)
+
+        monkeypatch.setattr(rollouts, "smoke_test", failing_on_r1)
+        with pytest.raises(clusters.ClusterError, match=r"stopped at r1.*Rolled \['r0'\] back to 1\.1"):
+            clusters.rolling_rollout(cluster, "1.0", golden, DATA, timeout=600)
+        monkeypatch.setattr(rollouts, "smoke_test", real_smoke_test)
+        assert set(clusters.default_versions(cluster).values()) == {"1.1"}
+        time.sleep(1)
+    served = [r[2] for r in load.results if r[1] == 200]
+    print(f"\nrolling rollout: {sent_good} requests during the good roll ({good_seconds:.0f} s), "
+          f"{len(load.results)} in all, {len(load.failed())} failed; versions answered {sorted(set(served))}")
+    assert not load.failed(), load.failed()[:5]
+    assert served[0] == "1.0" and served[-1] == "1.1" and set(served) == {"1.0", "1.1"}
+    # Every replica is back in rotation at the balancer.
+    assert all(row["status"] == "UP" for row in cluster.stats().values())
+
+
+def test_haproxy_config_retries_elsewhere_and_checks_ping(env):
+    text = (env.cluster.directory / "haproxy" / "haproxy.cfg").read_text()
+    for line in ("option redispatch 1", "retry-on conn-failure empty-response junk-response response-timeout 502 503 504",
+                 "http-check send meth GET uri /ping", "option http-buffer-request"):
+        assert line in text
+    assert len(re.findall(r"^\s+server r\d+ 127\.0\.0\.1:\d+ check$", text, re.M)) == REPLICAS
+    check = subprocess.run(["haproxy", "-c", "-f", str(env.cluster.directory / "haproxy" / "haproxy.cfg")],
+                           capture_output=True, text=True)
+    assert check.returncode == 0, check.stdout + check.stderr
+
+
+@pytest.mark.skipif(shutil.which("prometheus") is None or shutil.which("promtool") is None,
+                    reason="Debian package 'prometheus' not installed (.ci/run installs it)")
+def test_prometheus_scrapes_every_replica_and_the_dashboard_adds_them_up(env, tmp_path):
+    cluster = env.cluster
+    config = clusters.write_prometheus_config(cluster, scrape_interval="1s")
+    check = subprocess.run(["promtool", "check", "config", str(config)], capture_output=True, text=True)
+    assert check.returncode == 0, check.stdout + check.stderr
+    with Load(cluster, env.image, clients=2, pause=0.05, max_requests=60) as load:
+        load.wait_for(60)
+    assert not load.failed()
+    port = free_port()
+    prometheus = subprocess.Popen(["prometheus", f"--config.file={config}", f"--storage.tsdb.path={tmp_path}",
+                                   f"--web.listen-address=127.0.0.1:{port}"],
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+
+    def query(expr):
+        body = requests.get(f"http://127.0.0.1:{port}/api/v1/query", params={"query": expr}, timeout=10).json()
+        assert body["status"] == "success", body
+        return body["data"]["result"]
+
+    try:
+        deadline = time.monotonic() + 90
+        up, per_replica = [], []
+        while time.monotonic() < deadline:
+            try:
+                up = query('up{job="torchserve"}')
+                per_replica = query("sum by (replica) (ts_inference_requests_total)")
+                if len(up) == REPLICAS and len(per_replica) == REPLICAS:
+                    break
+            except requests.RequestException:
+                pass
+            time.sleep(1)
+        assert sorted(r["metric"]["replica"] for r in up) == [f"r{i}" for i in range(REPLICAS)]
+        assert all(r["value"][1] == "1" for r in up)
+        counts = {r["metric"]["replica"]: float(r["value"][1]) for r in per_replica}
+        assert sum(1 for value in counts.values() if value > 0) >= 2, counts  # the balancer spread the load
+        total = float(query("sum(ts_inference_requests_total)")[0]["value"][1])
+        assert total == pytest.approx(sum(counts.values()))
+        # The dashboard's queries aggregate without grouping by instance or replica: they add replicas up.
+        dashboard = json.loads((ROOT / "config" / "prometheus" / "grafana-dashboard.json").read_text())
+        exprs = [t["expr"] for panel in dashboard["panels"] for t in panel.get("targets", [])]
+        for expr in exprs:
+            assert "instance" not in expr and "replica" not in expr, expr
+            assert re.match(r"^\s*(sum|histogram_quantile)\b", expr), expr
+            query(expr)  # valid against the cluster's series
+    finally:
+        prometheus.terminate()
+        prometheus.wait(timeout=30)

@@ -1,0 +1,237 @@
+"""The out-of-distribution input gate: exact scoring, a weights-only stored dict, the threshold rule, synthetic cases."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from handler.input_gate import (InputGate, build_gate_backbone, cosine_knn_scores, mahalanobis_scores,
+                                make_gate_dict)
+from handler.preprocessing import decode_image
+from handler.storage import unpack_state_dict
+from lab import ood
+from lab.synthetic_images import KINDS, MAX_ASPECT, generate
+from ops.paths import DATA, VAL_SPLIT
+
+
+
+def brute_force_knn(features: torch.Tensor, reference: torch.Tensor, k: int) -> torch.Tensor:
+    """One minus the mean of the k largest cosine similarities, one pair at a time."""
+    scores = []
+    for f in features.double():
+        sims = sorted((float(F.cosine_similarity(f, r.double(), dim=0)) for r in reference), reverse=True)
+        scores.append(1.0 - sum(sims[:k]) / k)
+    return torch.tensor(scores, dtype=torch.float64)
+
+
+def brute_force_mahalanobis(features: torch.Tensor, means: torch.Tensor, precision: torch.Tensor) -> torch.Tensor:
+    scores = []
+    for f in features.double():
+        scores.append(min(float((f - m.double()) @ precision.double() @ (f - m.double())) for m in means))
+    return torch.tensor(scores, dtype=torch.float64)
+
+
+@pytest.fixture(scope="module")
+def backbone_state() -> dict[str, torch.Tensor]:
+    torch.manual_seed(0)
+    return build_gate_backbone().state_dict()
+
+
+def tiny_gate_dict(state: dict[str, torch.Tensor], storage: str = "float16", scorer: str = "cosine_knn") -> dict:
+    generator = torch.Generator().manual_seed(1)
+    reference = torch.randn(40, 1280, generator=generator)
+    extra = {"k": 3, "reference": reference} if scorer == "cosine_knn" else {
+        "means": torch.randn(3, 1280, generator=generator) * 0.1,
+        "whitening": torch.eye(1280) + 0.01 * torch.randn(1280, 1280, generator=generator).tril()}
+    return make_gate_dict(state, method=f"test-32-{scorer}", input_size=32, scorer=scorer, threshold=0.5,
+                          storage=storage, provenance={"note": "random weights"}, **extra)
+
+
+def test_cosine_knn_matches_brute_force() -> None:
+    generator = torch.Generator().manual_seed(0)
+    features, reference = torch.randn(6, 16, generator=generator), torch.randn(25, 16, generator=generator)
+    unit = F.normalize(reference, dim=1)
+    for k in (1, 4, 25):
+        assert torch.allclose(cosine_knn_scores(features, unit, k).double(), brute_force_knn(features, reference, k), atol=1e-6)
+
+
+def test_mahalanobis_matches_brute_force() -> None:
+    generator = torch.Generator().manual_seed(0)
+    a = torch.randn(12, 12, generator=generator, dtype=torch.float64)
+    precision = a @ a.T + 12 * torch.eye(12, dtype=torch.float64)
+    whitening = torch.linalg.cholesky(precision)  # precision = L L^T
+    features, means = torch.randn(5, 12, generator=generator), torch.randn(3, 12, generator=generator)
+    expected = brute_force_mahalanobis(features, means, precision)
+    got = mahalanobis_scores(features, means, whitening.float()).double()
+    assert torch.allclose(got, expected, rtol=1e-4)
+
+
+@pytest.mark.parametrize("storage", ["float16", "int8"])
+def test_gate_scores_match_an_independent_pipeline(backbone_state: dict, storage: str) -> None:
+    """Served scoring = antialiased resize, (x/255 - mean)/std, the stored weights, brute-force kNN."""
+    stored = tiny_gate_dict(backbone_state, storage)
+    gate = InputGate.from_dict(stored)
+    batch = torch.randint(0, 256, (3, 3, 56, 56), dtype=torch.uint8, generator=torch.Generator().manual_seed(2))
+
+    network = build_gate_backbone().eval()
+    network.load_state_dict(unpack_state_dict(stored["state_dict"]))
+    x = F.interpolate(batch.float() / 255.0, size=(32, 32), mode="bilinear", antialias=True, align_corners=False)
+    with torch.no_grad():
+        features = network((x - 0.5) / 0.5)
+    expected = brute_force_knn(features, stored["reference"].float(), k=3)
+    assert torch.allclose(gate.score(batch).double(), expected, atol=1e-5)
+    assert gate.score(batch).shape == (3,)
+
+
+def test_batched_scoring_equals_one_at_a_time(backbone_state: dict) -> None:
+    gate = InputGate.from_dict(tiny_gate_dict(backbone_state))
+    batch = torch.randint(0, 256, (4, 3, 40, 40), dtype=torch.uint8, generator=torch.Generator().manual_seed(3))
+    one_by_one = torch.cat([gate.score(batch[i:i + 1]) for i in range(4)])
+    assert torch.allclose(gate.score(batch), one_by_one, atol=1e-5)
+
+
+def _plain(value: object) -> bool:
+    if isinstance(value, dict):
+        return all(isinstance(k, str) and _plain(v) for k, v in value.items())
+    if isinstance(value, (list, tuple)):
+        return all(_plain(v) for v in value)
+    return isinstance(value, (torch.Tensor, str, int, float, bool, type(None)))
+
+
+@pytest.mark.parametrize("scorer", ["cosine_knn", "mahalanobis"])
+def test_to_dict_round_trip_loads_weights_only(backbone_state: dict, scorer: str) -> None:
+    gate = InputGate.from_dict(tiny_gate_dict(backbone_state, "int8", scorer))
+    stored = gate.to_dict()
+    assert _plain(stored)
+    buffer = io.BytesIO()
+    torch.save({"meta": {"input_gate": stored}}, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, map_location="cpu", weights_only=True)["meta"]["input_gate"]
+    again = InputGate.from_dict(loaded)
+    assert (again.method, again.threshold, again.input_size, again.scorer) == (gate.method, 0.5, 32, scorer)
+    assert loaded["state_dict"].keys() == stored["state_dict"].keys()
+    batch = torch.randint(0, 256, (2, 3, 48, 64), dtype=torch.uint8, generator=torch.Generator().manual_seed(4))
+    assert torch.equal(again.score(batch), gate.score(batch))
+    if scorer == "cosine_knn":
+        assert loaded["reference"].dtype == torch.float16
+
+
+def test_refuses_is_strictly_above_threshold(backbone_state: dict) -> None:
+    stored = tiny_gate_dict(backbone_state)
+    batch = torch.randint(0, 256, (3, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(5))
+    scores = InputGate.from_dict(stored).score(batch)
+    stored["threshold"] = float(scores.sort().values[1])
+    gate = InputGate.from_dict(stored)
+    assert gate.refuses(batch).tolist() == (gate.score(batch) > gate.threshold).tolist()
+    assert int(gate.refuses(batch).sum()) == 1
+
+
+def test_bad_gate_dicts_are_rejected(backbone_state: dict) -> None:
+    stored = tiny_gate_dict(backbone_state)
+    with pytest.raises(ValueError, match="scorer"):
+        InputGate.from_dict({**stored, "scorer": "magic"})
+    with pytest.raises(ValueError, match="format"):
+        InputGate.from_dict({**stored, "format": 99})
+    with pytest.raises(ValueError, match="k="):
+        InputGate.from_dict({**stored, "k": 41})
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
+def test_gate_follows_the_batch_to_cuda(backbone_state: dict) -> None:
+    gate = InputGate.from_dict(tiny_gate_dict(backbone_state))
+    batch = torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8, generator=torch.Generator().manual_seed(6))
+    on_cpu = gate.score(batch)
+    on_cuda = gate.score(batch.cuda())
+    assert on_cuda.device.type == "cuda"
+    assert torch.allclose(on_cuda.cpu(), on_cpu, atol=1e-3)
+
+
+def test_select_threshold_is_the_conformal_quantile() -> None:
+    # n = 199, q = 1 %: rank ceil(200 * 0.99) = 198, so exactly one calibration score lies above.
+    scores = np.random.default_rng(0).permutation(np.arange(1.0, 200.0))
+    threshold = ood.select_threshold(scores, 0.01)
+    assert threshold == 198.0 and ood.refusal_rate(scores, threshold) == pytest.approx(1 / 199)
+    # n = 99: rank ceil(100 * 0.99) = 99, the maximum; nothing is refused.
+    assert ood.select_threshold(np.arange(99.0), 0.01) == 98.0
+    with pytest.raises(ValueError):
+        ood.select_threshold(np.arange(50.0), 0.01)  # too few to bound 1 %
+
+
+def test_select_threshold_bounds_refusal_of_new_images() -> None:
+    """Averaged over many calibration sets, new exchangeable images are refused at most q of the time."""
+    rng = np.random.default_rng(1)
+    rates = [ood.refusal_rate(rng.normal(size=5000), ood.select_threshold(rng.normal(size=300), 0.05))
+             for _ in range(400)]
+    assert float(np.mean(rates)) <= 0.05 + 0.003
+
+
+def test_crossfit_keeps_lesions_on_one_side() -> None:
+    # Lesion "b" has very high scores on all its images: only when it falls on the measured side
+    # is anything refused, so each split's rate is either 0 or its share of that side.
+    scores = np.r_[np.linspace(0, 1, 300), [10.0] * 4]
+    groups = [f"l{i}" for i in range(300)] + ["b"] * 4
+    result = ood.crossfit_false_refusal(scores, groups, 0.1, repeats=10)
+    assert result["splits"] == 20 and result["lesions"] == 301 and result["images"] == 304
+    assert 0.0 <= result["mean"] <= result["max"] <= 1.0
+
+
+def test_auroc_and_hash_halves() -> None:
+    assert ood.auroc([0.1, 0.2], [0.3, 0.4]) == 1.0
+    assert ood.auroc([0.1, 0.3], [0.2, 0.4]) == 0.75
+    names = [f"n{i:08d}_x.jpg" for i in range(200)]
+    halves = [ood.name_hash_half(n) for n in names]
+    assert halves == [ood.name_hash_half(n) for n in names] and 60 < sum(halves) < 140
+
+
+def test_synthetic_images_are_deterministic_and_decodable() -> None:
+    first, second = generate(2 * len(KINDS), seed=3), generate(2 * len(KINDS), seed=3)
+    assert [s.data for s in first] == [s.data for s in second]
+    assert [s.data for s in generate(len(KINDS), seed=4)] != [s.data for s in first[: len(KINDS)]]
+    assert {s.kind for s in first} == set(KINDS)
+    assert len({s.name for s in first}) == len(first)
+    for image in first:
+        width, height = image.size
+        assert max(width, height) / min(width, height) <= MAX_ASPECT + 0.01
+        decoded = decode_image(image.data)
+        assert decoded.original_size == (width, height)
+        assert Image.open(io.BytesIO(image.data)).format.lower() == image.format
+
+
+def test_flat_synthetic_frames_include_black_white_and_grey() -> None:
+    flats = [s for s in generate(5 * len(KINDS), seed=0) if s.kind == "flat"]
+    colours = {Image.open(io.BytesIO(s.data)).convert("RGB").getpixel((0, 0)) for s in flats}
+    assert {(0, 0, 0), (255, 255, 255)} <= colours
+    assert any(r == g == b and 100 < r < 160 for r, g, b in colours)
+
+
+def test_dermoscopy_split_keeps_lesions_apart() -> None:
+    folder = DATA / "ham10000-200x150"
+    if not (folder / "metadata.csv").exists():
+        pytest.skip(f"HAM10000 4:3 data not found at {folder} (set SKIN_LESION_DATA or place ../shared/data)")
+    split = ood.dermoscopy_split(folder / "metadata.csv", folder / "images", VAL_SPLIT)
+    val_ids = json.loads((VAL_SPLIT).read_text())["val_image_ids"]
+    assert not {i.group for i in split.train} & {i.group for i in split.val}
+    assert len({i.group for i in split.val}) == len(val_ids)
+    assert len(split.train) + len(split.val) == 10015
+    pool = ood.one_per_lesion(split.train, 50, seed=0)
+    assert len({i.group for i in pool}) == 50 and pool == ood.one_per_lesion(split.train, 50, seed=0)
+
+
+def test_choose_by_refusal_then_partial_auroc_then_cost() -> None:
+    def row(size: int, refusal: float, pauc: float, storage: str = "float16", references: int = 600, k: int = 1) -> dict:
+        return {"size": size, "storage": storage, "references": references, "k": k, "refusal_a": refusal,
+                "refusal_b": 1.0, "pauc_a": pauc, "pauc_b": 0.99}
+
+    rows = [row(224, 1.0, 0.98), row(128, 1.0, 0.98), row(96, 0.996, 0.999), row(128, 1.0, 0.98, references=2000),
+            row(160, 1.0, 0.985)]
+    assert ood.choose(rows, ["a", "b"]) == rows[4]  # refusal ties at 1.0; the best partial AUROC wins
+    assert ood.choose(rows[:4], ["a", "b"]) == rows[1]  # all tied: the smallest input, then fewer references
+    f16, int8 = row(128, 1.0, 0.98), row(128, 0.998, 0.978, "int8")
+    assert ood.choose_storage(f16, int8, ["a", "b"], tolerance=0.005) == int8
+    assert ood.choose_storage(f16, row(128, 0.99, 0.98, "int8"), ["a", "b"], tolerance=0.005) == f16
