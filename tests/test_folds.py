@@ -9,6 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
+from handler.calibration import fit_calibration
 from handler.checkpoint import read_checkpoint
 from handler.labels import CLASS_CODES
 from handler.preprocessing import FULL_VIEW
@@ -20,7 +21,7 @@ from ops.paths import DATA, PROVENANCE
 from scripts import train_folds
 
 # Images per lesion for the lesions of each class: every class has several lesions, some lesions several images.
-LESIONS_PER_CLASS = (1, 2, 1, 1, 3, 1)
+LESIONS_PER_CLASS = (1, 2, 1, 3)
 
 
 def synthetic_ham(folder: Path, size: tuple[int, int] = (40, 30), lesions: tuple[int, ...] = LESIONS_PER_CLASS) -> Path:
@@ -58,7 +59,7 @@ def test_folds_are_lesion_grouped_stratified_and_cover_every_image_once(tmp_path
     lesion_folds = {}
     for record in records:
         assert lesion_folds.setdefault(record.lesion_id, fold_of[record.image_id]) == fold_of[record.image_id]
-    for label in range(len(CLASS_CODES)):  # 6 lesions (9 images) per class: every fold gets some of each class
+    for label in range(len(CLASS_CODES)):  # 4 lesions (7 images) per class: every fold gets some of each class
         lesions = {r.lesion_id for r in records if r.label == label}
         assert min(sum(lesion_folds[lesion] == fold for lesion in lesions) for fold in range(3)) >= 1
     assert make_folds(records, 3, seed=0, metadata=metadata).digest == folds.digest
@@ -115,17 +116,15 @@ def test_lesion_average_and_cross_fitted_calibration():
     assert np.allclose(averaged, [[0.6, 0.4], [0.1, 0.9]])
     with pytest.raises(ValueError, match="different labels"):
         lesion_average(probabilities, np.array([0, 1, 1]), ["L1", "L1", "L2"])
-    # Fold 0 is calibrated on fold 1 alone: scaling fold 0's logits does not change fold 1's probabilities.
+    # Each fold is calibrated on the other fold alone.
     rng = np.random.default_rng(0)
     labels = np.arange(60) % 7
     logits = rng.normal(0, 1, (60, 7)).astype(np.float32) + 3 * np.eye(7, dtype=np.float32)[labels]
     folds = np.arange(60) % 2
-    first, _ = cross_fitted_probabilities(logits, labels, folds)
-    scaled = logits.copy()
-    scaled[folds == 0] *= 5
-    second, priors = cross_fitted_probabilities(scaled, labels, folds)
-    assert np.allclose(first[folds == 0], second[folds == 0], atol=1e-5) is False
-    assert set(priors) == {0, 1}
+    probabilities, priors = cross_fitted_probabilities(logits, labels, folds)
+    other = fit_calibration(torch.from_numpy(logits[folds == 1]), torch.from_numpy(labels[folds == 1]))
+    assert np.allclose(probabilities[folds == 0], other.apply(torch.from_numpy(logits[folds == 0])).numpy(), atol=1e-6)
+    assert priors[0] == other.class_prior and set(priors) == {0, 1}
     report = lesion_figures(logits, labels, [f"L{i}" for i in range(60)], folds, target_sensitivity=0.85, bootstrap=20)
     assert report["n_lesions"] == 60 and set(report["per_fold"]) == {"0", "1"}
     assert report["melanoma_sensitivity"] >= 0.85 and "balanced_accuracy" in report["bootstrap"]["intervals"]
@@ -143,7 +142,7 @@ def test_one_epoch_count_is_chosen_from_the_curve():
 def fold_args(metadata: Path, tmp_path: Path, *extra: str) -> list[str]:
     return ["--metadata", str(metadata), "--images", str(metadata.parent / "images"), "--k", "3",
             "--folds-file", str(tmp_path / "folds_k3.json"), "--output", str(tmp_path / "run"), "--arch", "efficientnet_lite0",
-            "--image-size", "32", "--epochs", "2", "--batch-size", "8", "--workers", "0", "--pretrained", "none",
+            "--image-size", "32", "--epochs", "2", "--batch-size", "12", "--workers", "0", "--pretrained", "none",
             "--ema-decay", "0", "--bootstrap", "20", "--device", "cpu", *extra]
 
 
