@@ -29,6 +29,14 @@ DEMO_ARGS ?=
 REPLICAS ?= 3
 ARCHIVE ?= model_store/skin_lesion.mar
 CLUSTER_DIR ?= $(RUN_DIR)/cluster
+# Cross-fitting and distillation (make train-folds, make distill): docs/EXPERIMENTS.md, "Cross-fitting and distillation: how to run".
+K ?= 5
+DEVICE ?= auto
+ARCH ?=
+EPOCHS ?=
+FOLDS_DATA ?= ../shared/data/ham10000-200x150
+FOLDS_ARGS ?=
+DISTILL_ARGS ?=
 
 .PHONY: fit-gate evaluate-ood help install java train compare ensemble calibrate evaluate archive serve stop status release rollout rollback predict explain bench soak demo test clean kserve-bundle cluster-up cluster-down cluster-rollout
 
@@ -59,6 +67,16 @@ java: ## Install Java 17 (TorchServe's frontend) if no Java 17+ is on PATH
 
 train: install ## Fine-tune on $(DATA) into $(RUN) (resumable: rerun to continue)
 	$(PY) scripts/train.py --metadata $(DATA)/metadata.csv --images $(DATA)/images --output $(RUN) $(TRAIN_ARGS)
+
+train-folds: install ## Cross-fitted training over every image of $(FOLDS_DATA): K lesion-grouped folds, one network per fold, out-of-fold predictions (resumable: rerun to continue): make train-folds K=5 [DEVICE=cuda] [ARCH=...] [EPOCHS=...] [FOLDS_ARGS=...]
+	nice -n 10 $(PY) scripts/train_folds.py --k $(K) --metadata $(FOLDS_DATA)/metadata.csv --images $(FOLDS_DATA)/images \
+	  --output runs/folds_k$(K) --device $(DEVICE) $(if $(ARCH),--arch $(ARCH)) $(if $(EPOCHS),--epochs $(EPOCHS)) \
+	  --provenance-dir models/provenance $(FOLDS_ARGS)
+
+distill: install ## Distil the fold teachers of train-folds into one student, runs/distill_k$(K)/student.pt, with an out-of-fold check (resumable): make distill K=5 [DEVICE=cuda] [ARCH=student] [EPOCHS=...] [VERSION=x.y] [DISTILL_ARGS=...]
+	nice -n 10 $(PY) scripts/distill.py --k $(K) --metadata $(FOLDS_DATA)/metadata.csv --images $(FOLDS_DATA)/images \
+	  --teachers runs/folds_k$(K) --output runs/distill_k$(K) --device $(DEVICE) $(if $(ARCH),--arch $(ARCH)) \
+	  $(if $(EPOCHS),--epochs $(EPOCHS)) $(if $(VERSION),--model-version $(VERSION)) --provenance-dir models/provenance $(DISTILL_ARGS)
 
 compare: install ## Every combination of MEMBERS as a calibrated ensemble, out of fold on the validation split: make compare MEMBERS="a.pt b.pt" (report: runs/members.json)
 	$(PY) scripts/compare_members.py --members $(MEMBERS) --images $(DATA)/images --labels $(DATA)/metadata.csv \

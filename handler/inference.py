@@ -103,6 +103,8 @@ def prepare_for_serving(loaded: LoadedModel, settings: HandlerSettings) -> None:
     loaded.runner = build_runner(loaded.model, settings.runtime, settings.precision, loaded.preprocess.image_size)
     if loaded.meta.input_gate is not None:
         loaded.gate = InputGate.from_dict(loaded.meta.input_gate).to(device)
+        if settings.runtime == "torchscript":
+            loaded.gate.freeze()
 
 
 @torch.inference_mode()

@@ -146,14 +146,8 @@ class FoldAssignment:
         return path
 
 
-def make_folds(records: Sequence[LabelledImage], k: int, seed: int, metadata: str | os.PathLike) -> FoldAssignment:
-    """Partition every record into ``k`` lesion-grouped, class-stratified folds.
-
-    Args:
-        records: Every labelled image of ``metadata`` (:func:`lab.data.read_labels`).
-        k: Number of folds (at least 2).
-        seed: Seed of the partition.
-        metadata: The metadata file the records were read from.
+def lesion_grouped_folds(records: Sequence[LabelledImage], k: int, seed: int) -> list[list[int]]:
+    """The record indices of ``k`` lesion-grouped, class-stratified folds (sklearn's ``StratifiedGroupKFold``).
 
     Raises:
         ValueError: Fewer than 2 folds, more folds than lesions, or a lesion with two diagnoses.
@@ -169,15 +163,29 @@ def make_folds(records: Sequence[LabelledImage], k: int, seed: int, metadata: st
     if len(diagnosis) < k:
         raise ValueError(f"{len(diagnosis)} lesions cannot fill {k} folds")
     splitter = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed)
+    split = splitter.split(np.zeros(len(records)), [r.label for r in records], [r.lesion_id for r in records])
+    return [sorted(int(i) for i in held_out) for _, held_out in split]
+
+
+def make_folds(records: Sequence[LabelledImage], k: int, seed: int, metadata: str | os.PathLike) -> FoldAssignment:
+    """Partition every record into ``k`` lesion-grouped, class-stratified folds (:func:`lesion_grouped_folds`).
+
+    Args:
+        records: Every labelled image of ``metadata`` (:func:`lab.data.read_labels`).
+        k: Number of folds (at least 2).
+        seed: Seed of the partition.
+        metadata: The metadata file the records were read from.
+    """
     folds: list[tuple[str, ...]] = []
     counts = []
-    for _, held_out in splitter.split(np.zeros(len(records)), [r.label for r in records], [r.lesion_id for r in records]):
+    for held_out in lesion_grouped_folds(records, k, seed):
         members = [records[i] for i in held_out]
         folds.append(tuple(sorted(r.image_id for r in members)))
         counts.append({"images": len(members), "lesions": len({r.lesion_id for r in members}),
                        "class_images": dict(zip(CLASS_CODES, class_counts(members)))})
-    return FoldAssignment(k, seed, f"{Path(metadata).resolve().parent.name}/{Path(metadata).name}", file_sha256(metadata), records_digest(records), tuple(folds),
-                          tuple(counts))
+    metadata = Path(metadata)
+    return FoldAssignment(k, seed, f"{metadata.resolve().parent.name}/{metadata.name}", file_sha256(metadata),
+                          records_digest(records), tuple(folds), tuple(counts))
 
 
 def check_folds(assignment: FoldAssignment, records: Sequence[LabelledImage], name: str = "fold file") -> None:
@@ -698,3 +706,34 @@ def export_teachers(layout: FoldLayout, assignment: FoldAssignment, folds_file: 
         checkpoint = Checkpoint(pack_state_dict(checkpoint.state_dict, storage), checkpoint.config, checkpoint.meta)
         paths.append(checkpoint.save(layout.teacher_path(fold)))
     return paths
+
+
+def single_fold_figures(logits: np.ndarray, holdout: Sequence[LabelledImage], inner_folds: int = 5, seed: int = 0,
+                        target_sensitivity: float = 0.85) -> dict[str, Any]:
+    """Per-lesion figures of one network's logits on its held-out fold alone.
+
+    The fold is split again into ``inner_folds`` lesion-grouped parts, each calibrated on the
+    others (:func:`lesion_figures`), so that two networks scored on the same fold (a fold's teacher
+    and its student) are compared by the same method.
+
+    Args:
+        logits: (N, C) logits of the held-out images.
+        holdout: Those images, in the same order.
+        inner_folds: Parts of the inner partition (fewer when the fold has fewer lesions).
+        seed: Seed of the inner partition.
+        target_sensitivity: Melanoma sensitivity the referral threshold keeps (chosen on these lesions).
+    """
+    lesion_label = {r.lesion_id: r.label for r in holdout}
+    largest_class = max(np.bincount(list(lesion_label.values())))
+    inner = np.zeros(len(holdout), np.int64)
+    if largest_class >= 2:  # stratification needs a class with at least as many lesions as parts
+        for part, rows in enumerate(lesion_grouped_folds(holdout, min(inner_folds, largest_class), seed)):
+            inner[rows] = part
+    else:  # a handful of lesions (smoke runs): alternate them
+        order = {lesion: i % 2 for i, lesion in enumerate(lesion_label)}
+        inner = np.array([order[r.lesion_id] for r in holdout])
+    report = lesion_figures(logits, np.array([r.label for r in holdout]), [r.lesion_id for r in holdout], inner,
+                            target_sensitivity=target_sensitivity)
+    report.pop("per_fold")
+    return {key: report[key] for key in ("n_lesions", "balanced_accuracy", "macro_auc", "ece", "melanoma_sensitivity",
+                                         "melanoma_specificity", "referral_threshold")}

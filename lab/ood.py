@@ -24,7 +24,6 @@ import hashlib
 import io
 import json
 import math
-import statistics
 import sys
 import time
 from dataclasses import dataclass
@@ -485,19 +484,6 @@ def choose_storage(float16_row: Mapping[str, Any], int8_row: Mapping[str, Any], 
 
 
 # --------------------------------------------------------------------------- timing and output
-
-
-def median_seconds(candidates: Mapping[str, Callable[[], Any]], rounds: int) -> dict[str, float]:
-    """Median wall time of each callable, timed in interleaved rounds after one warm-up call each."""
-    for run in candidates.values():
-        run()
-    timings: dict[str, list[float]] = {name: [] for name in candidates}
-    for _ in range(rounds):
-        for name, run in candidates.items():
-            started = time.perf_counter()
-            run()
-            timings[name].append(time.perf_counter() - started)
-    return {name: statistics.median(values) for name, values in timings.items()}
 
 
 def serialized_megabytes(obj: Any) -> float:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import io
 import os
 import platform
+import dataclasses
 import statistics
 import time
 from pathlib import Path
@@ -27,7 +28,8 @@ if TYPE_CHECKING:
 # torch and the handler are imported inside the functions that need them.
 
 
-def _median_seconds(candidates: dict[str, Callable[[], Any]], rounds: int) -> dict[str, float]:
+def median_seconds(candidates: dict[str, Callable[[], Any]], rounds: int) -> dict[str, float]:
+    """Median wall time of each callable, timed in interleaved rounds after one warm-up call each."""
     for run in candidates.values():  # warm-up: allocators, lazy initialization, kernel selection
         run()
     timings: dict[str, list[float]] = {name: [] for name in candidates}
@@ -82,7 +84,7 @@ def bench_decode(payloads: Sequence[bytes], resize_size: int, rounds: int) -> li
     the model's input is not a free win.
     """
     candidates = decoders(resize_size)
-    timings = _median_seconds({name: (lambda decode=decode: [decode(p) for p in payloads])
+    timings = median_seconds({name: (lambda decode=decode: [decode(p) for p in payloads])
                                for name, decode in candidates.items()}, rounds)
     reference = [candidates["pillow_draft"](p).astype(np.int16) for p in payloads]
     rows = []
@@ -160,7 +162,7 @@ def bench_runtimes(checkpoint: str, payloads: Sequence[bytes], batch_sizes: Sequ
                     torch.set_num_threads(default_threads)
             return run
 
-        timings = _median_seconds({name: timed(name) for name in variants}, rounds)
+        timings = median_seconds({name: timed(name) for name in variants}, rounds)
         for name in variants:
             rows.append({"variant": name, "batch_size": batch_size, "ms_per_image": timings[name] * 1000 / batch_size,
                          "images_per_s": batch_size / timings[name], "ratio_to_served": timings[name] / timings[reference_name]})
@@ -202,6 +204,50 @@ def bench_gradcam(loaded: LoadedModel, settings: HandlerSettings, payloads: list
                   f"explain {row['explain_ms_per_image']:.1f} ms/image, ratio {row['gradcam_cost_ratio']:.3f}", flush=True)
             results.append(row)
     return results
+
+
+def bench_gate(loaded: LoadedModel, settings: HandlerSettings, payloads: list[bytes], batch_size: int,
+               rounds: int) -> dict[str, Any]:
+    """The input gate's cost against the release's predict cost per image, measured in the same run.
+
+    Two views, each timed in interleaved rounds: the gate's forward pass against the classifier's
+    on the same uint8 batch (``gate_ms`` / ``model_ms``), and the whole handler path with the gate
+    against the same path with the gate taken out (``handler_ratio``: what a request pays).
+    """
+    import torch
+
+    from handler.inference import predict_probabilities
+    from handler.preprocessing import load_model_input
+
+    if loaded.gate is None:
+        raise ValueError("the checkpoint has no input gate to measure")
+    batch = torch.stack([load_model_input(payloads[i % len(payloads)], loaded.preprocess, settings.decode_limits)[0]
+                         for i in range(batch_size)])
+    gate = loaded.gate
+    with torch.inference_mode():
+        forward = median_seconds({"model": lambda: predict_probabilities(loaded, batch, settings.tta),
+                                   "gate": lambda: gate.score(batch)}, rounds)
+    rows = [payloads[i % len(payloads)] for i in range(batch_size)]
+    with_gate, without_gate = [], []
+    per_image_ms(loaded, settings, rows, False)  # warm-up
+    for _ in range(rounds):
+        with_gate.append(per_image_ms(loaded, settings, rows, False))
+        loaded.gate = None
+        try:
+            without_gate.append(per_image_ms(loaded, settings, rows, False))
+        finally:
+            loaded.gate = gate
+    row = {"batch_size": batch_size, "method": gate.method,
+           "gate_ms_per_image": forward["gate"] * 1000 / batch_size,
+           "model_ms_per_image": forward["model"] * 1000 / batch_size,
+           "handler_ms_per_image_with_gate": statistics.median(with_gate),
+           "handler_ms_per_image_without_gate": statistics.median(without_gate)}
+    row["gate_cost_ratio"] = row["gate_ms_per_image"] / row["model_ms_per_image"]
+    row["handler_ratio"] = row["handler_ms_per_image_with_gate"] / row["handler_ms_per_image_without_gate"]
+    print(f"gate batch {batch_size}: gate {row['gate_ms_per_image']:.1f} ms/image, model {row['model_ms_per_image']:.1f} "
+          f"ms/image, ratio {row['gate_cost_ratio']:.3f}; handler path with/without gate {row['handler_ratio']:.3f}",
+          flush=True)
+    return row
 
 
 def bench_in_process(loaded: LoadedModel, settings: HandlerSettings, payloads: list[bytes], batch_sizes: list[int],

@@ -12,6 +12,7 @@ TARGETS = (
     ("served_throughput_ratio", ">= 0.85", lambda value: value >= 0.85),
     ("speedup_vs_unbatched", ">= 3", lambda value: value >= 3.0),
     ("gradcam_cost_ratio", "<= 1.3", lambda value: value <= 1.3),
+    ("gate_cost_ratio", "<= 0.25", lambda value: value <= 0.25),
     ("p99_over_p50_at_70pct", "<= 3", lambda value: value <= 3.0),
 )
 
@@ -52,6 +53,9 @@ def summarize(result: dict[str, Any], batch_size: int) -> dict[str, Any]:
     summary["speedup_vs_unbatched"] = (best["images_per_s"] / summary["unbatched_images_per_s"]
                                        if best and summary["unbatched_images_per_s"] else None)
     summary["gradcam_cost_ratio"] = gradcam[0]["gradcam_cost_ratio"] if gradcam else None
+    gate = result.get("gate")
+    summary["gate_cost_ratio"] = gate["gate_cost_ratio"] if gate else None
+    summary["gate_handler_ratio"] = gate["handler_ratio"] if gate else None
     # Tail check: the open-loop level at ~70 % of peak when it ran, else the closed-loop level
     # whose throughput is nearest 70 % of the peak.
     paced = (result.get("served") or {}).get("paced")
@@ -174,6 +178,15 @@ def write_report(path: Path, result: dict[str, Any]) -> None:
         lines += [f"| {row['batch_size']} | {row['images']} | {row['seconds']:.1f} | {row['images_per_s']:.1f} |"
                   for row in result["in_process"]]
         lines.append("")
+    if result.get("gate"):
+        gate = result["gate"]
+        lines += ["", "## Input gate", "",
+                  f"The out-of-distribution gate (`{gate['method']}`) against the release's predict cost, same run, "
+                  f"batch {gate['batch_size']}, medians of interleaved rounds:", "",
+                  "| gate ms/image | model ms/image | gate_cost_ratio | handler path with / without gate |",
+                  "|---|---|---|---|",
+                  f"| {gate['gate_ms_per_image']:.1f} | {gate['model_ms_per_image']:.1f} | {gate['gate_cost_ratio']:.3f} | "
+                  f"{gate['handler_ratio']:.3f} |"]
     if result.get("gradcam"):
         lines += ["## Grad-CAM cost (in-process handler path, per image)", "",
                   "Explain = the same batch through the same handler with Grad-CAM on for every request:",

@@ -3,6 +3,10 @@
 Sections (``--sections``; all by default) run one after another, never side by side, so that
 no two of them compete for the CPU cores:
 
+``gate``: the out-of-distribution gate's forward pass against the classifier's on the same
+batch, and the handler path with the gate against the same path without it: the gate's cost
+as a share of the release's predict cost (target at most 0.25).
+
 ``gradcam``: the handler's whole batch path (decode, preprocess, one forward, softmax,
 response building) with and without Grad-CAM explanations, per image, for JPEG and PNG
 overlays. Predict and explain rounds are interleaved so that machine noise hits both alike;
@@ -59,13 +63,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ops.bench_inprocess import bench_decode, bench_gradcam, bench_in_process, bench_runtimes, machine_description
+from ops.bench_inprocess import (bench_decode, bench_gate, bench_gradcam, bench_in_process, bench_runtimes,
+                                 machine_description)
 from ops.bench_report import command_line, met_text, summarize, write_report
 from ops.bench_served import UNBATCHED_OVERRIDES, model_config_overrides, model_config_with, served_sweep
 from ops.loadgen import ServedTarget, default_plan, fmt, sweep_target
 from ops.paths import CHECKPOINT, DATA, MODEL_CONFIG, MODEL_NAME, ROOT
 
-SECTIONS = ("decode", "runtime", "gradcam", "inprocess", "unbatched", "served")
+SECTIONS = ("decode", "runtime", "gate", "gradcam", "inprocess", "unbatched", "served")
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -151,7 +156,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         if "runtime" in sections:
             result["runtime"] = bench_runtimes(args.checkpoint, payloads[:16], sorted({1, batch_size}), rounds,
                                                include_compile=not args.quick, device=args.device)
-    if sections & {"gradcam", "inprocess"}:
+    if sections & {"gate", "gradcam", "inprocess"}:
         from handler.checkpoint import load_checkpoint
         from handler.inference import prepare_for_serving
         from handler.settings import HandlerSettings
@@ -160,6 +165,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         # The in-process limit is one process using every core, whatever a served worker's thread share is.
         settings = dataclasses.replace(HandlerSettings.from_mapping(served_config.get("handler")), torch_threads=0)
         prepare_for_serving(loaded, settings)
+        if "gate" in sections and loaded.gate is not None:
+            result["gate"] = bench_gate(loaded, settings, payloads[:16], batch_size, 3 if args.quick else args.rounds)
         if "gradcam" in sections:
             rounds = 3 if args.quick else args.rounds
             gradcam_batch_sizes = args.batch_sizes or ([batch_size] if args.quick else sorted({1, batch_size}))

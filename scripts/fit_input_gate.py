@@ -44,6 +44,7 @@ from handler.checkpoint import load_checkpoint, read_checkpoint
 from handler.preprocessing import load_model_input, normalize_batch
 from lab import ood
 from lab.synthetic_images import generate
+from ops.bench_inprocess import median_seconds
 from ops.paths import CHECKPOINT, DATA, ROOT, VAL_SPLIT
 
 
@@ -207,7 +208,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     sample_paths = sorted(Path(args.samples).glob("*.jpg"))[:4]
     batch = torch.stack([load_model_input(p.read_bytes(), preprocess)[0] for p in sample_paths])
     with torch.inference_mode():
-        timings = ood.median_seconds({
+        timings = median_seconds({
             "gate": lambda: gate.score(batch),
             "ensemble": lambda: loaded.features_and_logits(normalize_batch(batch, loaded.preprocess)),
         }, args.timing_rounds)

@@ -6,8 +6,8 @@ fold has run, chooses one epoch count for all folds from the out-of-fold curve, 
 weights at that epoch as ``fold_<k>/teacher.pt`` (for ``scripts/distill.py``) and a summary with
 per-lesion figures and bootstrap intervals. Resumable: rerun the same command to continue (each
 fold continues from its ``last.pt``; finished folds are skipped). ``--folds`` trains only some
-folds (several processes can share a GPU, one fold each); the summary is written by any run that
-finds every fold finished. The pieces are :mod:`lab.folds`.
+folds (several processes can share a GPU, one fold each); a run without ``--folds`` that finds every
+fold finished writes the summary and the teachers. The pieces are :mod:`lab.folds`.
 
 Example (what ``make train-folds K=5`` runs):
     python scripts/train_folds.py --k 5 --metadata ../shared/data/ham10000-200x150/metadata.csv \
@@ -40,14 +40,15 @@ from lab.training import (
 from ops.paths import DATA, PROVENANCE, ROOT
 
 DEFAULT_DATA = DATA / "ham10000-200x150"
-# The fold recipe: a fixed 20-epoch schedule (no early stopping; the epoch is chosen out of fold).
-FOLD_RECIPE = Recipe(epochs=20, patience=20, workers=min(8, os.cpu_count() or 1))
+# The fold recipe: a fixed 15-epoch schedule (no early stopping; the epoch is chosen out of fold).
+FOLD_RECIPE = Recipe(epochs=15, patience=15, workers=min(8, os.cpu_count() or 1))
 
 
 def get_args_parser() -> argparse.ArgumentParser:
     """Command-line options of the cross-fitted training script."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--metadata", default=str(DEFAULT_DATA / "metadata.csv"), help="HAM10000 metadata CSV (lesion_id, image_id, dx)")
+    parser.add_argument("--metadata", default=str(DEFAULT_DATA / "metadata.csv"),
+                        help="HAM10000 metadata CSV (lesion_id, image_id, dx)")
     parser.add_argument("--images", nargs="+", default=[str(DEFAULT_DATA / "images")], help="one or more image folders")
     parser.add_argument("--k", type=int, default=5, help="number of folds")
     parser.add_argument("--fold-seed", type=int, default=0, help="seed of the fold assignment")
@@ -66,6 +67,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     add_recipe_arguments(parser, FOLD_RECIPE)
     parser.add_argument("--amp", choices=AMP_MODES, default="auto", help="autocast (auto: bf16/fp16 on CUDA, fp32 on CPU)")
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     parser.add_argument("--limit", type=int, default=0,
                         help="use only this many images, drawn at random (smoke runs; never written to provenance)")
     parser.add_argument("--epochs-this-run", type=int, default=0,
@@ -93,6 +95,8 @@ def main(args: argparse.Namespace) -> dict[str, Any] | None:
     folds_file = Path(args.folds_file or PROVENANCE / f"folds_k{args.k}.json")
     if args.provenance_dir and args.limit:
         raise SystemExit("--limit is a smoke run: it does not write provenance (drop --provenance-dir)")
+    if args.threads:
+        torch.set_num_threads(args.threads)
     assignment, records = ensure_folds(folds_file, args.metadata, args.k, args.fold_seed, args.rebuild_folds)
     if args.folds_only:
         print(f"{folds_file}: {args.k} folds of {[len(fold) for fold in assignment.folds]} images over {assignment.metadata}, "
@@ -130,6 +134,9 @@ def main(args: argparse.Namespace) -> dict[str, Any] | None:
     unfinished = [fold for fold in range(args.k) if not layout.done_path(fold).exists()]
     if unfinished:
         print(f"folds {unfinished} have not finished; the summary is written once every fold has", flush=True)
+        return None
+    if args.folds is not None:  # processes sharing a GPU, one fold each: one run without --folds summarizes
+        print("every fold has finished; rerun without --folds to write the summary and the teachers", flush=True)
         return None
     oof = collect_out_of_fold(layout, assignment, records, recipe.epochs)
     oof.save(layout.root / "out_of_fold_logits.pt")

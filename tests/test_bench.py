@@ -164,3 +164,28 @@ def test_bench_through_real_torchserve(samples_dir, tmp_path):
     report = (tmp_path / "PERF.md").read_text()
     assert all(key in report for key in SUMMARY_KEYS)
     assert "| 8 | " in report and "p99" in report
+
+
+@pytest.mark.data
+def test_gate_cost_is_measured_against_predict_in_the_same_run(samples_dir):
+    """The gate section times the gate and the classifier on the same batch, and the handler path with and
+    without the gate; the summary checks the gate against its share of the predict cost."""
+    import dataclasses
+
+    from handler.checkpoint import load_checkpoint
+    from handler.inference import prepare_for_serving
+    from handler.settings import load_handler_settings
+    from ops.bench_inprocess import bench_gate
+    from ops.paths import MODEL_CONFIG
+
+    loaded = load_checkpoint(RELEASED_CHECKPOINT)
+    settings = dataclasses.replace(load_handler_settings(MODEL_CONFIG), torch_threads=0)
+    prepare_for_serving(loaded, settings)
+    payloads = [path.read_bytes() for path in sorted(samples_dir.glob("*.jpg"))[:4]]
+    row = bench_gate(loaded, settings, payloads, batch_size=2, rounds=2)
+    assert loaded.gate is not None  # put back after the rounds without it
+    assert 0 < row["gate_ms_per_image"] and 0 < row["model_ms_per_image"]
+    assert row["gate_cost_ratio"] == pytest.approx(row["gate_ms_per_image"] / row["model_ms_per_image"])
+    summary = bench_report.summarize({"gate": row}, batch_size=2)
+    (check,) = [c for c in summary["checks"] if c["name"] == "gate_cost_ratio"]
+    assert check["value"] == row["gate_cost_ratio"] and check["target"] == "<= 0.25"

@@ -24,6 +24,15 @@ from scripts import train_folds
 LESIONS_PER_CLASS = (1, 2, 1, 3)
 
 
+@pytest.fixture
+def one_thread():
+    """Tiny networks train several times faster on one thread than on two busy cores (and start faster)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def synthetic_ham(folder: Path, size: tuple[int, int] = (40, 30), lesions: tuple[int, ...] = LESIONS_PER_CLASS) -> Path:
     """A HAM10000-style metadata.csv and 4:3 JPEGs in ``folder``: one colour per class, noise per image.
 
@@ -147,7 +156,7 @@ def fold_args(metadata: Path, tmp_path: Path, *extra: str) -> list[str]:
 
 
 @pytest.mark.slow
-def test_train_folds_runs_resumes_summarizes_and_exports_teachers(tmp_path, capsys):
+def test_train_folds_runs_resumes_summarizes_and_exports_teachers(tmp_path, capsys, one_thread):
     metadata = synthetic_ham(tmp_path / "data")
     parser = train_folds.get_args_parser()
     # One epoch of fold 0 only, then stop: nothing summarized yet.
@@ -208,6 +217,7 @@ def test_committed_k5_folds_match_the_4_3_metadata():
         pytest.skip(f"HAM10000 200x150 metadata not found at {metadata} (set SKIN_LESION_DATA or place ../shared/data)")
     assignment, records = load_folds(PROVENANCE / "folds_k5.json", metadata)
     assert assignment.k == 5 and len(records) == 10015 and len({r.lesion_id for r in records}) == 7470
+    assert make_folds(records, 5, 0, metadata).digest == assignment.digest  # what `train_folds.py --folds-only` writes
     sizes = [len(fold) for fold in assignment.folds]
     assert max(sizes) - min(sizes) < 0.05 * len(records) / 5
     for count in assignment.counts:  # every fold holds every class

@@ -235,3 +235,13 @@ def test_choose_by_refusal_then_partial_auroc_then_cost() -> None:
     f16, int8 = row(128, 1.0, 0.98), row(128, 0.998, 0.978, "int8")
     assert ood.choose_storage(f16, int8, ["a", "b"], tolerance=0.005) == int8
     assert ood.choose_storage(f16, row(128, 0.99, 0.98, "int8"), ["a", "b"], tolerance=0.005) == f16
+
+
+def test_frozen_gate_scores_like_the_eager_one(backbone_state: dict) -> None:
+    """The served gate runs as frozen TorchScript when the model does (runtime: torchscript)."""
+    gate = InputGate.from_dict(tiny_gate_dict(backbone_state))
+    batch = torch.randint(0, 256, (3, 3, 40, 40), dtype=torch.uint8, generator=torch.Generator().manual_seed(4))
+    eager = gate.score(batch)
+    frozen = gate.freeze().score(batch)
+    assert gate._frozen is not None
+    assert torch.allclose(frozen, eager, atol=1e-5)

@@ -149,3 +149,22 @@ def test_oversized_bodies_are_refused(torchserve):
     # still a 413, but TorchServe sends no body (documented in config.properties).
     assert send(torchserve, bytes(frontend_limit + 1024)).status_code == 413
     assert send(torchserve, {"image": base64.b64encode(b"x").decode()}).status_code == 415
+
+
+@pytest.mark.slow
+def test_server_restarts_in_the_same_run_dir_after_the_catalogue(tmp_path, release_store, catalogue, lesion_jpeg):
+    """TorchServe's backend logs a traceback for a JSON body it cannot parse; a later start from the
+    same run folder must not read that as its model failing to load."""
+    from ops import torchserve as serve
+    from tests.conftest import served
+
+    run_dir = tmp_path / "run"
+    with served(run_dir, release_store) as server:
+        for case in catalogue:
+            if isinstance(case.body, bytes) and case.content_type == "application/json":
+                assert send(server, case.body, case.content_type).status_code == case.status, case.name
+    assert "Traceback" in (run_dir / "logs" / "model_log.log").read_text(errors="replace")
+    with served(run_dir, release_store) as server:  # wait_ready raised "failed to load" here before the fix
+        response = send(server, lesion_jpeg, "image/jpeg")
+        assert response.status_code == 200 and response.json()["input_check"]["in_distribution"]
+    assert not serve.Server(run_dir).is_running()
