@@ -33,6 +33,9 @@ class Case:
     error_code: str | None = None
     clean: bytes | None = None
     content_type: str = "application/octet-stream"
+    # A colourless rendering of a dermoscopic image sits at the input gate's threshold (HAM10000
+    # is colour dermoscopy): served, it may be refused as out of distribution instead of answered.
+    gate_may_refuse: bool = False
 
     def row(self) -> dict[str, Any]:
         """The request row TorchServe's backend hands the handler for this request.
@@ -110,9 +113,9 @@ def build_catalogue(lesion_jpeg: bytes) -> list[Case]:
         Case("decompression bomb header", png_with_header(100_000, 100_000), 413, "image_too_large"),
         Case("over the configured pixel limit", png_with_header(8000, 8000), 413, "image_too_large"),
         Case("1x1 image", encode(Image.new("RGB", (1, 1), (90, 60, 50)), "PNG"), 422, "bad_image_dimensions"),
-        Case("16-bit PNG", encode(sixteen_bit, "PNG"), valid, clean=encode(grey.convert("RGB"), "PNG")),
+        Case("16-bit PNG", encode(sixteen_bit, "PNG"), valid, clean=encode(grey.convert("RGB"), "PNG"), gate_may_refuse=True),
         Case("CMYK JPEG", encode(lesion.convert("CMYK"), "JPEG", quality=95), valid),
-        Case("greyscale", encode(grey, "PNG"), valid, clean=encode(grey.convert("RGB"), "PNG")),
+        Case("greyscale", encode(grey, "PNG"), valid, clean=encode(grey.convert("RGB"), "PNG"), gate_may_refuse=True),
         Case("RGBA with transparency", encode(rgba, "PNG"), valid, clean=encode(Image.fromarray(blackened), "PNG")),
         Case("palette GIF", encode(lesion.convert("P"), "GIF"), valid),
         Case("animated GIF (first frame)", encode(animated[0], "GIF", save_all=True, append_images=animated[1:]), valid,

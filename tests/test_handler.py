@@ -52,7 +52,17 @@ class MockContext:
 def context(tmp_path, tiny_checkpoint):
     shutil.copy(tiny_checkpoint, tmp_path / "skin_lesion.pt")
     settings = yaml.safe_load((ROOT / "config" / "model-config.yaml").read_text())["handler"]
+    # The tiny random checkpoint has no input gate, which the served config requires of a release.
+    settings["require_input_gate"] = False
     return MockContext(tmp_path, settings)
+
+
+def test_a_release_config_refuses_a_checkpoint_without_a_gate(tmp_path, tiny_checkpoint):
+    shutil.copy(tiny_checkpoint, tmp_path / "skin_lesion.pt")
+    settings = yaml.safe_load((ROOT / "config" / "model-config.yaml").read_text())["handler"]
+    assert settings["require_input_gate"] is True
+    with pytest.raises(ValueError, match="no input gate"):
+        SkinLesionHandler().initialize(MockContext(tmp_path, settings))
 
 
 def test_initialize_reads_settings_from_model_config(context):

@@ -37,6 +37,8 @@ def row_for(body):
 
 
 def assert_answer(case, status, body):
+    if case.gate_may_refuse and status == 422 and body["error"]["code"] == "out_of_distribution":
+        return  # decoded fine, then judged by the gate (see Case.gate_may_refuse)
     assert status == case.status, f"{case.name}: {status} {body}"
     if case.error_code:
         assert body["error"]["code"] == case.error_code, case.name
