@@ -10,7 +10,8 @@ from ops.bench_served import model_config_overrides
 from scripts import bench
 from tests.conftest import RELEASED_CHECKPOINT, ROOT
 
-SUMMARY_KEYS = ("served_throughput_ratio", "speedup_vs_unbatched", "gradcam_cost_ratio", "p99_over_p50_at_70pct")
+SUMMARY_KEYS = ("served_throughput_ratio", "speedup_vs_unbatched", "gradcam_cost_ratio", "gate_cost_ratio",
+                "p99_over_p50_at_70pct")
 
 
 def level(concurrency, images_per_s, p50, p99, errors=0, avg_batch=1.0):
@@ -78,7 +79,7 @@ def test_summary_ratios_and_checks():
     assert summary["closed_loop_nearest_70pct"]["concurrency"] == 4  # 14 is nearest 0.7 x 18 = 12.6
     assert {check["name"]: check["met"] for check in summary["checks"]} == {
         "served_throughput_ratio": True, "speedup_vs_unbatched": True, "gradcam_cost_ratio": True,
-        "p99_over_p50_at_70pct": False}
+        "gate_cost_ratio": None, "p99_over_p50_at_70pct": False}
 
     # Without the open-loop level, the closed-loop level nearest 70 % of the peak is used;
     # sections that did not run give None ("not measured"), never a made-up figure.
