@@ -306,7 +306,11 @@ def private_upload_folder() -> Path:
 
     Gradio reads ``GRADIO_TEMP_DIR`` when the page is built and launched, so this sets it.
     """
-    folder = Path(tempfile.mkdtemp(prefix="skin-lesion-demo-", dir=os.environ.get("GRADIO_TEMP_DIR") or None))
+    parent = os.environ.get("GRADIO_TEMP_DIR") or None
+    if parent is not None:
+        # Gradio itself creates a missing GRADIO_TEMP_DIR, so a person may well name one that does not exist yet.
+        Path(parent).mkdir(parents=True, exist_ok=True)
+    folder = Path(tempfile.mkdtemp(prefix="skin-lesion-demo-", dir=parent))
     os.environ["GRADIO_TEMP_DIR"] = str(folder)
     return folder
 

@@ -366,7 +366,10 @@ def demo_url(torchserve, samples_dir, tmp_path_factory):
                 time.sleep(0.5)
         yield url
     finally:
-        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            os.killpg(process.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass  # a demo that failed to start has already exited, with its whole group: nothing to stop
         try:
             process.wait(timeout=20)
         except subprocess.TimeoutExpired:
