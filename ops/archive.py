@@ -18,7 +18,7 @@ from pathlib import Path
 
 import yaml
 
-from handler.checkpoint import read_checkpoint
+from handler.checkpoint import Meta, read_checkpoint
 from handler.settings import load_handler_settings
 from ops.paths import MODEL_NAME, ROOT
 
@@ -55,14 +55,18 @@ class ArchiveSpec:
     require_gate: bool = True
 
 
-def check_release(spec: ArchiveSpec) -> list[str]:
+def check_release(spec: ArchiveSpec, meta: Meta | None = None) -> list[str]:
     """Check the checkpoint and the config belong together; returns notes to record in the archive.
+
+    Args:
+        spec: What to archive.
+        meta: The checkpoint's meta when the caller has read it already (else it is read here).
 
     Raises:
         ReleaseCheckError: No input gate (when required), no operating point, or a served
             referral threshold that differs from the measured one without ``force_threshold``.
     """
-    meta = read_checkpoint(spec.checkpoint).meta
+    meta = meta if meta is not None else read_checkpoint(spec.checkpoint).meta
     settings = load_handler_settings(spec.model_config)
     notes = []
     if spec.require_gate and meta.input_gate is None:
@@ -102,8 +106,8 @@ def build_archive(spec: ArchiveSpec) -> Path:
     Raises:
         ReleaseCheckError: See :func:`check_release`.
     """
-    notes = check_release(spec)
     checkpoint = read_checkpoint(spec.checkpoint)
+    notes = check_release(spec, checkpoint.meta)
     version = spec.version or checkpoint.meta.version or "0.0.0"
     config_text = spec.model_config.read_text()
     if not spec.require_gate and checkpoint.meta.input_gate is None:

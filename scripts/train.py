@@ -29,13 +29,13 @@ from typing import Any
 
 import torch
 
-from handler.architectures import ARCHITECTURES, build_model, default_preprocess_config
+from handler.architectures import build_model, default_preprocess_config
 from handler.labels import CLASS_CODES
 from lab.data import class_counts
 from lab.evaluation import format_report
 from lab.provenance import command_line
 from lab.training import (
-    AMP_MODES, IMBALANCE_MODES, Progress, Recipe, Trainer, autocast_dtype, data_record, fit_calibrations, freeze_early_layers,
+    AMP_MODES, Progress, Recipe, add_recipe_arguments, Trainer, autocast_dtype, data_record, fit_calibrations, freeze_early_layers,
     initialize, load_best_weights, make_criterion, make_ema, make_loaders, make_optimizer, release_checkpoint, resolve_device,
     resume, run_epochs, seed_everything, split_records, write_split)
 
@@ -46,38 +46,20 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--metadata", required=True, help="HAM10000 metadata CSV (lesion_id, image_id, dx)")
     parser.add_argument("--images", nargs="+", required=True, help="one or more image folders")
     parser.add_argument("--output", required=True, help="run folder for last.pt, best.pt and metrics.jsonl")
-    parser.add_argument("--arch", choices=ARCHITECTURES, default=Recipe.arch)
+    add_recipe_arguments(parser, Recipe(workers=min(8, os.cpu_count() or 1)))
     parser.add_argument("--pretrained", default="auto",
                         help="'auto' (ImageNet weights found locally, error if none), 'none', or a state-dict path")
     parser.add_argument("--init-checkpoint",
                         help="start from this release-format checkpoint (same --arch) instead of ImageNet weights")
     parser.add_argument("--freeze-blocks", type=int, default=0,
                         help="freeze the stem and this many stages after it (weights and batch-norm statistics)")
-    parser.add_argument("--image-size", type=int, default=Recipe.image_size)
-    parser.add_argument("--epochs", type=int, default=Recipe.epochs)
-    parser.add_argument("--batch-size", type=int, default=Recipe.batch_size)
-    parser.add_argument("--lr", type=float, default=Recipe.lr, help="peak learning rate of the one-cycle schedule")
-    parser.add_argument("--weight-decay", type=float, default=Recipe.weight_decay)
-    parser.add_argument("--warmup-fraction", type=float, default=Recipe.warmup_fraction)
-    parser.add_argument("--imbalance", choices=IMBALANCE_MODES, default=Recipe.imbalance, help="class-imbalance handling")
-    parser.add_argument("--class-weight-power", type=float, default=Recipe.class_weight_power,
-                        help="class weights are (1/frequency)**power, for the loss, the sampler or focal alpha")
-    parser.add_argument("--focal-gamma", type=float, default=Recipe.focal_gamma)
-    parser.add_argument("--label-smoothing", type=float, default=Recipe.label_smoothing)
-    parser.add_argument("--dropout", type=float, default=Recipe.dropout)
-    parser.add_argument("--min-crop-scale", type=float, default=Recipe.min_crop_scale)
-    parser.add_argument("--ema-decay", type=float, default=Recipe.ema_decay, help="0 disables the weight EMA")
-    parser.add_argument("--patience", type=int, default=Recipe.patience,
-                        help="early stop after this many epochs without improvement")
     parser.add_argument("--val-fraction", type=float, default=0.15)
-    parser.add_argument("--seed", type=int, default=Recipe.seed)
     parser.add_argument("--split-seed", type=int,
                         help="seed of the train/validation split (default: --seed); give ensemble members "
                              "different --seed values and one --split-seed")
     parser.add_argument("--amp", choices=AMP_MODES, default="auto",
                         help="autocast: auto = bf16 on CUDA with bf16 support, fp16 on other CUDA, fp32 on CPU "
                              "(bf16 autocast made CPU training 12x slower on this machine's depthwise convolutions)")
-    parser.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1))
     parser.add_argument("--device", default="auto")
     parser.add_argument("--limit", type=int, default=0, help="use only this many images (smoke tests)")
     parser.add_argument("--model-version", default="0.0.0-dev", help="version written into best.pt")
