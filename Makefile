@@ -18,6 +18,7 @@ TARGET ?=
 VERSION ?=
 CHECKPOINT ?=
 BENCH_ARGS ?=
+BASELINE ?=
 SOAK_ARGS ?=
 TRAIN_ARGS ?=
 EVAL_ARGS ?=
@@ -132,8 +133,8 @@ predict: ## Send one image to the running server: make predict IMAGE=path.jpg
 explain: install ## Grad-CAM panels for IMAGE (space-separated list) into OUT_EXPLAIN, answered as the service answers [TARGET=mel] [CHECKPOINT=file]
 	$(PY) scripts/explain.py $(IMAGE) --out $(OUT_EXPLAIN) $(if $(TARGET),--target-class $(TARGET)) $(if $(CHECKPOINT),--checkpoint $(CHECKPOINT))
 
-bench: install ## Benchmarks through real TorchServe (concurrency sweep, in-process limit, unbatched, Grad-CAM) into runs/bench and docs/PERFORMANCE.md [BENCH_ARGS=--quick]
-	$(PY) scripts/bench.py $(BENCH_ARGS)
+bench: install ## Benchmarks through real TorchServe (concurrency sweep, in-process limit, unbatched, Grad-CAM) into runs/bench and docs/PERFORMANCE.md [BENCH_ARGS=--quick] [BASELINE=old.pt or git:REV, e.g. git:360bf4d = release 1.5.0]
+	$(PY) scripts/bench.py $(if $(BASELINE),--baseline $(BASELINE)) $(BENCH_ARGS)
 
 soak: install model_store/skin_lesion.mar ## 10-minute soak at 80 % of measured peak (uses the running server, or starts one)
 	$(PY) scripts/soak.py --run-dir $(RUN_DIR) $(SOAK_ARGS)

@@ -28,7 +28,7 @@ from handler.overlay import encode_image, model_view_box, render_overlay
 from handler.preprocessing import decode_image, load_model_input, normalize_batch
 from handler.requests import ParsedRequest, parse_request
 from handler.responses import GradcamResult, InputCheck, Response, error_response, make_prediction
-from handler.runtime import build_runner
+from handler.runtime import COMPILED_RUNTIMES, build_runner
 from handler.settings import HandlerSettings
 
 logger = logging.getLogger(__name__)
@@ -100,11 +100,12 @@ def prepare_for_serving(loaded: LoadedModel, settings: HandlerSettings) -> None:
     device = next(loaded.model.parameters()).device
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
-    loaded.runner = build_runner(loaded.model, settings.runtime, settings.precision, loaded.preprocess.image_size)
+    loaded.runner = build_runner(loaded.model, settings.runtime, settings.precision, loaded.preprocess.image_size,
+                                 settings.torch_threads)
     if loaded.meta.input_gate is not None:
         loaded.gate = InputGate.from_dict(loaded.meta.input_gate).to(device)
-        if settings.runtime == "torchscript":
-            loaded.gate.freeze()
+        if settings.runtime in COMPILED_RUNTIMES:
+            loaded.gate.freeze(settings.runtime, settings.torch_threads)
 
 
 @torch.inference_mode()

@@ -1,4 +1,4 @@
-"""How the served network executes: eager PyTorch or a frozen TorchScript graph, and at which precision.
+"""How the served network executes: eager PyTorch, a frozen TorchScript graph or OpenVINO, and at which precision.
 
 Serving needs two outputs from one pass, the last feature map (for Grad-CAM) and the
 logits, so both runtimes run :class:`FeaturesAndLogits`. The choice is a setting in
@@ -22,7 +22,9 @@ from handler.architectures import features_and_logits
 
 logger = logging.getLogger(__name__)
 
-RUNTIMES: tuple[str, ...] = ("eager", "torchscript")
+RUNTIMES: tuple[str, ...] = ("eager", "torchscript", "openvino")
+# Runtimes that compile the network once per worker: the input gate's backbone is compiled the same way.
+COMPILED_RUNTIMES: tuple[str, ...] = ("torchscript", "openvino")
 PRECISIONS: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 Runner = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
@@ -49,6 +51,8 @@ def check_runtime(runtime: str, precision: str) -> None:
         raise ValueError(f"unknown runtime {runtime!r}; choose one of {list(RUNTIMES)}")
     if precision not in PRECISIONS:
         raise ValueError(f"unknown precision {precision!r}; choose one of {list(PRECISIONS)}")
+    if runtime == "openvino" and precision != "fp32":
+        raise ValueError(f"runtime openvino runs fp32 only (asked for {precision!r}): the calibration was fitted in fp32")
 
 
 def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
@@ -59,14 +63,17 @@ def autocast(device: torch.device, precision: str) -> contextlib.AbstractContext
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
-def build_runner(model: nn.Module, runtime: str, precision: str, image_size: int) -> Runner:
+def build_runner(model: nn.Module, runtime: str, precision: str, image_size: int, threads: int = 0) -> Runner:
     """Prepare the network for serving.
 
     Args:
         model: The network in eval mode, on its device, channels-last.
-        runtime: ``eager``, or ``torchscript`` (traced and frozen once, here, at worker start).
+        runtime: ``eager``, ``torchscript`` (traced and frozen once, here, at worker start) or
+            ``openvino`` (converted and compiled once, here; CPU and fp32 only).
         precision: ``fp32``, ``bf16`` or ``fp16`` autocast around the forward pass.
         image_size: Input side, for the tracing example.
+        threads: OpenVINO's inference threads (0: every core); PyTorch's come from
+            ``torch.set_num_threads``.
 
     Returns:
         A callable from a normalized (N, 3, H, W) batch to ``(features, logits)``.
@@ -75,6 +82,17 @@ def build_runner(model: nn.Module, runtime: str, precision: str, image_size: int
     device = next(model.parameters()).device
     model.requires_grad_(False)  # serving never differentiates; frozen graphs need grad-free constants
     module = FeaturesAndLogits(model).eval()
+    if runtime == "openvino":
+        from handler.openvino_runtime import compile_for_cpu
+
+        compiled = compile_for_cpu(module, torch.zeros(2, 3, image_size, image_size, device=device), threads)
+        logger.info("serving an OpenVINO network (fp32, %s threads) on %s", threads or "all", device)
+
+        def run_compiled(inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            features, logits = compiled(inputs)
+            return features, logits
+
+        return run_compiled
     if runtime == "torchscript":
         example = torch.zeros(2, 3, image_size, image_size, device=device).contiguous(memory_format=torch.channels_last)
         with torch.no_grad(), autocast(device, precision), warnings.catch_warnings():

@@ -30,7 +30,8 @@ class HandlerSettings:
             (highest probability relative to the class's prevalence).
         tta: Test-time augmentation, one of :data:`handler.calibration.TTA_MODES`
             (``none``, ``hflip``: 2 views, ``flip4``: 4 flipped views in one forward pass).
-        runtime: ``eager`` or ``torchscript`` (traced and frozen at worker start).
+        runtime: ``eager``, ``torchscript`` (traced and frozen at worker start) or ``openvino``
+            (converted and compiled at worker start; CPU, fp32).
         precision: ``fp32``, or ``bf16``/``fp16`` autocast (for GPUs; slow on this CPU).
         torch_threads: Intra-op threads per worker; 0 keeps PyTorch's default (all cores).
         gradcam_alpha: Heatmap weight in the overlay blend.

@@ -99,25 +99,60 @@ def bench_decode(payloads: Sequence[bytes], resize_size: int, rounds: int) -> li
 
 
 def runtime_variants(include_compile: bool) -> dict[str, dict[str, Any]]:
-    """The model-execution variants compared: name -> how to build them."""
+    """The CPU model-execution variants compared: name -> how to build them.
+
+    ``threads`` is the thread count the variant runs with (absent: every core); a served
+    worker gets one core of two, so the 1-thread rows are the per-worker cost.
+    """
     variants = {
         "eager fp32 contiguous": {"runtime": "eager", "precision": "fp32", "channels_last": False},
         "eager fp32 channels-last": {"runtime": "eager", "precision": "fp32", "channels_last": True},
         "eager bf16 autocast": {"runtime": "eager", "precision": "bf16", "channels_last": True},
-        "torchscript fp32 (served)": {"runtime": "torchscript", "precision": "fp32", "channels_last": True},
+        "torchscript fp32": {"runtime": "torchscript", "precision": "fp32", "channels_last": True},
         "torchscript fp32, 1 thread": {"runtime": "torchscript", "precision": "fp32", "channels_last": True, "threads": 1},
+        "openvino fp32": {"runtime": "openvino", "precision": "fp32", "channels_last": True},
+        "openvino fp32, 1 thread": {"runtime": "openvino", "precision": "fp32", "channels_last": True, "threads": 1},
+        "onnxruntime fp32": {"runtime": "onnxruntime", "precision": "fp32", "channels_last": False},
+        "onnxruntime fp32, 1 thread": {"runtime": "onnxruntime", "precision": "fp32", "channels_last": False, "threads": 1},
     }
     if include_compile:
         variants["torch.compile fp32"] = {"runtime": "compile", "precision": "fp32", "channels_last": True}
     return variants
 
 
+def onnxruntime_runner(module: Any, image_size: int, threads: int) -> Callable[[Any], Any]:
+    """``module`` exported to ONNX (TorchScript-based exporter, dynamic batch) and run by ONNX Runtime
+    on the CPU with ``threads`` intra-op threads (0: every core). Measured here only; not a served runtime."""
+    import tempfile
+    import warnings
+
+    import onnxruntime
+    import torch
+
+    example = torch.zeros(2, 3, image_size, image_size)
+    with tempfile.TemporaryDirectory(prefix="bench-onnx-") as folder, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        path = str(Path(folder) / "model.onnx")
+        torch.onnx.export(module, (example,), path, dynamo=False, input_names=["inputs"],
+                          dynamic_axes={"inputs": {0: "batch"}}, opset_version=17)
+        options = onnxruntime.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        session = onnxruntime.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+
+    def run(inputs: Any) -> Any:
+        return session.run(None, {"inputs": inputs.contiguous().numpy()})
+    return run
+
+
 def bench_runtimes(checkpoint: str, payloads: Sequence[bytes], batch_sizes: Sequence[int], rounds: int,
-                   include_compile: bool, device: str = "cpu") -> list[dict[str, Any]]:
+                   include_compile: bool, device: str = "cpu", served_runtime: str = "torchscript") -> list[dict[str, Any]]:
     """Per-image forward time (features + logits, no decode) of each runtime variant, per batch size.
 
-    Ratios are to ``torchscript fp32 (served)`` at the same batch size. The 1-thread variant
-    is the per-worker cost when each of two workers gets one core.
+    Ratios are to the served runtime with every core (``served_runtime``, fp32) at the same
+    batch size. Each variant's outputs are compared with eager fp32's (``max_abs_logit_difference``).
+    A variant whose package is not installed (ONNX Runtime is a development requirement only)
+    is reported as not measured, never left out silently.
     """
     import torch
 
@@ -127,21 +162,31 @@ def bench_runtimes(checkpoint: str, payloads: Sequence[bytes], batch_sizes: Sequ
 
     default_threads = torch.get_num_threads()
     variants = runtime_variants(include_compile and device == "cpu")
+    reference_name = {"eager": "eager fp32 channels-last"}.get(served_runtime, f"{served_runtime} fp32")
     if device != "cpu":
         variants = {"eager fp32": {"runtime": "eager", "precision": "fp32", "channels_last": True},
                     "eager fp16 autocast": {"runtime": "eager", "precision": "fp16", "channels_last": True},
-                    "torchscript fp16 (served)": {"runtime": "torchscript", "precision": "fp16", "channels_last": True}}
-    runners = {}
+                    "torchscript fp16": {"runtime": "torchscript", "precision": "fp16", "channels_last": True}}
+        reference_name = "torchscript fp16"
+    runners, missing = {}, {}
     for name, variant in variants.items():
         loaded = load_checkpoint(checkpoint, device)
         model = loaded.model if variant["channels_last"] else loaded.model.to(memory_format=torch.contiguous_format)
-        if variant["runtime"] == "compile":
-            runners[name] = torch.compile(FeaturesAndLogits(model.requires_grad_(False)).eval())
-        else:
-            runners[name] = build_runner(model, variant["runtime"], variant["precision"], loaded.preprocess.image_size)
+        threads = variant.get("threads", 0)
+        try:
+            if variant["runtime"] == "compile":
+                runners[name] = torch.compile(FeaturesAndLogits(model.requires_grad_(False)).eval())
+            elif variant["runtime"] == "onnxruntime":
+                runners[name] = onnxruntime_runner(FeaturesAndLogits(model.requires_grad_(False)).eval(),
+                                                   loaded.preprocess.image_size, threads)
+            else:
+                runners[name] = build_runner(model, variant["runtime"], variant["precision"], loaded.preprocess.image_size,
+                                             threads)
+        except ImportError as error:
+            missing[name] = f"not installed: {error.name}"
+            print(f"runtime {name}: not measured ({missing[name]})", flush=True)
     preprocess = load_checkpoint(checkpoint).preprocess
     rows = []
-    reference_name = next(name for name in variants if "(served)" in name)
     for batch_size in batch_sizes:
         uint8 = torch.stack([load_model_input(payloads[i % len(payloads)], preprocess)[0] for i in range(batch_size)])
         inputs = normalize_batch(uint8.to(device), preprocess)
@@ -151,23 +196,33 @@ def bench_runtimes(checkpoint: str, payloads: Sequence[bytes], batch_sizes: Sequ
             contiguous = not variants[name]["channels_last"]
             batch = inputs.contiguous() if contiguous else inputs
 
-            def run() -> None:
+            def run() -> Any:
                 torch.set_num_threads(threads)
                 try:
                     with torch.inference_mode():
-                        runners[name](batch)
+                        outputs = runners[name](batch)
                     if device != "cpu":
                         torch.cuda.synchronize()
+                    return outputs
                 finally:
                     torch.set_num_threads(default_threads)
             return run
 
-        timings = median_seconds({name: timed(name) for name in variants}, rounds)
+        candidates = {name: timed(name) for name in runners}
+        reference_logits = torch.as_tensor(candidates[next(iter(candidates))]()[1]).float().cpu()
+        differences = {name: float((torch.as_tensor(run()[1]).float().cpu() - reference_logits).abs().max())
+                       for name, run in candidates.items()}
+        timings = median_seconds(candidates, rounds)
         for name in variants:
+            if name in missing:
+                rows.append({"variant": name, "batch_size": batch_size, "ms_per_image": None, "images_per_s": None,
+                             "ratio_to_served": None, "max_abs_logit_difference": None, "note": missing[name]})
+                continue
             rows.append({"variant": name, "batch_size": batch_size, "ms_per_image": timings[name] * 1000 / batch_size,
-                         "images_per_s": batch_size / timings[name], "ratio_to_served": timings[name] / timings[reference_name]})
+                         "images_per_s": batch_size / timings[name], "ratio_to_served": timings[name] / timings[reference_name],
+                         "max_abs_logit_difference": differences[name], "served": name == reference_name})
             print(f"runtime {name}, batch {batch_size}: {rows[-1]['ms_per_image']:.2f} ms/image, "
-                  f"ratio {rows[-1]['ratio_to_served']:.3f}", flush=True)
+                  f"ratio {rows[-1]['ratio_to_served']:.3f}, logits within {differences[name]:.1e}", flush=True)
     return rows
 
 
@@ -250,28 +305,112 @@ def bench_gate(loaded: LoadedModel, settings: HandlerSettings, payloads: list[by
     return row
 
 
-def bench_in_process(loaded: LoadedModel, settings: HandlerSettings, payloads: list[bytes], batch_sizes: list[int],
-                     seconds: float) -> list[dict[str, Any]]:
-    """Images/s of ``handle_batch`` (decode, preprocess, one batched forward, responses), per batch size.
+def usable_cores() -> int:
+    """Cores this process may run on (its CPU affinity where the OS tells it)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
-    Cycles through all payloads in batches for about ``seconds`` (at least 3 batches) after
-    one warm-up batch.
+
+def process_layouts(cores: int) -> list[tuple[int, int]]:
+    """``(processes, threads per process)`` layouts tried for the in-process limit.
+
+    One process on every core and one single-thread process per core, plus halves between on
+    larger machines: which is fastest depends on the CPU (depthwise convolutions scale poorly
+    across threads), so the limit is measured, never assumed.
     """
-    results = []
+    layouts = {(1, cores), (cores, 1)}
+    if cores >= 4:
+        layouts.add((cores // 2, 2))
+    return sorted(layouts)
+
+
+def parse_layout(text: str) -> tuple[int, int]:
+    """``"2x1"`` -> ``(2, 1)``: processes x threads per process.
+
+    Raises:
+        ValueError: Not two positive integers joined by ``x``.
+    """
+    parts = text.lower().split("x")
+    if len(parts) != 2 or not all(part.strip().isdigit() and int(part) > 0 for part in parts):
+        raise ValueError(f"{text!r} is not PROCESSESxTHREADS, e.g. 2x1")
+    return int(parts[0]), int(parts[1])
+
+
+def _throughput_worker(checkpoint: str, settings: HandlerSettings, payloads: list[bytes], batch_sizes: list[int],
+                       seconds: float, barrier: Any, results: Any) -> None:
+    """One process of a layout: load, then per batch size warm up, wait for the others, run ``seconds``."""
+    import torch
+
+    from handler.checkpoint import load_checkpoint
+    from handler.inference import prepare_for_serving
+
+    torch.set_num_threads(settings.torch_threads)
+    loaded = load_checkpoint(checkpoint)
+    prepare_for_serving(loaded, settings)
     for batch_size in batch_sizes:
         batches = [[payloads[(start + i) % len(payloads)] for i in range(batch_size)]
                    for start in range(0, len(payloads), batch_size)]
         per_image_ms(loaded, settings, batches[0], False)  # warm-up
-        images, elapsed, index = 0, 0.0, 0
-        while elapsed < seconds or index < 3:
+        barrier.wait()
+        images, index, started = 0, 0, time.perf_counter()
+        while time.perf_counter() - started < seconds or index < 3:
             batch = batches[index % len(batches)]
-            elapsed += per_image_ms(loaded, settings, batch, False) * len(batch) / 1000
+            per_image_ms(loaded, settings, batch, False)
             images += len(batch)
             index += 1
-        row = {"batch_size": batch_size, "images": images, "seconds": elapsed, "images_per_s": images / elapsed}
-        print(f"in-process batch {batch_size}: {row['images_per_s']:.1f} images/s", flush=True)
-        results.append(row)
-    return results
+        results.put((batch_size, images, time.perf_counter() - started))
+
+
+def bench_in_process(checkpoint: str, settings: HandlerSettings, payloads: list[bytes], batch_sizes: list[int],
+                     seconds: float, layouts: Sequence[tuple[int, int]] | None = None,
+                     timeout: float = 900.0) -> list[dict[str, Any]]:
+    """Images/s of ``handle_batch`` (decode, preprocess, one batched forward, responses) per batch size
+    and process layout: the in-process limit the served throughput is compared with.
+
+    Each layout starts its processes (``spawn``), each with ``threads`` intra-op threads, all
+    running the same batch size at once for about ``seconds`` (at least 3 batches each) after a
+    warm-up batch. A layout's throughput is its images over the longest process's time.
+
+    Returns:
+        One row per (layout, batch size): ``batch_size``, ``processes``, ``threads_per_process``,
+        ``images``, ``seconds``, ``images_per_s``.
+    """
+    import multiprocessing
+    import queue as queue_module
+
+    context = multiprocessing.get_context("spawn")
+    rows = []
+    for processes, threads in layouts or process_layouts(usable_cores()):
+        barrier, results = context.Barrier(processes), context.Queue()
+        worker_settings = dataclasses.replace(settings, torch_threads=threads)
+        workers = [context.Process(target=_throughput_worker, daemon=True,
+                                   args=(checkpoint, worker_settings, payloads, batch_sizes, seconds, barrier, results))
+                   for _ in range(processes)]
+        for worker in workers:
+            worker.start()
+        try:
+            measured: dict[int, list[tuple[int, float]]] = {size: [] for size in batch_sizes}
+            for _ in range(processes * len(batch_sizes)):
+                try:
+                    batch_size, images, elapsed = results.get(timeout=timeout)
+                except queue_module.Empty:
+                    codes = [worker.exitcode for worker in workers]
+                    raise RuntimeError(f"in-process benchmark: no result from {processes} x {threads} "
+                                       f"within {timeout:.0f} s (worker exit codes {codes})") from None
+                measured[batch_size].append((images, elapsed))
+        finally:
+            for worker in workers:
+                worker.join(timeout=30)
+                if worker.is_alive():
+                    worker.kill()
+        for batch_size in batch_sizes:
+            images = sum(count for count, _ in measured[batch_size])
+            elapsed = max(seconds for _, seconds in measured[batch_size])
+            row = {"batch_size": batch_size, "processes": processes, "threads_per_process": threads,
+                   "images": images, "seconds": elapsed, "images_per_s": images / elapsed}
+            print(f"in-process batch {batch_size}, {processes} process(es) x {threads} thread(s): "
+                  f"{row['images_per_s']:.1f} images/s", flush=True)
+            rows.append(row)
+    return rows
 
 
 def machine_description() -> str:

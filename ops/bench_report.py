@@ -17,6 +17,15 @@ TARGETS = (
 )
 
 
+def in_process_limit(rows: Sequence[dict[str, Any]]) -> dict[int, dict[str, Any]]:
+    """The fastest layout's row per batch size."""
+    best: dict[int, dict[str, Any]] = {}
+    for row in rows:
+        if row["batch_size"] not in best or row["images_per_s"] > best[row["batch_size"]]["images_per_s"]:
+            best[row["batch_size"]] = row
+    return best
+
+
 def nearest_level(levels: Sequence[dict[str, Any]], images_per_s: float) -> dict[str, Any]:
     """The level whose throughput is nearest ``images_per_s``."""
     return min(levels, key=lambda level: abs(level["images_per_s"] - images_per_s))
@@ -38,7 +47,8 @@ def summarize(result: dict[str, Any], batch_size: int) -> dict[str, Any]:
     summary: dict[str, Any] = {"batch_size": batch_size}
     served = (result.get("served") or {}).get("levels") or []
     best = max(served, key=lambda level: level["images_per_s"]) if served else None
-    in_process = {row["batch_size"]: row["images_per_s"] for row in result.get("in_process") or []}
+    limit = in_process_limit(result.get("in_process") or [])
+    in_process = {size: row["images_per_s"] for size, row in limit.items()}
     unbatched = (result.get("unbatched") or {}).get("levels") or []
     gradcam = [row for row in result.get("gradcam") or []
                if row["batch_size"] == batch_size and row["overlay_format"] == "jpeg"]
@@ -47,6 +57,9 @@ def summarize(result: dict[str, Any], batch_size: int) -> dict[str, Any]:
     summary["p99_ms_at_best"] = best["p99_ms"] if best else None
     summary["p50_ms_at_best"] = best["p50_ms"] if best else None
     summary["in_process_images_per_s"] = in_process.get(batch_size)
+    summary["in_process_layout"] = (f"{limit[batch_size].get('processes', 1)} process(es) x "
+                                    f"{limit[batch_size].get('threads_per_process', 'all')} thread(s)"
+                                    if batch_size in limit else None)
     summary["unbatched_images_per_s"] = unbatched[0]["images_per_s"] if unbatched else None
     summary["served_throughput_ratio"] = (best["images_per_s"] / in_process[batch_size]
                                           if best and in_process.get(batch_size) else None)
@@ -79,7 +92,20 @@ def summarize(result: dict[str, Any], batch_size: int) -> dict[str, Any]:
         summary["closed_loop_nearest_70pct"] = {
             "concurrency": nearest["concurrency"], "images_per_s": nearest["images_per_s"],
             "p99_over_p50": nearest["p99_ms"] / nearest["p50_ms"] if nearest["p50_ms"] else None}
-    summary["errors"] = sum(level["errors"] for level in served + unbatched + ([paced] if paced else []))
+    baseline = result.get("baseline") or {}
+    baseline_served = (baseline.get("served") or {}).get("levels") or []
+    baseline_limit = in_process_limit(baseline.get("in_process") or [])
+    summary["baseline"] = baseline.get("checkpoint")
+    summary["baseline_best_served_images_per_s"] = (max(level["images_per_s"] for level in baseline_served)
+                                                    if baseline_served else None)
+    summary["baseline_served_ratio"] = (best["images_per_s"] / summary["baseline_best_served_images_per_s"]
+                                        if best and summary["baseline_best_served_images_per_s"] else None)
+    summary["baseline_in_process_images_per_s"] = (baseline_limit[batch_size]["images_per_s"]
+                                                   if batch_size in baseline_limit else None)
+    summary["baseline_in_process_ratio"] = (in_process[batch_size] / summary["baseline_in_process_images_per_s"]
+                                            if in_process.get(batch_size) and summary["baseline_in_process_images_per_s"]
+                                            else None)
+    summary["errors"] = sum(level["errors"] for level in served + unbatched + baseline_served + ([paced] if paced else []))
     summary["checks"] = [{"name": name, "value": summary[name], "target": target,
                           "met": None if summary[name] is None else bool(test(summary[name]))}
                          for name, target, test in TARGETS]
@@ -116,18 +142,31 @@ def write_report(path: Path, result: dict[str, Any]) -> None:
     lines += [f"| best served throughput (images/s) | {fmt(summary['best_served_images_per_s'], 1)} "
               f"({summary['best_concurrency']} in flight) | | |",
               f"| p99 latency at best throughput (ms) | {fmt(summary['p99_ms_at_best'], 0)} | | |",
-              f"| in-process throughput at batch {summary['batch_size']} (images/s) | "
-              f"{fmt(summary['in_process_images_per_s'], 1)} | | |",
+              f"| in-process limit at batch {summary['batch_size']} (images/s) | "
+              f"{fmt(summary['in_process_images_per_s'], 1)} ({summary.get('in_process_layout')}) | | |",
               f"| unbatched served throughput, 1 in flight (images/s) | {fmt(summary['unbatched_images_per_s'], 1)} | | |",
               f"| errors (all served levels) | {summary['errors']} | 0 | {met_text(summary['errors'] == 0)} |", ""]
-    lines += ["`served_throughput_ratio` = best served images/s ÷ in-process `handle_batch` images/s at the served "
-              "batch size; `speedup_vs_unbatched` = best served images/s ÷ served images/s of an archive at "
+    lines += ["`served_throughput_ratio` = best served images/s ÷ the in-process limit (the fastest process layout "
+              "of `handle_batch`) at the served batch size; `speedup_vs_unbatched` = best served images/s ÷ served images/s of an archive at "
               "`batchSize: 1`, `maxBatchDelay: 0` with one request in flight; `gradcam_cost_ratio` = explain ÷ "
               "predict per image, JPEG overlays, at the served batch size; `p99_over_p50_at_70pct` from "
               f"{summary['tail_level'] or 'no level'}"
               + (f", which achieved {summary['tail_share_of_peak']:.0%} of peak "
                  f"(p50 {fmt(summary['tail_p50_ms'], 0)} ms, p99 {fmt(summary['tail_p99_ms'], 0)} ms)."
                  if summary["tail_share_of_peak"] is not None else "."), ""]
+    if result.get("baseline"):
+        baseline = result["baseline"]
+        lines += [f"## Against the baseline `{baseline['checkpoint']}` (release {baseline.get('version')}), same run", "",
+                  "| figure | this release | baseline | ratio |", "|---|---|---|---|",
+                  f"| best served images/s | {fmt(summary['best_served_images_per_s'], 1)} | "
+                  f"{fmt(summary['baseline_best_served_images_per_s'], 1)} | {fmt(summary['baseline_served_ratio'], 3)} |",
+                  f"| in-process limit images/s, batch {summary['batch_size']} | {fmt(summary['in_process_images_per_s'], 1)} | "
+                  f"{fmt(summary['baseline_in_process_images_per_s'], 1)} | {fmt(summary['baseline_in_process_ratio'], 3)} |", ""]
+        if baseline.get("served"):
+            lines += ["| baseline, in flight | requests | errors | images/s | p50 ms | p95 ms | p99 ms | avg batch |",
+                      "|---|---|---|---|---|---|---|---|"]
+            lines += [level_row(str(level["concurrency"]), level) for level in baseline["served"]["levels"]]
+            lines.append("")
     nearest = summary.get("closed_loop_nearest_70pct")
     if nearest:
         lines += [f"For comparison, the closed-loop level nearest 70 % of peak ({nearest['concurrency']} in flight, "
@@ -159,11 +198,19 @@ def write_report(path: Path, result: dict[str, Any]) -> None:
         lines.append("")
     if result.get("runtime"):
         lines += ["## Model runtime (forward pass only, in-process, per image)", "",
-                  "Ratio = time ÷ the served runtime's time at the same batch size (below 1 is faster). "
-                  "Interleaved rounds, medians.", "",
-                  "| variant | batch size | ms/image | images/s | ratio to served |", "|---|---|---|---|---|"]
-        lines += [f"| {row['variant']} | {row['batch_size']} | {row['ms_per_image']:.2f} | {row['images_per_s']:.1f} | "
-                  f"{row['ratio_to_served']:.3f} |" for row in result["runtime"]]
+                  "Ratio = time ÷ the served runtime's time (every core) at the same batch size (below 1 is "
+                  "faster). Interleaved rounds, medians. Logit difference = largest absolute difference from the "
+                  "first variant's (eager fp32) logits on the same batch.", "",
+                  "| variant | batch size | ms/image | images/s | ratio to served | logit difference |",
+                  "|---|---|---|---|---|---|"]
+        for row in result["runtime"]:
+            name = f"{row['variant']} (served)" if row.get("served") else row["variant"]
+            if row["ms_per_image"] is None:
+                lines.append(f"| {name} | {row['batch_size']} | {row.get('note', 'not measured')} | | | |")
+                continue
+            difference = row.get("max_abs_logit_difference")
+            lines.append(f"| {name} | {row['batch_size']} | {row['ms_per_image']:.2f} | {row['images_per_s']:.1f} | "
+                         f"{row['ratio_to_served']:.3f} | {'' if difference is None else f'{difference:.1e}'} |")
         lines.append("")
     if result.get("decode"):
         lines += ["## JPEG decode + resize (per 600x450 image, to the model's resize size)", "",
@@ -173,10 +220,17 @@ def write_report(path: Path, result: dict[str, Any]) -> None:
                   f"{row['ratio_to_served']:.3f} | {row['mean_abs_pixel_difference']:.2f} |" for row in result["decode"]]
         lines.append("")
     if result.get("in_process"):
+        limit = in_process_limit(result["in_process"])
         lines += ["## In-process limit (`handle_batch`, no HTTP, no server running)", "",
-                  "| batch size | images | seconds | images/s |", "|---|---|---|---|"]
-        lines += [f"| {row['batch_size']} | {row['images']} | {row['seconds']:.1f} | {row['images_per_s']:.1f} |"
-                  for row in result["in_process"]]
+                  "Every process layout runs the handler path on all cores at once (processes started together, "
+                  "each with its own model); the fastest layout per batch size is the limit (**bold**) that "
+                  "`served_throughput_ratio` divides by.", "",
+                  "| batch size | processes x threads | images | seconds | images/s |", "|---|---|---|---|---|"]
+        for row in result["in_process"]:
+            rate = f"{row['images_per_s']:.1f}"
+            lines.append(f"| {row['batch_size']} | {row.get('processes', 1)} x {row.get('threads_per_process', 'all')} | "
+                         f"{row['images']} | {row['seconds']:.1f} | "
+                         f"{f'**{rate}**' if limit[row['batch_size']] is row else rate} |")
         lines.append("")
     if result.get("gate"):
         gate = result["gate"]

@@ -7,6 +7,7 @@ in a separate client process (:func:`ops.loadgen.sweep_target`).
 from __future__ import annotations
 
 import socket
+import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -16,7 +17,7 @@ import yaml
 
 from ops.archive import ArchiveSpec, build_archive
 from ops.loadgen import ServedTarget, SweepPlan, sweep_target
-from ops.paths import MODEL_CONFIG, MODEL_NAME, SERVER_CONFIG
+from ops.paths import CHECKPOINT, MODEL_CONFIG, MODEL_NAME, ROOT, SERVER_CONFIG
 from ops.torchserve import ADDRESS_KEYS, Server, start, stop, wait_ready
 
 # The unbatched baseline: one request per forward pass, no waiting for company.
@@ -134,3 +135,22 @@ def served_sweep(model_config_overrides: dict[str, Any], payload_paths: Sequence
             stop(server)
     served_settings = {key: description.get(key) for key in ("batchSize", "maxBatchDelay", "minWorkers", "maxWorkers")}
     return {"model_config": served_settings, "overrides": model_config_overrides, "startup_s": startup_s, **result}
+
+
+def baseline_checkpoint(reference: str, folder: Path) -> Path:
+    """The checkpoint named by ``reference``: a path, or ``git:REV`` for the release checkpoint
+    (``models/skin_lesion.pt``) as committed at REV, written into ``folder``.
+
+    Raises:
+        SystemExit: REV is unknown or holds no release checkpoint.
+    """
+    if not reference.startswith("git:"):
+        return Path(reference)
+    revision = reference[len("git:"):]
+    relative = CHECKPOINT.relative_to(ROOT).as_posix()
+    shown = subprocess.run(["git", "-C", str(ROOT), "show", f"{revision}:{relative}"], capture_output=True)
+    if shown.returncode != 0:
+        raise SystemExit(f"--baseline {reference}: {shown.stderr.decode(errors='replace').strip()}")
+    path = folder / f"baseline-{revision.replace('/', '_')}.pt"
+    path.write_bytes(shown.stdout)
+    return path

@@ -14,17 +14,25 @@ the figure is the median of the rounds.
 
 ``inprocess``: the served ceiling: ``handler.inference.handle_batch`` (preprocessing and one
 batched forward, no HTTP, no TorchServe) over the same real JPEGs, images/s at the configured
-batch size and at batch size 1, measured while no server is running.
+batch size and at batch size 1, measured while no server is running, for each process layout
+(one process with a thread per core, one single-thread process per core, ...; ``--layouts``):
+the fastest is the limit the served throughput is divided by.
 
 ``decode``: JPEG decode + resize to the model's resize size, per image: the served Pillow
 draft-mode path against a full Pillow decode and OpenCV ``imdecode`` with and without
 ``IMREAD_REDUCED_COLOR_2``, with the pixel difference each would make.
 
 ``runtime``: the forward pass alone (features + logits) per image, for eager fp32
-(contiguous and channels-last), bf16 autocast, the served frozen TorchScript graph (with
-all threads and with one), and ``torch.compile`` (full runs only: it compiles for about a
-minute). On a GPU (``--device cuda``): eager fp32, fp16 autocast and TorchScript fp16 at
+(contiguous and channels-last), bf16 autocast, a frozen TorchScript graph, OpenVINO and
+ONNX Runtime (each with all threads and with one), and ``torch.compile`` (full runs only: it
+compiles for about a minute), as ratios to the served runtime, with each variant's largest
+logit difference from eager fp32. On a GPU (``--device cuda``): eager fp32, fp16 autocast and TorchScript fp16 at
 growing batch sizes.
+
+``--baseline CHECKPOINT`` (or ``git:REV`` for the release checkpoint committed at REV) runs the
+``inprocess`` and ``served`` sections a second time for that checkpoint, right after the
+release's, and reports the release's throughput as a ratio to it (``make bench
+BASELINE=git:360bf4d`` compares with release 1.5.0).
 
 ``unbatched``: the real TorchServe with an archive built from a copy of the model config at
 ``batchSize: 1``, ``maxBatchDelay: 0``, driven with one request in flight.
@@ -59,14 +67,17 @@ import dataclasses
 import json
 import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
+from handler.checkpoint import read_checkpoint
+from handler.settings import HandlerSettings
 from ops.bench_inprocess import (bench_decode, bench_gate, bench_gradcam, bench_in_process, bench_runtimes,
-                                 machine_description)
+                                 machine_description, parse_layout)
 from ops.bench_report import command_line, met_text, summarize, write_report
-from ops.bench_served import UNBATCHED_OVERRIDES, model_config_overrides, model_config_with, served_sweep
+from ops.bench_served import UNBATCHED_OVERRIDES, baseline_checkpoint, model_config_overrides, model_config_with, served_sweep
 from ops.loadgen import ServedTarget, default_plan, fmt, sweep_target
 from ops.paths import CHECKPOINT, DATA, MODEL_CONFIG, MODEL_NAME, ROOT
 
@@ -104,6 +115,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch-sizes", type=int, nargs="+",
                         help="Grad-CAM section batch sizes (default: 1 and the served batch size; quick: the served one)")
     parser.add_argument("--rounds", type=int, default=7, help="interleaved predict/explain rounds per setting")
+    parser.add_argument("--layouts", nargs="+", metavar="PxT",
+                        help="in-process layouts, processes x threads each (default: 1x<cores> and <cores>x1)")
+    parser.add_argument("--baseline", metavar="CHECKPOINT",
+                        help="also bench this checkpoint (or git:REV, the release checkpoint at a commit) in the "
+                             "same run, in-process and served, and report throughput ratios to it")
     parser.add_argument("--inprocess-seconds", type=float, help="seconds per batch size in-process (default 10, quick 3)")
     parser.add_argument("--out", default=str(ROOT / "runs" / "bench"), help="folder for bench.json")
     parser.add_argument("--report", default=str(ROOT / "docs" / "PERFORMANCE.md"), help="markdown report to write")
@@ -127,6 +143,10 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     served_config = model_config_with(Path(args.model_config), overrides)
     batch_size = int(served_config["batchSize"])
     sections = set(args.sections)
+    try:
+        layouts = [parse_layout(text) for text in args.layouts] if args.layouts else None
+    except ValueError as error:
+        raise SystemExit(f"--layouts: {error}") from error
     notes = []
     if args.url and "unbatched" in sections:
         notes.append("--url: the unbatched section needs a server of its own and was skipped.")
@@ -145,6 +165,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         # Other work on the machine skews every figure; the load average makes that visible.
         "load_average_1min": {"start": os.getloadavg()[0]},
     }
+    # In-process figures use every core, whatever a served worker's thread share is.
+    inprocess_settings = dataclasses.replace(HandlerSettings.from_mapping(served_config.get("handler")), torch_threads=0)
     # In-process sections first, while no server started by this run is competing for the cores.
     if sections & {"decode", "runtime"}:
         from handler.checkpoint import load_checkpoint
@@ -155,15 +177,14 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
             result["decode"] = bench_decode(payloads[:16], resize_size, rounds)
         if "runtime" in sections:
             result["runtime"] = bench_runtimes(args.checkpoint, payloads[:16], sorted({1, batch_size}), rounds,
-                                               include_compile=not args.quick, device=args.device)
-    if sections & {"gate", "gradcam", "inprocess"}:
+                                               include_compile=not args.quick, device=args.device,
+                                               served_runtime=inprocess_settings.runtime)
+    if sections & {"gate", "gradcam"}:
         from handler.checkpoint import load_checkpoint
         from handler.inference import prepare_for_serving
-        from handler.settings import HandlerSettings
 
         loaded = load_checkpoint(args.checkpoint)
-        # The in-process limit is one process using every core, whatever a served worker's thread share is.
-        settings = dataclasses.replace(HandlerSettings.from_mapping(served_config.get("handler")), torch_threads=0)
+        settings = inprocess_settings
         prepare_for_serving(loaded, settings)
         if "gate" in sections and loaded.gate is not None:
             result["gate"] = bench_gate(loaded, settings, payloads[:16], batch_size, 3 if args.quick else args.rounds)
@@ -171,10 +192,12 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
             rounds = 3 if args.quick else args.rounds
             gradcam_batch_sizes = args.batch_sizes or ([batch_size] if args.quick else sorted({1, batch_size}))
             result["gradcam"] = bench_gradcam(loaded, settings, payloads[:16], gradcam_batch_sizes, rounds)
-        if "inprocess" in sections:
-            seconds = args.inprocess_seconds if args.inprocess_seconds is not None else (3.0 if args.quick else 10.0)
-            result["in_process"] = bench_in_process(loaded, settings, payloads, sorted({batch_size, 1}, reverse=True), seconds)
         del loaded
+    inprocess_seconds = args.inprocess_seconds if args.inprocess_seconds is not None else (3.0 if args.quick else 10.0)
+    inprocess_batch_sizes = sorted({batch_size, 1}, reverse=True)
+    if "inprocess" in sections:
+        result["in_process"] = bench_in_process(args.checkpoint, inprocess_settings, payloads, inprocess_batch_sizes,
+                                                inprocess_seconds, layouts)
     if "unbatched" in sections:
         unbatched_plan = dataclasses.replace(plan, levels=(1,), load_fraction=0.0)
         result["unbatched"] = served_sweep(UNBATCHED_OVERRIDES, payload_paths, unbatched_plan, Path(args.checkpoint),
@@ -190,6 +213,16 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
             result["served"] = served_sweep(overrides, payload_paths, plan, Path(args.checkpoint), Path(args.model_config))
             result["served"]["target"] = "TorchServe started by this run, release archive" + (
                 f" with {overrides}" if overrides else "")
+    if args.baseline:
+        with tempfile.TemporaryDirectory(prefix="bench-baseline-") as folder:
+            baseline = baseline_checkpoint(args.baseline, Path(folder))
+            result["baseline"] = {"checkpoint": args.baseline, "version": read_checkpoint(baseline).meta.version}
+            print(f"baseline {args.baseline} (release {result['baseline']['version']})", flush=True)
+            if "inprocess" in sections:
+                result["baseline"]["in_process"] = bench_in_process(str(baseline), inprocess_settings, payloads,
+                                                                    inprocess_batch_sizes, inprocess_seconds, layouts)
+            if "served" in sections and not args.url:
+                result["baseline"]["served"] = served_sweep(overrides, payload_paths, plan, baseline, Path(args.model_config))
     result["wall_s"] = time.monotonic() - started
     result["load_average_1min"]["end"] = os.getloadavg()[0]
     result["summary"] = summarize(result, batch_size)
@@ -200,6 +233,9 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     print("summary:")
     for check in result["summary"]["checks"]:
         print(f"  {check['name']}: {fmt(check['value'], 3)} (target {check['target']}: {met_text(check['met'])})")
+    if result["summary"]["baseline"]:
+        print(f"  against {result['summary']['baseline']}: served {fmt(result['summary']['baseline_served_ratio'], 3)}x, "
+              f"in-process {fmt(result['summary']['baseline_in_process_ratio'], 3)}x")
     print(f"  p99 at best throughput: {fmt(result['summary']['p99_ms_at_best'], 0)} ms; "
           f"tail check from {result['summary']['tail_level']}")
     print(f"wrote {out / 'bench.json'} and {args.report}")

@@ -1,11 +1,12 @@
 """The end-to-end benchmark: its statistics on synthetic numbers, and one bounded run through real TorchServe."""
 
 import json
+from pathlib import Path
 
 import pytest
 import yaml
 
-from ops import bench_report, loadgen
+from ops import bench_inprocess, bench_report, loadgen
 from ops.bench_served import model_config_overrides
 from scripts import bench
 from tests.conftest import RELEASED_CHECKPOINT, ROOT
@@ -90,6 +91,65 @@ def test_summary_ratios_and_checks():
     assert {check["name"]: check["met"] for check in partial["checks"]}["gradcam_cost_ratio"] is None
 
 
+def test_the_in_process_limit_is_the_fastest_layout_and_the_baseline_gives_same_run_ratios():
+    rows = [{"batch_size": 4, "processes": 1, "threads_per_process": 2, "images_per_s": 10.0},
+            {"batch_size": 4, "processes": 2, "threads_per_process": 1, "images_per_s": 14.0},
+            {"batch_size": 1, "processes": 1, "threads_per_process": 2, "images_per_s": 6.0},
+            {"batch_size": 1, "processes": 2, "threads_per_process": 1, "images_per_s": 5.0}]
+    limit = bench_report.in_process_limit(rows)
+    assert limit[4] is rows[1] and limit[1] is rows[2]
+    result = {"in_process": rows, "served": {"levels": [level(4, 12.6, 300, 500)], "paced": None},
+              "baseline": {"checkpoint": "git:360bf4d", "version": "1.5.0",
+                           "in_process": [{**row, "images_per_s": row["images_per_s"] / 2} for row in rows],
+                           "served": {"levels": [level(4, 4.2, 900, 1500, errors=1)]}}}
+    summary = bench_report.summarize(result, batch_size=4)
+    # Divided by the fastest layout (2 x 1), not the first: the ratio is at most 1 when the server is no faster.
+    assert summary["served_throughput_ratio"] == pytest.approx(12.6 / 14.0)
+    assert summary["in_process_layout"] == "2 process(es) x 1 thread(s)"
+    assert summary["baseline_served_ratio"] == pytest.approx(3.0)
+    assert summary["baseline_in_process_ratio"] == pytest.approx(2.0)
+    assert summary["errors"] == 1  # the baseline's served errors count too
+
+
+def test_layouts_parse_and_cover_one_process_and_one_per_core():
+    assert bench_inprocess.parse_layout("2x1") == (2, 1) and bench_inprocess.parse_layout("1X16") == (1, 16)
+    for bad in ("2", "0x1", "ax1", "2x1x1", "-1x2"):
+        with pytest.raises(ValueError):
+            bench_inprocess.parse_layout(bad)
+    assert bench_inprocess.process_layouts(2) == [(1, 2), (2, 1)]
+    assert bench_inprocess.process_layouts(8) == [(1, 8), (4, 2), (8, 1)]
+    assert bench_inprocess.process_layouts(1) == [(1, 1)]
+
+
+@pytest.mark.slow
+def test_in_process_layouts_run_real_processes_on_the_handler_path(tmp_path):
+    """Two layouts x two batch sizes with a tiny checkpoint: every process serves real JPEGs through handle_batch."""
+    from handler.settings import HandlerSettings
+    from tests.tiny_release import synthetic_jpeg, tiny_checkpoint
+
+    checkpoint = tiny_checkpoint(tmp_path / "tiny.pt")
+    payloads = [synthetic_jpeg(seed) for seed in range(6)]
+    rows = bench_inprocess.bench_in_process(str(checkpoint), HandlerSettings(), payloads, [2, 1], 0.2,
+                                            layouts=[(2, 1), (1, 2)], timeout=300)
+    assert [(row["processes"], row["threads_per_process"], row["batch_size"]) for row in rows] == [
+        (2, 1, 2), (2, 1, 1), (1, 2, 2), (1, 2, 1)]
+    for row in rows:
+        # At least 3 batches per process, all answered 200 (bench_in_process raises otherwise).
+        assert row["images"] >= 3 * row["batch_size"] * row["processes"]
+        assert row["images_per_s"] == pytest.approx(row["images"] / row["seconds"])
+
+
+def test_baseline_from_git_is_the_release_checkpoint_at_that_commit(tmp_path):
+    from handler.checkpoint import read_checkpoint
+    from ops.bench_served import baseline_checkpoint
+
+    assert baseline_checkpoint("some/where.pt", tmp_path) == Path("some/where.pt")
+    head = baseline_checkpoint("git:HEAD", tmp_path)
+    assert read_checkpoint(head).meta.version == read_checkpoint(RELEASED_CHECKPOINT).meta.version
+    with pytest.raises(SystemExit, match="no-such-revision"):
+        baseline_checkpoint("git:no-such-revision", tmp_path)
+
+
 def test_command_line_masks_the_token():
     shown = bench_report.command_line(["scripts/bench.py", "--url", "http://127.0.0.1:8080", "--token", "s3cret", "--quick"])
     assert shown == "python scripts/bench.py --url http://127.0.0.1:8080 --token *** --quick"
@@ -137,6 +197,8 @@ def test_bench_through_real_torchserve(samples_dir, tmp_path):
     """All sections, shortened: two TorchServe start-ups plus a few seconds per level."""
     args = bench.get_args_parser().parse_args([
         "--samples", str(samples_dir), "--checkpoint", str(RELEASED_CHECKPOINT), "--quick",
+        # The runtime section converts the model for four runtimes (minutes on 2 cores): `make bench` runs it.
+        "--sections", "decode", "gate", "gradcam", "inprocess", "unbatched", "served",
         "--levels", "1", "8", "--level-seconds", "4", "--level-requests", "200", "--warmup-seconds", "2",
         "--rounds", "1", "--inprocess-seconds", "1", "--out", str(tmp_path), "--report", str(tmp_path / "PERF.md")])
     bench.main(args)
@@ -157,6 +219,8 @@ def test_bench_through_real_torchserve(samples_dir, tmp_path):
     assert result["served"]["model_config"]["batchSize"] == released["batchSize"]
     assert all(row["images_per_s"] > 0 for row in result["in_process"])
     assert {row["batch_size"] for row in result["in_process"]} == {1, released["batchSize"]}
+    layouts = bench_inprocess.process_layouts(bench_inprocess.usable_cores())
+    assert {(row["processes"], row["threads_per_process"]) for row in result["in_process"]} == set(layouts)
 
     summary = result["summary"]
     for key in SUMMARY_KEYS + ("p99_ms_at_best", "best_served_images_per_s"):

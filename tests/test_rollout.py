@@ -29,7 +29,7 @@ def release(store, version, checkpoint=RELEASED_CHECKPOINT):
 
 
 def run(action, server, version=None):
-    argv = [action, "--run-dir", str(server.run_dir), "--golden-images", str(DATA), "--timeout", "120"]
+    argv = [action, "--run-dir", str(server.run_dir), "--golden-images", str(DATA), "--timeout", "300"]
     return rollout.main(rollout.get_args_parser().parse_args(argv + (["--version", version] if version else [])))
 
 

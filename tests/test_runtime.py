@@ -1,4 +1,4 @@
-"""Serving runtimes against eager fp32: the frozen TorchScript graph and autocast must not change answers."""
+"""Serving runtimes against eager fp32: the frozen TorchScript graph, OpenVINO and autocast must not change answers."""
 
 import statistics
 
@@ -17,26 +17,63 @@ def payloads(samples_dir):
     return [p.read_bytes() for p in sorted(samples_dir.glob("*.jpg"))[::7]]  # 10 images, every class
 
 
+@pytest.fixture(autouse=True)
+def restore_torch_threads():
+    """prepare_for_serving applies torch_threads to the whole process: put the count back."""
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def compiled_models():
+    """The release prepared once per compiled runtime (OpenVINO converts for tens of seconds)."""
+    models = {}
+    for runtime in ("torchscript", "openvino"):
+        models[runtime] = load_checkpoint(RELEASED_CHECKPOINT)
+        prepare_for_serving(models[runtime], HandlerSettings(runtime=runtime))
+    return models
+
+
 @pytest.mark.data
+@pytest.mark.parametrize("runtime", ["torchscript", "openvino"])
 @pytest.mark.parametrize("batch_size", [1, 3, 10])
-def test_torchscript_matches_eager_on_the_released_model(payloads, batch_size):
+def test_compiled_runtimes_match_eager_on_the_released_model(payloads, compiled_models, runtime, batch_size):
+    """Features (for Grad-CAM) and logits, at several batch sizes: OpenVINO's batch dimension is dynamic."""
     eager = load_checkpoint(RELEASED_CHECKPOINT)
-    scripted = load_checkpoint(RELEASED_CHECKPOINT)
-    prepare_for_serving(scripted, HandlerSettings(runtime="torchscript"))
     batch = torch.stack([load_model_input(p, eager.preprocess)[0] for p in payloads[:batch_size]])
     from handler.inference import run_model
 
     with torch.inference_mode():
         eager_features, eager_logits = run_model(eager, batch)
-        features, logits = run_model(scripted, batch)
+        features, logits = run_model(compiled_models[runtime], batch)
+    assert features.shape == eager_features.shape and features.dtype == torch.float32
     assert torch.allclose(features, eager_features, atol=1e-3)
     assert torch.allclose(logits, eager_logits, atol=1e-3)
 
 
 @pytest.mark.data
+def test_the_gate_scores_alike_in_every_runtime(payloads, compiled_models):
+    """The gate is compiled with the model's runtime; its scores and so its refusals must not move."""
+    from handler.input_gate import InputGate
+
+    eager = InputGate.from_dict(load_checkpoint(RELEASED_CHECKPOINT).meta.input_gate)
+    batch = torch.stack([load_model_input(p, compiled_models["openvino"].preprocess)[0] for p in payloads])
+    noise = torch.randint(0, 256, (3, *batch.shape[1:]), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    batch = torch.cat([batch, noise])
+    expected = eager.score(batch)
+    for runtime, loaded in compiled_models.items():
+        scores = loaded.gate.score(batch)
+        assert torch.allclose(scores, expected, atol=1e-4), runtime
+        assert torch.equal(scores > loaded.gate.threshold, expected > eager.threshold), runtime
+
+
+@pytest.mark.data
 @pytest.mark.parametrize("settings", [HandlerSettings(runtime="torchscript", tta="flip4"),
+                                      HandlerSettings(runtime="openvino", tta="flip4", torch_threads=1),
                                       HandlerSettings(runtime="torchscript", precision="bf16"),
-                                      HandlerSettings(precision="bf16")], ids=["torchscript-flip4", "torchscript-bf16", "eager-bf16"])
+                                      HandlerSettings(precision="bf16")],
+                         ids=["torchscript-flip4", "openvino-flip4-1thread", "torchscript-bf16", "eager-bf16"])
 def test_served_answers_match_eager_fp32_within_tolerance(payloads, settings):
     reference = load_checkpoint(RELEASED_CHECKPOINT)
     baseline_settings = HandlerSettings(tta=settings.tta)
@@ -80,6 +117,9 @@ def test_unknown_runtime_or_precision_is_refused_at_load_time():
         HandlerSettings.from_mapping({"runtime": "tensorrt"})
     with pytest.raises(ValueError, match="unknown precision"):
         HandlerSettings.from_mapping({"precision": "int4"})
+    # OpenVINO would otherwise pick bf16 itself on CPUs that have it: only fp32 is served.
+    with pytest.raises(ValueError, match="openvino runs fp32 only"):
+        HandlerSettings.from_mapping({"runtime": "openvino", "precision": "bf16"})
 
 
 def test_thread_setting_is_applied(tiny_checkpoint):
