@@ -87,12 +87,7 @@ def build_runner(model: nn.Module, runtime: str, precision: str, image_size: int
 
         compiled = compile_for_cpu(module, torch.zeros(2, 3, image_size, image_size, device=device), threads)
         logger.info("serving an OpenVINO network (fp32, %s threads) on %s", threads or "all", device)
-
-        def run_compiled(inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            features, logits = compiled(inputs)
-            return features, logits
-
-        return run_compiled
+        return compiled  # type: ignore[return-value]  # FeaturesAndLogits has exactly two outputs
     if runtime == "torchscript":
         example = torch.zeros(2, 3, image_size, image_size, device=device).contiguous(memory_format=torch.channels_last)
         with torch.no_grad(), autocast(device, precision), warnings.catch_warnings():
