@@ -37,6 +37,12 @@ class PayloadTooLargeError(RequestError):
     code = "payload_too_large"
 
 
+class TooManyImagesError(PayloadTooLargeError):
+    """A KServe v1 or Open Inference Protocol request carries more images than ``max_images_per_request``."""
+
+    code = "too_many_images"
+
+
 class MalformedJSONError(RequestError):
     """The body claims to be JSON but is not a valid JSON object."""
 

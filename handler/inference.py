@@ -26,7 +26,8 @@ from handler.input_gate import InputGate
 from handler.labels import CLASS_CODES
 from handler.overlay import encode_image, model_view_box, render_overlay
 from handler.preprocessing import decode_image, load_model_input, normalize_batch
-from handler.requests import ParsedRequest, parse_request
+from handler.protocols import ShapedRequest, read_request, respond
+from handler.requests import ParsedRequest
 from handler.responses import GradcamResult, InputCheck, Response, error_response, make_prediction
 from handler.runtime import COMPILED_RUNTIMES, build_runner
 from handler.settings import HandlerSettings
@@ -150,11 +151,14 @@ def _forward(loaded: LoadedModel, inputs: list[torch.Tensor], settings: HandlerS
 @torch.inference_mode()
 def handle_batch(loaded: LoadedModel, settings: HandlerSettings, rows: Sequence[Mapping[str, Any]], model_version: str,
                  explain: Sequence[bool] | None = None, timings: BatchTimings | None = None,
-                 content_types: Sequence[str | None] | None = None) -> list[Response]:
+                 content_types: Sequence[str | None] | None = None, model_name: str = "skin_lesion") -> list[Response]:
     """Serve one TorchServe batch: per-request parsing and errors, one forward pass for the rest.
 
     Predictions and explanations can share a batch: Grad-CAM is decided per request. An image
-    the input gate judges out of distribution gets a 422 unless its request allows it.
+    the input gate judges out of distribution gets a 422 unless its request allows it. A
+    request may carry several images (KServe v1 ``instances``, Open Inference Protocol
+    ``inputs``: :mod:`handler.protocols`): each is one item of the same forward pass, served
+    like a single-image request, and the request's answer is put back together from them.
 
     Args:
         loaded: The served model (after :func:`prepare_for_serving`).
@@ -165,6 +169,7 @@ def handle_batch(loaded: LoadedModel, settings: HandlerSettings, rows: Sequence[
         timings: If given, filled with the time spent preprocessing, in the forward pass
             (gate included) and on Grad-CAM (maps and overlays).
         content_types: Per request, the body's Content-Type when known.
+        model_name: Name reported in Open Inference Protocol responses.
 
     Returns:
         One :class:`Response` per row, in order.
@@ -173,13 +178,39 @@ def handle_batch(loaded: LoadedModel, settings: HandlerSettings, rows: Sequence[
     started = time.perf_counter()
     explain = explain or [False] * len(rows)
     content_types = content_types or [None] * len(rows)
-    total = len(rows)
+    shaped = [guarded(index, len(rows), "reading the request",
+                      lambda row=row, index=index: read_request(row, explain[index], settings, content_types[index]))
+              for index, row in enumerate(rows)]
+    items = [image for request in shaped if isinstance(request, ShapedRequest) for image in request.images]
+    answers = iter(_serve_images(loaded, settings, items, model_version, timings, started))
+    responses: list[Response] = []
+    for index, request in enumerate(shaped):
+        if isinstance(request, Response):
+            responses.append(request)
+            continue
+        images = [next(answers) for _ in request.images]
+        responses.append(guarded(index, len(rows), "writing the answer",
+                                 lambda request=request, images=images: respond(request, images, model_name, model_version)))
+    return responses
+
+
+def _serve_images(loaded: LoadedModel, settings: HandlerSettings, items: Sequence[ParsedRequest | Response],
+                  model_version: str, timings: BatchTimings, started: float) -> list[Response]:
+    """One response per image of the batch, in order: decoding, one forward pass, the gate, Grad-CAM.
+
+    An item that is a :class:`Response` already (an image refused while its request was read)
+    is passed through.
+    """
+    total = len(items)
     responses: list[Response | None] = [None] * total
     accepted: list[tuple[int, ParsedRequest]] = []
     inputs: list[torch.Tensor] = []
-    for index, row in enumerate(rows):
-        def prepare(row: Mapping[str, Any] = row, index: int = index) -> tuple[ParsedRequest, torch.Tensor]:
-            parsed = parse_request(row, explain[index], settings.max_body_bytes, content_types[index])
+    for index, item in enumerate(items):
+        if isinstance(item, Response):
+            responses[index] = item
+            continue
+
+        def prepare(parsed: ParsedRequest = item) -> tuple[ParsedRequest, torch.Tensor]:
             tensor, _ = load_model_input(parsed.image, loaded.preprocess, settings.decode_limits)
             return parsed, tensor
 

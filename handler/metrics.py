@@ -29,7 +29,7 @@ def batch_metric_updates(model_name: str, responses: Sequence[Response], explain
 
     Args:
         model_name: The served model's name (the ``ModelName`` label).
-        responses: The batch's responses, in request order.
+        responses: The batch's responses, in request order (several images each, for some).
         explain: Per request, whether it came through ``/explanations``.
         timings: Where the batch spent its time.
 
@@ -37,16 +37,19 @@ def batch_metric_updates(model_name: str, responses: Sequence[Response], explain
         ``(metric name, type, value, dimension values)`` tuples; type is ``counter`` or
         ``histogram``.
     """
+    # Per image: a KServe v1 or Open Inference Protocol request that carried several images
+    # counts each (a request refused as a whole counts once, as its refusal).
+    images = [(image, explained) for response, explained in zip(responses, explain) for image in response.images]
     updates: list[tuple[str, str, float, list[str]]] = [
-        (BATCH_SIZE, "histogram", float(len(responses)), [model_name]),
+        (BATCH_SIZE, "histogram", float(len(images)), [model_name]),  # images, not requests
         (PREPROCESS_SECONDS, "histogram", timings.preprocess, [model_name]),
     ]
-    answered = [r.body for r in responses if isinstance(r.body, Prediction)]
+    answered = [r.body for r, _ in images if isinstance(r.body, Prediction)]
     if answered:
         updates.append((INFERENCE_SECONDS, "histogram", timings.inference, [model_name]))
     if any(body.gradcam is not None for body in answered):
         updates.append((GRADCAM_SECONDS, "histogram", timings.gradcam, [model_name]))
-    for response, explained in zip(responses, explain):
+    for response, explained in images:
         endpoint = "explain" if explained else "predict"
         body = response.body
         if isinstance(body, ErrorBody):

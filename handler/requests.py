@@ -73,6 +73,19 @@ def parse_request(row: Mapping[str, Any], explain: bool = False, max_bytes: int 
         RequestError: If the body is empty, malformed JSON, lacks an image, holds invalid
             base64 or has invalid options.
     """
+    return parse_image_body(read_body(row, max_bytes, content_type), row, explain, max_bytes)
+
+
+def read_body(row: Mapping[str, Any], max_bytes: int | None = None,
+              content_type: str | None = None) -> bytes | Mapping[str, Any]:
+    """One request row's body: the raw image bytes (never empty) or a JSON object.
+
+    The first step of :func:`parse_request`, apart so that :mod:`handler.protocols` can look at
+    a JSON object's shape (``instances``, ``inputs``) before reading images out of it.
+
+    Raises:
+        RequestError: If the body is empty, too large, malformed JSON, or JSON but not an object.
+    """
     field = "data" if row.get("data") is not None else "body" if "body" in row else "data" if "data" in row else None
     if field is None:
         _refuse_misnamed_fields(row)
@@ -85,23 +98,39 @@ def parse_request(row: Mapping[str, Any], explain: bool = False, max_bytes: int 
         payload = payload.encode("utf-8")
     if isinstance(payload, (bytes, bytearray)) and _looks_like_json(payload):
         payload = _parse_json(payload)
-    options: Mapping[str, Any] = row
     if isinstance(payload, Mapping):
-        options = payload
-        image = _decode_base64_image(payload)
-        if max_bytes is not None and len(image) > max_bytes:
-            raise PayloadTooLargeError(f"image is {len(image)} bytes; the limit is {max_bytes}")
-    elif isinstance(payload, (bytes, bytearray)):
+        return payload
+    if isinstance(payload, (bytes, bytearray)):
         if not payload:
             raise EmptyBodyError("request body is empty; send an image or {\"image\": \"<base64>\"}")
-        image = bytes(payload)
-    elif payload is None and field is not None and (content_type or "").lower().startswith("application/json"):
+        return bytes(payload)
+    if payload is None and field is not None and (content_type or "").lower().startswith("application/json"):
         raise MalformedJSONError("JSON body must be an object like {\"image\": \"<base64>\"}, not null")
-    elif payload is None:
+    if payload is None:
         raise EmptyBodyError("request body is empty; send an image or {\"image\": \"<base64>\"}")
-    else:  # a JSON list, number, string, true/false or null that TorchServe parsed for us
-        raise MalformedJSONError(f"JSON body must be an object like {{\"image\": \"<base64>\"}}, "
-                                 f"not a {_json_kind(payload)}")
+    # a JSON list, number, string, true/false or null that TorchServe parsed for us
+    raise MalformedJSONError(f"JSON body must be an object like {{\"image\": \"<base64>\"}}, "
+                             f"not a {_json_kind(payload)}")
+
+
+def parse_image_body(payload: bytes | Mapping[str, Any], row: Mapping[str, Any], explain: bool = False,
+                     max_bytes: int | None = None) -> ParsedRequest:
+    """The image and options of a body :func:`read_body` returned: raw bytes (options in the
+    multipart ``row``) or ``{"image": "<base64>", ...options}``."""
+    if isinstance(payload, Mapping):
+        image = decode_base64_image(payload.get("image"), "\"image\"")
+        if max_bytes is not None and len(image) > max_bytes:
+            raise PayloadTooLargeError(f"image is {len(image)} bytes; the limit is {max_bytes}")
+        return parse_options(image, payload, explain)
+    return parse_options(payload, row, explain)
+
+
+def parse_options(image: bytes, options: Mapping[str, Any], explain: bool = False) -> ParsedRequest:
+    """``image`` with the options named in ``options`` (:data:`OPTION_FIELDS`; other keys are ignored).
+
+    Raises:
+        InvalidOptionError: If an option has an invalid value.
+    """
     target = _parse_target_class(options.get("target_class"))
     overlay_format = _parse_overlay_format(options.get("overlay_format"))
     gradcam = explain or _parse_flag(options.get("gradcam"), "gradcam") or target is not None
@@ -137,18 +166,23 @@ def _refuse_misnamed_fields(row: Mapping[str, Any]) -> None:
             "(curl -F data=@lesion.jpg) or the raw body (curl -T lesion.jpg)")
 
 
-def _decode_base64_image(payload: Mapping[str, Any]) -> bytes:
-    encoded = payload.get("image")
+def decode_base64_image(encoded: Any, name: str) -> bytes:
+    """The image bytes of a base64 string (a ``data:`` URL too); ``name`` says where it was, for errors.
+
+    Raises:
+        MissingImageError: If there is no string, or an empty one.
+        InvalidBase64Error: If it is not valid base64.
+    """
     if encoded is None:
         raise MissingImageError("JSON body has no \"image\" field; expected {\"image\": \"<base64>\"}")
     if not isinstance(encoded, str) or not encoded:
-        raise MissingImageError("\"image\" must be a non-empty base64 string")
+        raise MissingImageError(f"{name} must be a non-empty base64 string")
     if encoded.startswith("data:"):
         encoded = encoded.partition(",")[2]
     try:
         return base64.b64decode(encoded, validate=True)
     except (binascii.Error, ValueError) as exc:
-        raise InvalidBase64Error(f"\"image\" is not valid base64: {exc}") from exc
+        raise InvalidBase64Error(f"{name} is not valid base64: {exc}") from exc
 
 
 def _as_text(value: Any) -> Any:

@@ -139,25 +139,56 @@ class ErrorBody:
         return {"error": {"code": self.code, "message": self.message, "status": self.status, **self.details}}
 
 
+@dataclass(frozen=True)
+class ProtocolErrorBody(ErrorBody):
+    """A refused KServe v1 or Open Inference Protocol request, in those protocols' own form ``{"error": "<message>"}``.
+
+    Their clients read the error as a string: tritonclient's exception cannot even print a
+    nested object. ``code``, ``status`` and ``details`` stay for metrics and the log.
+    """
+
+    def to_json(self) -> dict[str, Any]:
+        return {"error": self.message}
+
+
+class ImagesBody:
+    """The body of an answered request that carried several images (:mod:`handler.kserve_v1`,
+    :mod:`handler.open_inference`): ``images`` are the per-image responses it was made from,
+    which metrics count one by one."""
+
+    images: list["Response"]
+
+    def to_json(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+
 @dataclass
 class Response:
     """What goes back for one request of a batch: a status code and a typed body."""
 
     status: int
-    body: Prediction | ErrorBody
+    body: Prediction | ErrorBody | ImagesBody
 
     @property
     def ok(self) -> bool:
-        return isinstance(self.body, Prediction)
+        return isinstance(self.body, (Prediction, ImagesBody))
+
+    @property
+    def images(self) -> list["Response"]:
+        """The per-image responses: this one, or those an :class:`ImagesBody` was made from."""
+        return self.body.images if isinstance(self.body, ImagesBody) else [self]
 
     def to_json(self) -> dict[str, Any]:
         return self.body.to_json()
 
 
-def error_response(error: RequestError) -> Response:
-    """The response for a request error: its status and code (the one mapping: :mod:`handler.errors`)."""
+def error_response(error: RequestError, flat: bool = False) -> Response:
+    """The response for a request error: its status and code (the one mapping: :mod:`handler.errors`).
+
+    ``flat``: in the KServe and Open Inference Protocol form (:class:`ProtocolErrorBody`).
+    """
     status = int(error.status)
-    return Response(status, ErrorBody(error.code, str(error), status, dict(error.details)))
+    return Response(status, (ProtocolErrorBody if flat else ErrorBody)(error.code, str(error), status, dict(error.details)))
 
 
 def make_prediction(probabilities: Sequence[float], model_version: str, referral_threshold: float,

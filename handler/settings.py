@@ -20,6 +20,10 @@ class HandlerSettings:
     Attributes:
         max_body_bytes: Largest accepted image, in bytes (after base64 decoding). TorchServe's
             own ``max_request_size`` sits above it and answers with an empty 413.
+        max_images_per_request: Most images one KServe v1 (``instances``) or Open Inference
+            Protocol v2 (``inputs``) request may carry; each counts toward the batch like a
+            request of its own, and all of a request's decoded images together toward
+            ``max_body_bytes``.
         max_pixels: Decompression-bomb guard: largest width x height decoded.
         min_side: Smallest accepted image side, in pixels.
         max_aspect_ratio: Largest accepted long side / short side, checked before any resize.
@@ -45,6 +49,7 @@ class HandlerSettings:
     """
 
     max_body_bytes: int = 16 * 1024 * 1024
+    max_images_per_request: int = 16
     max_pixels: int = 40_000_000
     min_side: int = 8
     max_aspect_ratio: float = 4.0

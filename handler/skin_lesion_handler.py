@@ -63,7 +63,8 @@ class SkinLesionHandler(BaseHandler):
         explain = [context.get_request_header(index, "explain") == "True" for index in range(len(data))]
         content_types = [body_content_type(context, index) for index in range(len(data))]
         timings = BatchTimings()
-        responses = handle_batch(self.loaded, self.settings, data, self.model_version, explain, timings, content_types)
+        responses = handle_batch(self.loaded, self.settings, data, self.model_version, explain, timings, content_types,
+                                 self.model_name)
         publish(context.metrics, batch_metric_updates(self.model_name, responses, explain, timings))
         bodies = []
         for index, response in enumerate(responses):
