@@ -82,6 +82,20 @@ class ImageTooLargeError(ImageDimensionError):
     code = "image_too_large"
 
 
+class DecodeBudgetError(RequestError):
+    """Decoding would cost more than the decode budget allows (too many scans, segments or frames,
+    or far more pixels than the bytes can hold for a photo); ``details.limit`` names the setting."""
+
+    status = HTTPStatus.UNPROCESSABLE_ENTITY
+    code = "decode_budget_exceeded"
+
+
+class DecodeMemoryError(DecodeBudgetError):
+    """The decoded image would take more memory than ``max_decoded_bytes``."""
+
+    status = HTTPStatus.REQUEST_ENTITY_TOO_LARGE
+
+
 class InvalidOptionError(RequestError):
     """A request option (such as ``target_class``) has an invalid value."""
 
@@ -99,6 +113,21 @@ class OutOfDistributionError(RequestError):
 
     status = HTTPStatus.UNPROCESSABLE_ENTITY
     code = "out_of_distribution"
+
+
+class NotDermoscopyError(OutOfDistributionError):
+    """The input gate judged the image a photo of skin taken without a dermatoscope (``details.modality``
+    ``clinical``): the right body part, the wrong instrument; ``details.advice`` says what to do."""
+
+    code = "not_dermoscopy"
+
+
+class GateOverrideNotAllowedError(RequestError):
+    """The request asked to bypass the input gate (``allow_out_of_distribution``), which this deployment's
+    operator has not allowed (``handler.allow_gate_override``)."""
+
+    status = HTTPStatus.FORBIDDEN
+    code = "gate_override_not_allowed"
 
 
 class InternalError(RequestError):

@@ -31,6 +31,14 @@ checkpoint as ``meta["input_gate"]``:
     Mahalanobis distance to the nearest class mean.
 ``threshold``
     Scores strictly above it are refused. Set from validation dermoscopy (``lab/ood.py``).
+``modality_head`` (format 2; absent or None in format 1)
+    A linear classifier over the *same* pooled features, unit-normalized: ``classes``
+    (:data:`MODALITIES`, e.g. ``["dermoscopy", "clinical", "other"]``), ``weight`` (C, D) and
+    ``bias`` (C,) float32, and ``threshold``: an image whose ``1 - p(dermoscopy)`` is strictly
+    above it is refused too. The distance alone cannot tell a smartphone photo of a lesion
+    from dermoscopy (it accepted ~88 % of them); the head was fitted to, on patient-grouped
+    splits of clinical photos. A refused image's *reason* is the more probable of the head's
+    non-dermoscopy classes (``clinical`` or ``other``), ``other`` without a head.
 ``provenance``
     Plain-types description of how the gate was fitted.
 
@@ -40,6 +48,7 @@ this module only needs the stored dict, torch and timm.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
 import torch
@@ -48,7 +57,11 @@ from torch import nn
 
 from handler.storage import check_storage_dtype, pack_state_dict, unpack_state_dict
 
-GATE_FORMAT = 1
+GATE_FORMAT = 2
+# Formats this module reads: 1 (distance only) and 2 (distance and an optional modality head).
+READABLE_GATE_FORMATS = (1, 2)
+DERMOSCOPY, CLINICAL, OTHER = "dermoscopy", "clinical", "other"
+MODALITIES: tuple[str, ...] = (DERMOSCOPY, CLINICAL, OTHER)
 GATE_ARCH = "tf_efficientnet_lite0"
 SCORERS: tuple[str, ...] = ("cosine_knn", "mahalanobis")
 # The normalization EfficientNet-Lite's ImageNet weights were trained with (0..1 scale).
@@ -127,6 +140,64 @@ def mahalanobis_scores(features: torch.Tensor, means: torch.Tensor, whitening: t
     return torch.cdist(z, centres).pow(2).min(dim=1).values
 
 
+def modality_probabilities(features: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """(N, C) softmax probabilities of the linear modality head over unit-normalized features.
+
+    Args:
+        features: (N, D) pooled gate features.
+        weight: (C, D) head weights.
+        bias: (C,) head biases.
+    """
+    unit = F.normalize(features.float(), dim=1)
+    logits = unit @ weight.to(device=unit.device, dtype=torch.float32).T + bias.to(device=unit.device, dtype=torch.float32)
+    return logits.softmax(dim=1)
+
+
+@dataclass(frozen=True)
+class GateAssessment:
+    """The gate's verdict on a batch (tensors on the batch's device; see :meth:`InputGate.assess`).
+
+    Attributes:
+        score: (N,) distance scores (higher = further from dermoscopy).
+        refused: (N,) booleans: the distance or the modality head refuses the image.
+        probabilities: (N, C) modality-head probabilities over ``classes``, or None without a head.
+        classes: The head's classes (empty without a head).
+    """
+
+    score: torch.Tensor
+    refused: torch.Tensor
+    probabilities: torch.Tensor | None = None
+    classes: tuple[str, ...] = ()
+
+    @property
+    def not_dermoscopy(self) -> torch.Tensor | None:
+        """(N,) ``1 - p(dermoscopy)`` of the head, or None without a head."""
+        if self.probabilities is None:
+            return None
+        return 1.0 - self.probabilities[:, self.classes.index(DERMOSCOPY)]
+
+    def modality(self, index: int) -> str:
+        """The head's most probable modality for image ``index`` (``dermoscopy`` or ``other`` without a
+        head, from the distance alone)."""
+        if self.probabilities is None:
+            return OTHER if bool(self.refused[index]) else DERMOSCOPY
+        return self.classes[int(self.probabilities[index].argmax())]
+
+    def reason(self, index: int) -> str | None:
+        """Why image ``index`` is refused: ``clinical`` or ``other``; None when it is accepted.
+
+        The more probable of the head's non-dermoscopy classes, so that an image the distance
+        refuses while the head still calls it dermoscopy-like is ``other``.
+        """
+        if not bool(self.refused[index]):
+            return None
+        if self.probabilities is None or CLINICAL not in self.classes:
+            return OTHER
+        row = self.probabilities[index]
+        others = [c for c in self.classes if c != DERMOSCOPY]
+        return max(others, key=lambda c: float(row[self.classes.index(c)]))
+
+
 class InputGate:
     """A fitted out-of-distribution gate (see the module docstring for the stored dict).
 
@@ -142,8 +213,9 @@ class InputGate:
 
     def __init__(self, stored: Mapping[str, Any], device: torch.device | str = "cpu") -> None:
         self._stored = dict(stored)
-        if int(stored.get("format", -1)) != GATE_FORMAT:
-            raise ValueError(f"input gate format {stored.get('format')!r} is not {GATE_FORMAT}")
+        if stored.get("format") not in READABLE_GATE_FORMATS:
+            raise ValueError(f"input gate format {stored.get('format')!r} is not one this handler reads "
+                             f"({list(READABLE_GATE_FORMATS)}); refit the gate with scripts/fit_input_gate.py")
         self.scorer = str(stored["scorer"])
         if self.scorer not in SCORERS:
             raise ValueError(f"unknown input gate scorer {self.scorer!r}; known: {list(SCORERS)}")
@@ -156,6 +228,17 @@ class InputGate:
         self.k = int(stored.get("k", 0))
         if self.scorer == "cosine_knn" and not 1 <= self.k <= stored["reference"].shape[0]:
             raise ValueError(f"k={self.k} needs 1..{stored['reference'].shape[0]} references")
+        head = stored.get("modality_head")
+        self.head: dict[str, Any] | None = None
+        if head is not None:
+            classes = tuple(str(c) for c in head["classes"])
+            if DERMOSCOPY not in classes or not set(classes) <= set(MODALITIES):
+                raise ValueError(f"modality head classes {list(classes)} must include {DERMOSCOPY!r} and be among "
+                                 f"{list(MODALITIES)}")
+            if tuple(head["weight"].shape) != (len(classes), head["weight"].shape[1]) or head["bias"].shape != (len(classes),):
+                raise ValueError(f"modality head weight {tuple(head['weight'].shape)} / bias {tuple(head['bias'].shape)} "
+                                 f"do not match {len(classes)} classes")
+            self.head = {"classes": classes, "threshold": float(head["threshold"])}
         self.backbone = build_gate_backbone(str(stored["arch"]))
         self.backbone.load_state_dict(unpack_state_dict(stored["state_dict"]))
         self.backbone.eval().requires_grad_(False)
@@ -185,6 +268,10 @@ class InputGate:
             self._tensors = {"reference": F.normalize(self._stored["reference"].to(device=device, dtype=torch.float32), dim=1)}
         else:
             self._tensors = {name: self._stored[name].to(device=device, dtype=torch.float32) for name in ("means", "whitening")}
+        if self.head is not None:
+            head = self._stored["modality_head"]
+            self._tensors.update(head_weight=head["weight"].to(device=device, dtype=torch.float32),
+                                 head_bias=head["bias"].to(device=device, dtype=torch.float32))
         self.device = device
         return self
 
@@ -233,9 +320,31 @@ class InputGate:
         """(N,) out-of-distribution scores of a ``uint8`` batch, on the batch's device."""
         return self.score_features(self.features(batch))
 
+    def assess_features(self, features: torch.Tensor) -> GateAssessment:
+        """The verdict on :meth:`features` output: distance scores, head probabilities, refusals."""
+        score = self.score_features(features)
+        refused = score > self.threshold
+        if self.head is None:
+            return GateAssessment(score, refused)
+        with torch.inference_mode():
+            probabilities = modality_probabilities(features, self._tensors["head_weight"], self._tensors["head_bias"])
+        assessment = GateAssessment(score, refused, probabilities, self.head["classes"])
+        refused = refused | (assessment.not_dermoscopy > self.head["threshold"])
+        return GateAssessment(score, refused, probabilities, self.head["classes"])
+
+    def assess(self, batch: torch.Tensor) -> GateAssessment:
+        """The verdict on a ``uint8`` (N, 3, H, W) batch of any model-input shape (one backbone pass)."""
+        return self.assess_features(self.features(batch))
+
+    @property
+    def head_threshold(self) -> float | None:
+        """The modality head's threshold on ``1 - p(dermoscopy)``, or None without a head."""
+        return None if self.head is None else self.head["threshold"]
+
     def refuses(self, batch: torch.Tensor) -> torch.Tensor:
-        """(N,) booleans: which images of a ``uint8`` batch score above :attr:`threshold`."""
-        return self.score(batch) > self.threshold
+        """(N,) booleans: which images of a ``uint8`` batch the gate refuses (distance above
+        :attr:`threshold`, or the modality head's ``1 - p(dermoscopy)`` above its threshold)."""
+        return self.assess(batch).refused
 
     def __repr__(self) -> str:
         return f"InputGate(method={self.method!r}, threshold={self.threshold:.6g}, device={self.device})"
@@ -245,7 +354,7 @@ def make_gate_dict(backbone_state: Mapping[str, torch.Tensor], *, method: str, i
                    threshold: float, storage: str = "float16", arch: str = GATE_ARCH,
                    mean: tuple[float, ...] = LITE_MEAN, std: tuple[float, ...] = LITE_STD, k: int = 0,
                    reference: torch.Tensor | None = None, means: torch.Tensor | None = None,
-                   whitening: torch.Tensor | None = None,
+                   whitening: torch.Tensor | None = None, modality_head: Mapping[str, Any] | None = None,
                    provenance: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Assemble the stored gate dict (plain types and tensors only).
 
@@ -254,6 +363,7 @@ def make_gate_dict(backbone_state: Mapping[str, torch.Tensor], *, method: str, i
             packed here with ``storage``.
         reference: For ``cosine_knn``: (M, D) features; normalized to unit rows and stored as float16.
         means, whitening: For ``mahalanobis``: stored as float32 (precision matters there).
+        modality_head: ``{"classes", "weight", "bias", "threshold"}`` (module docstring), or None.
         Others: See the module docstring.
     """
     if scorer not in SCORERS:
@@ -273,4 +383,9 @@ def make_gate_dict(backbone_state: Mapping[str, torch.Tensor], *, method: str, i
             raise ValueError("mahalanobis needs means and whitening")
         gate["means"] = means.detach().float().cpu()
         gate["whitening"] = whitening.detach().float().cpu()
+    if modality_head is not None:
+        gate["modality_head"] = {"classes": [str(c) for c in modality_head["classes"]],
+                                 "weight": torch.as_tensor(modality_head["weight"]).detach().float().cpu(),
+                                 "bias": torch.as_tensor(modality_head["bias"]).detach().float().cpu(),
+                                 "threshold": float(modality_head["threshold"])}
     return gate
