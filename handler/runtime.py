@@ -63,7 +63,7 @@ def autocast(device: torch.device, precision: str) -> contextlib.AbstractContext
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
-def build_runner(model: nn.Module, runtime: str, precision: str, image_size: int, threads: int = 0) -> Runner:
+def build_runner(model: nn.Module, runtime: str, precision: str, input_hw: tuple[int, int], threads: int = 0) -> Runner:
     """Prepare the network for serving.
 
     Args:
@@ -71,7 +71,7 @@ def build_runner(model: nn.Module, runtime: str, precision: str, image_size: int
         runtime: ``eager``, ``torchscript`` (traced and frozen once, here, at worker start) or
             ``openvino`` (converted and compiled once, here; CPU and fp32 only).
         precision: ``fp32``, ``bf16`` or ``fp16`` autocast around the forward pass.
-        image_size: Input side, for the tracing example.
+        input_hw: Model input (height, width), for the tracing example.
         threads: OpenVINO's inference threads (0: every core); PyTorch's come from
             ``torch.set_num_threads``.
 
@@ -85,11 +85,11 @@ def build_runner(model: nn.Module, runtime: str, precision: str, image_size: int
     if runtime == "openvino":
         from handler.openvino_runtime import compile_for_cpu
 
-        compiled = compile_for_cpu(module, torch.zeros(2, 3, image_size, image_size, device=device), threads)
+        compiled = compile_for_cpu(module, torch.zeros(2, 3, *input_hw, device=device), threads)
         logger.info("serving an OpenVINO network (fp32, %s threads) on %s", threads or "all", device)
         return compiled  # type: ignore[return-value]  # FeaturesAndLogits has exactly two outputs
     if runtime == "torchscript":
-        example = torch.zeros(2, 3, image_size, image_size, device=device).contiguous(memory_format=torch.channels_last)
+        example = torch.zeros(2, 3, *input_hw, device=device).contiguous(memory_format=torch.channels_last)
         with torch.no_grad(), autocast(device, precision), warnings.catch_warnings():
             # "same" padding is computed from the input size; tracing records it as a constant,
             # which is right because every served input has the same side.

@@ -176,11 +176,16 @@ def build_train_transform(config: PreprocessConfig, min_scale: float = 0.5) -> C
     """
     from torchvision.transforms import v2
 
+    size = (config.input_height, config.input_width)
+    aspect = config.input_width / config.input_height
+    # A rectangular input keeps its orientation: rotating it by 90 degrees would change its shape;
+    # the two flips already give the 180-degree rotation.
+    angles = (0, 90, 180, 270) if size[0] == size[1] else (0,)
     augment = v2.Compose([
-        v2.RandomResizedCrop(config.image_size, scale=(min_scale, 1.0), ratio=(3 / 4, 4 / 3), antialias=True),
+        v2.RandomResizedCrop(size, scale=(min_scale, 1.0), ratio=(3 / 4 * aspect, 4 / 3 * aspect), antialias=True),
         v2.RandomHorizontalFlip(),
         v2.RandomVerticalFlip(),
-        v2.RandomChoice([v2.RandomRotation((angle, angle)) for angle in (0, 90, 180, 270)]),
+        v2.RandomChoice([v2.RandomRotation((angle, angle)) for angle in angles]),
         v2.ColorJitter(brightness=0.2, contrast=0.2, saturation=0.2, hue=0.03),
         v2.PILToTensor(),
     ])

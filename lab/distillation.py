@@ -52,13 +52,13 @@ def dihedral(images: torch.Tensor, view: int) -> torch.Tensor:
 
 @torch.no_grad()
 def view_logits(model: nn.Module, batch: torch.Tensor, preprocess: PreprocessConfig, device: torch.device,
-                amp: torch.dtype | None = None) -> torch.Tensor:
-    """(N, 8, C) float32 logits of the 8 dihedral views of a ``uint8`` batch, in one forward pass."""
+                amp: torch.dtype | None = None, views: int = VIEWS) -> torch.Tensor:
+    """(N, views, C) float32 logits of the first ``views`` dihedral views of a ``uint8`` batch, in one forward pass."""
     inputs = normalize_batch(batch.to(device), preprocess)
-    views = torch.cat([dihedral(inputs, view) for view in range(VIEWS)]).contiguous(memory_format=torch.channels_last)
+    stacked = torch.cat([dihedral(inputs, view) for view in range(views)]).contiguous(memory_format=torch.channels_last)
     with autocast(device, amp):
-        logits = model(views).float()
-    return logits.reshape(VIEWS, len(batch), -1).transpose(0, 1).cpu()
+        logits = model(stacked).float()
+    return logits.reshape(views, len(batch), -1).transpose(0, 1).cpu()
 
 
 def image_set_digest(records: Sequence[LabelledImage]) -> str:
@@ -68,8 +68,8 @@ def image_set_digest(records: Sequence[LabelledImage]) -> str:
 
 def cache_teacher_logits(teacher: str | os.PathLike, records: Sequence[LabelledImage], cache: str | os.PathLike,
                          device: torch.device, batch_size: int = 64, amp: torch.dtype | None = None, workers: int = 0,
-                         save_every: int = 2048) -> torch.Tensor:
-    """One teacher's (N, 8, C) logits of every record's 8 views, read from or written to ``cache``.
+                         save_every: int = 2048, views: int = VIEWS) -> torch.Tensor:
+    """One teacher's (N, views, C) logits of every record's first ``views`` dihedral views, read from or written to ``cache``.
 
     The cache is named by the teacher file's SHA-256 and the ordered image ids; a cache of another
     teacher or image set is recomputed. Written every ``save_every`` images, so an interrupted run
@@ -84,12 +84,16 @@ def cache_teacher_logits(teacher: str | os.PathLike, records: Sequence[LabelledI
         amp: Autocast dtype, or None for fp32.
         workers: Data-loader worker processes.
         save_every: Images between partial saves.
+        views: How many dihedral views (1: the image as served only, for a student that trains on
+            its own augmentations against the unaugmented image's soft labels).
     """
     cache = Path(cache)
     key = {"teacher_sha256": file_sha256(teacher), "images_sha256": image_set_digest(records)}
+    if views != VIEWS:
+        key["views"] = views
     state = torch.load(cache, map_location="cpu", weights_only=True) if cache.exists() else None
     if state is None or any(state.get(name) != value for name, value in key.items()):
-        state = {**key, "done": 0, "logits": torch.zeros(len(records), VIEWS, 0)}
+        state = {**key, "done": 0, "logits": torch.zeros(len(records), views, 0)}
     done = int(state["done"])
     if done >= len(records):
         return state["logits"]
@@ -101,7 +105,7 @@ def cache_teacher_logits(teacher: str | os.PathLike, records: Sequence[LabelledI
     chunks = [state["logits"][:done]] if done else []
     since_save = 0
     for images, _ in loader:
-        chunks.append(view_logits(loaded.model, images, checkpoint.meta.preprocessing, device, amp))
+        chunks.append(view_logits(loaded.model, images, checkpoint.meta.preprocessing, device, amp, views))
         done += len(images)
         since_save += len(images)
         if since_save >= save_every or done == len(records):
@@ -202,6 +206,29 @@ class DistillationDataset(torch.utils.data.Dataset):
         if self.jitter is not None:
             image = self.jitter(image)
         return image, pack_targets(torch.tensor([label]), self.teacher_logits[index, view][None])[0]
+
+
+class SoftLabelledDataset(torch.utils.data.Dataset):
+    """Training images under the student's own augmentations, each with the teacher's logits of the
+    image as served (one view): offline distillation at the cost of one teacher pass per image.
+
+    Args:
+        images: The augmented training set (``lab.data.LesionDataset`` with a training transform).
+        teacher_logits: (N, C) logits, row ``i`` for ``images``' item ``i``.
+    """
+
+    def __init__(self, images: LesionDataset, teacher_logits: torch.Tensor) -> None:
+        if teacher_logits.ndim != 2 or len(teacher_logits) != len(images):
+            raise ValueError(f"teacher logits {tuple(teacher_logits.shape)} do not cover {len(images)} images")
+        self.images = images
+        self.teacher_logits = teacher_logits.float()
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        image, label = self.images[index]
+        return image, pack_targets(torch.tensor([label]), self.teacher_logits[index][None])[0]
 
 
 def distillation_loader(records: Sequence[LabelledImage], preprocess: PreprocessConfig, teacher_logits: torch.Tensor,

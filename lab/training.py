@@ -27,10 +27,11 @@ from tqdm import tqdm
 
 from handler.architectures import family_of
 from handler.calibration import TTA_MODES, Calibration, augmented_views, fit_calibration, merge_views
-from handler.checkpoint import Checkpoint, Meta, make_checkpoint, read_checkpoint
+from handler.checkpoint import Checkpoint, Meta, make_checkpoint, read_checkpoint, split_members
 from handler.decision import decide
 from handler.labels import CLASS_CODES
 from handler.preprocessing import PreprocessConfig, normalize_batch
+from handler.storage import unpack_state_dict
 from lab.data import (LabelledImage, LesionDataset, attach_paths, build_eval_transform, build_train_transform, class_counts,
                       lesion_grouped_split, read_labels)
 from lab.evaluation import classification_report
@@ -197,6 +198,36 @@ def split_records(metadata: str | os.PathLike, images: Sequence[str | os.PathLik
     return train, val
 
 
+def split_records_by_file(metadata: str | os.PathLike, images: Sequence[str | os.PathLike], split_file: str | os.PathLike,
+                          limit: int = 0, seed: int = 0) -> tuple[list[LabelledImage], list[LabelledImage]]:
+    """The labelled images, split by a recorded validation split: every image of a lesion that one of
+    the file's ``val_image_ids`` shows is validation, the rest training.
+
+    A split recorded on one image per lesion (``ham10000-224``) thus carries over to a folder with
+    every image of each lesion (``ham10000-200x150``), and results stay comparable across both.
+
+    Args:
+        metadata: HAM10000 metadata CSV.
+        images: Folders holding the images.
+        split_file: JSON with ``val_image_ids`` (:func:`write_split`, ``models/provenance/val_split.json``).
+        limit: Use only this many images, drawn at random (smoke runs); 0 uses all.
+        seed: Seed of the ``limit`` sample.
+
+    Raises:
+        ValueError: If none of the file's images is in the metadata.
+    """
+    records = attach_paths(read_labels(metadata), images)
+    named = set(json.loads(Path(split_file).read_text())["val_image_ids"])
+    val_lesions = {r.lesion_id for r in records if r.image_id in named}
+    if not val_lesions:
+        raise ValueError(f"none of the validation images of {split_file} is in {metadata}")
+    if limit:
+        records = random.Random(seed).sample(records, min(limit, len(records)))
+    train = [r for r in records if r.lesion_id not in val_lesions]
+    val = [r for r in records if r.lesion_id in val_lesions]
+    return train, val
+
+
 def write_split(path: str | os.PathLike, val: Sequence[LabelledImage], split_seed: int, val_fraction: float) -> None:
     """Write the validation image ids (``split.json``), which calibration and evaluation read as ``--subset``."""
     Path(path).write_text(json.dumps({"seed": split_seed, "val_fraction": val_fraction,
@@ -211,10 +242,18 @@ def class_weights(counts: list[int], power: float) -> torch.Tensor:
 
 
 def make_loaders(recipe: Recipe, train: Sequence[LabelledImage], val: Sequence[LabelledImage],
-                 preprocess: PreprocessConfig, device: torch.device
+                 preprocess: PreprocessConfig, device: torch.device, teacher_logits: torch.Tensor | None = None
                  ) -> tuple[torch.utils.data.DataLoader, torch.utils.data.DataLoader]:
-    """Training and validation data loaders; the ``sampler`` imbalance handling draws classes by weight."""
+    """Training and validation data loaders; the ``sampler`` imbalance handling draws classes by weight.
+
+    With ``teacher_logits`` ((N, C), one row per training image) the training batches carry them
+    next to the labels (:class:`lab.distillation.SoftLabelledDataset`), for a distillation loss.
+    """
     train_set = LesionDataset(train, build_train_transform(preprocess, recipe.min_crop_scale))
+    if teacher_logits is not None:
+        from lab.distillation import SoftLabelledDataset  # lab.distillation builds on this module
+
+        train_set = SoftLabelledDataset(train_set, teacher_logits)
     val_set = LesionDataset(val, build_eval_transform(preprocess))
     common = dict(num_workers=recipe.workers, pin_memory=device.type == "cuda")
     sampler = None
@@ -260,26 +299,49 @@ def make_criterion(recipe: Recipe, counts: list[int]) -> nn.Module:
 
 # --- weights, optimizer, EMA --------------------------------------------------------------------------------------
 
-def load_release_weights(model: nn.Module, arch: str, preprocess: PreprocessConfig, path: str | os.PathLike) -> str:
+def load_release_weights(model: nn.Module, arch: str, preprocess: PreprocessConfig, path: str | os.PathLike,
+                         member: int | None = None) -> str:
     """Copy all weights (head included) from a release-format checkpoint, to continue training it.
 
+    The geometry (input size, resize mode) may differ: warm-starting a network at a new geometry is
+    how it is adapted to one. The normalization may not: the weights expect their own.
+
+    Args:
+        model: A network of architecture ``arch``.
+        arch: Its architecture.
+        preprocess: The preprocessing it will be trained with.
+        path: The checkpoint.
+        member: For an ensemble checkpoint, which member to start from.
+
     Returns:
-        A provenance line naming the checkpoint, its version and its SHA-256 prefix.
+        A provenance line naming the checkpoint (and member), its version and its SHA-256 prefix.
 
     Raises:
-        ValueError: If the checkpoint has another architecture or preprocessing.
+        ValueError: If the checkpoint (member) has another architecture or normalization, or an
+            ensemble is given without ``member``.
     """
     checkpoint = read_checkpoint(path)
-    if checkpoint.arch != arch:
-        raise ValueError(f"{path} is a {checkpoint.arch}, not {arch}")
-    if checkpoint.meta.preprocessing != preprocess:
-        raise ValueError(f"{path} was trained with other preprocessing: {checkpoint.meta.preprocessing.to_dict()}")
-    model.load_state_dict(checkpoint.state_dict)
-    return checkpoint_provenance(path, checkpoint.meta)
+    source = checkpoint
+    if checkpoint.is_ensemble:
+        if member is None:
+            raise ValueError(f"{path} is an ensemble; name the member to start from")
+        source = split_members(checkpoint)[member]
+    if source.arch != arch:
+        raise ValueError(f"{path}{'' if member is None else f' member {member}'} is a {source.arch}, not {arch}")
+    trained = checkpoint.meta.preprocessing
+    if (trained.mean, trained.std) != (preprocess.mean, preprocess.std):
+        raise ValueError(f"{path} was trained with another normalization: {trained.to_dict()}")
+    model.load_state_dict(unpack_state_dict(source.state_dict))
+    described = checkpoint_provenance(path, checkpoint.meta)
+    if member is not None:
+        described += f", member {member}"
+    if trained != preprocess:
+        described += f", trained with {trained.to_dict()}"
+    return described
 
 
 def initialize(model: nn.Module, arch: str, preprocess: PreprocessConfig, init_checkpoint: str | None = None,
-               pretrained: str = "auto") -> str:
+               pretrained: str = "auto", init_member: int | None = None) -> str:
     """Load the starting weights: a release checkpoint, ImageNet weights, or none.
 
     Args:
@@ -287,6 +349,7 @@ def initialize(model: nn.Module, arch: str, preprocess: PreprocessConfig, init_c
         arch: Its architecture.
         preprocess: The preprocessing it will be trained with.
         init_checkpoint: A release-format checkpoint to continue from (takes precedence).
+        init_member: For an ensemble ``init_checkpoint``, the member to continue from.
         pretrained: ``auto`` (ImageNet weights found on this machine), ``none``, or a state-dict path.
 
     Returns:
@@ -296,7 +359,7 @@ def initialize(model: nn.Module, arch: str, preprocess: PreprocessConfig, init_c
         FileNotFoundError: ``auto`` with no ImageNet weights for ``arch`` on this machine.
     """
     if init_checkpoint:
-        return load_release_weights(model, arch, preprocess, init_checkpoint)
+        return load_release_weights(model, arch, preprocess, init_checkpoint, init_member)
     if pretrained == "none":
         return "random initialization"
     path = imagenet_weights_path(arch) if pretrained == "auto" else pretrained

@@ -120,7 +120,7 @@ def runtime_variants(include_compile: bool) -> dict[str, dict[str, Any]]:
     return variants
 
 
-def onnxruntime_runner(module: Any, image_size: int, threads: int) -> Callable[[Any], Any]:
+def onnxruntime_runner(module: Any, input_hw: tuple[int, int], threads: int) -> Callable[[Any], Any]:
     """``module`` exported to ONNX (TorchScript-based exporter, dynamic batch) and run by ONNX Runtime
     on the CPU with ``threads`` intra-op threads (0: every core). Measured here only; not a served runtime."""
     import tempfile
@@ -129,7 +129,7 @@ def onnxruntime_runner(module: Any, image_size: int, threads: int) -> Callable[[
     import onnxruntime
     import torch
 
-    example = torch.zeros(2, 3, image_size, image_size)
+    example = torch.zeros(2, 3, *input_hw)
     with tempfile.TemporaryDirectory(prefix="bench-onnx-") as folder, warnings.catch_warnings():
         warnings.simplefilter("ignore")
         path = str(Path(folder) / "model.onnx")
@@ -178,10 +178,10 @@ def bench_runtimes(checkpoint: str, payloads: Sequence[bytes], batch_sizes: Sequ
                 runners[name] = torch.compile(FeaturesAndLogits(model.requires_grad_(False)).eval())
             elif variant["runtime"] == "onnxruntime":
                 runners[name] = onnxruntime_runner(FeaturesAndLogits(model.requires_grad_(False)).eval(),
-                                                   loaded.preprocess.image_size, threads)
+                                                   (loaded.preprocess.input_height, loaded.preprocess.input_width), threads)
             else:
-                runners[name] = build_runner(model, variant["runtime"], variant["precision"], loaded.preprocess.image_size,
-                                             threads)
+                input_hw = (loaded.preprocess.input_height, loaded.preprocess.input_width)
+                runners[name] = build_runner(model, variant["runtime"], variant["precision"], input_hw, threads)
         except ImportError as error:
             missing[name] = f"not installed: {error.name}"
             print(f"runtime {name}: not measured ({missing[name]})", flush=True)

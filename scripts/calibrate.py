@@ -37,7 +37,8 @@ from typing import Any
 import numpy as np
 
 from handler.calibration import TTA_MODES, Calibration
-from handler.checkpoint import OperatingPoint, load_checkpoint, read_checkpoint
+from handler.checkpoint import OperatingPoint, model_from_checkpoint, read_checkpoint
+from handler.preprocessing import RESIZE_MODES
 from lab.crossfit import measure_calibration
 from lab.data import read_labelled_images
 from lab.evaluation import logits_for_files
@@ -62,6 +63,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="fold partitions for the repeated out-of-fold figures (seeds --seed .. --seed+repeats-1)")
     parser.add_argument("--bootstrap", type=int, default=1000,
                         help="resamples for the 95%% confidence intervals of the out-of-fold figures")
+    parser.add_argument("--resize-mode", choices=RESIZE_MODES,
+                        help="serve the checkpoint in this geometry from now on: calibrated, measured and written with it")
+    parser.add_argument("--model-version", help="version of the written checkpoint (default: the input's)")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--seed", type=int, default=0)
     return parser
@@ -71,7 +75,13 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     """Fit, measure, and write the recalibrated checkpoint."""
     records = read_labelled_images(args.labels, args.images, args.subset)
     labels = np.array([r.label for r in records])
-    loaded = load_checkpoint(args.checkpoint)
+    checkpoint = read_checkpoint(args.checkpoint)
+    if args.resize_mode:
+        preprocessing = dataclasses.replace(checkpoint.meta.preprocessing, resize_mode=args.resize_mode)
+        checkpoint.meta = dataclasses.replace(checkpoint.meta, preprocessing=preprocessing)
+    if args.model_version:
+        checkpoint.meta = dataclasses.replace(checkpoint.meta, version=args.model_version)
+    loaded = model_from_checkpoint(checkpoint, name=args.checkpoint)
     paths = [r.path for r in records]
     calibrations: dict[str, Calibration] = {}
     figures: dict[str, Any] = {}
@@ -85,7 +95,6 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         print(f"TTA {tta}: {json.dumps(figures[tta])}", flush=True)
     serving = figures[args.serving_tta]
     point = OperatingPoint(args.serving_tta, serving["referral_threshold"], args.target_sensitivity, serving["out_of_fold"])
-    checkpoint = read_checkpoint(args.checkpoint)
     # The new calibrations replace all old ones; a legacy meta "temperature" is superseded by them.
     provenance = {key: value for key, value in checkpoint.meta.provenance.items() if key != "temperature"}
     checkpoint.meta = dataclasses.replace(checkpoint.meta, calibration=calibrations, operating_point=point,

@@ -21,6 +21,7 @@ Example:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import time
@@ -30,14 +31,17 @@ from typing import Any
 import torch
 
 from handler.architectures import build_model, default_preprocess_config
+from handler.checkpoint import read_checkpoint
 from handler.labels import CLASS_CODES
+from handler.preprocessing import CENTER_CROP, RESIZE_MODES
 from lab.data import class_counts
+from lab.distillation import cache_teacher_logits, distillation_loss
 from lab.evaluation import format_report
-from lab.provenance import command_line
+from lab.provenance import checkpoint_provenance, command_line
 from lab.training import (
     AMP_MODES, Progress, Recipe, add_recipe_arguments, Trainer, autocast_dtype, data_record, fit_calibrations, freeze_early_layers,
     initialize, load_best_weights, make_criterion, make_ema, make_loaders, make_optimizer, release_checkpoint, resolve_device,
-    resume, run_epochs, seed_everything, split_records, write_split)
+    resume, run_epochs, seed_everything, split_records, split_records_by_file, write_split)
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -51,6 +55,22 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="'auto' (ImageNet weights found locally, error if none), 'none', or a state-dict path")
     parser.add_argument("--init-checkpoint",
                         help="start from this release-format checkpoint (same --arch) instead of ImageNet weights")
+    parser.add_argument("--init-member", type=int,
+                        help="with an ensemble --init-checkpoint: the member to start from (its architecture is --arch)")
+    parser.add_argument("--image-width", type=int,
+                        help="width of a rectangular model input (--image-size is then its height; needs "
+                             "--resize-mode full_view): 150x200 is HAM10000's own 4:3 shape")
+    parser.add_argument("--resize-mode", choices=RESIZE_MODES, default=CENTER_CROP,
+                        help="the geometry: centre crop of the shorter side, or the whole image resized to the input")
+    parser.add_argument("--val-split",
+                        help="a recorded validation split (JSON with val_image_ids, e.g. models/provenance/val_split.json): "
+                             "every image of those lesions validates, the rest trains (instead of --val-fraction)")
+    parser.add_argument("--teacher",
+                        help="release-format checkpoint whose logits (of each training image as it serves it) are "
+                             "distilled: loss = alpha * KL + (1 - alpha) * class-weighted CE; cached once in the run folder")
+    parser.add_argument("--distill-alpha", type=float, default=0.7, help="share of the KL term with --teacher")
+    parser.add_argument("--distill-temperature", type=float, default=2.0, help="softening of the KL term with --teacher")
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     parser.add_argument("--freeze-blocks", type=int, default=0,
                         help="freeze the stem and this many stages after it (weights and batch-norm statistics)")
     parser.add_argument("--val-fraction", type=float, default=0.15)
@@ -77,6 +97,8 @@ def main(args: argparse.Namespace) -> dict[str, Any] | None:
         the run paused early because of ``--epochs-this-run``.
     """
     recipe = Recipe.from_namespace(args)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     seed_everything(recipe.seed)
     split_seed = recipe.seed if args.split_seed is None else args.split_seed
     device = resolve_device(args.device)
@@ -86,26 +108,36 @@ def main(args: argparse.Namespace) -> dict[str, Any] | None:
     output = Path(args.output)
     output.mkdir(parents=True, exist_ok=True)
 
-    train, val = split_records(args.metadata, args.images, args.val_fraction, split_seed, args.limit)
+    if args.val_split:
+        train, val = split_records_by_file(args.metadata, args.images, args.val_split, args.limit, split_seed)
+    else:
+        train, val = split_records(args.metadata, args.images, args.val_fraction, split_seed, args.limit)
     counts = class_counts(train)
     print(f"train {len(train)} images {dict(zip(CLASS_CODES, counts))}; val {len(val)} images "
           f"{dict(zip(CLASS_CODES, class_counts(val)))}; device {device}, autocast {amp}", flush=True)
     write_split(output / "split.json", val, split_seed, args.val_fraction)
 
-    preprocess = default_preprocess_config(recipe.arch, recipe.image_size)
+    preprocess = dataclasses.replace(default_preprocess_config(recipe.arch, recipe.image_size),
+                                     resize_mode=args.resize_mode, image_width=args.image_width)
     model = build_model(recipe.arch, dropout=recipe.dropout)
     try:
-        weights_source = initialize(model, recipe.arch, preprocess, args.init_checkpoint, args.pretrained)
+        weights_source = initialize(model, recipe.arch, preprocess, args.init_checkpoint, args.pretrained, args.init_member)
     except FileNotFoundError as error:
         raise SystemExit(str(error)) from error
     print(f"initialized from {weights_source}", flush=True)
     model = model.to(device).to(memory_format=torch.channels_last)
     frozen = freeze_early_layers(model, args.freeze_blocks)
     ema = make_ema(model, recipe.ema_decay)
-    train_loader, val_loader = make_loaders(recipe, train, val, preprocess, device)
+    teacher_logits, criterion = None, make_criterion(recipe, counts)
+    if args.teacher:
+        started = time.perf_counter()
+        teacher_logits = cache_teacher_logits(args.teacher, train, output / "teacher_logits.pt", device,
+                                              batch_size=recipe.batch_size, workers=recipe.workers, views=1)[:, 0]
+        print(f"teacher logits of {len(train)} images ready in {time.perf_counter() - started:.0f} s", flush=True)
+        criterion = distillation_loss(counts, recipe.class_weight_power, args.distill_temperature, args.distill_alpha)
+    train_loader, val_loader = make_loaders(recipe, train, val, preprocess, device, teacher_logits)
     optimizer, scheduler = make_optimizer(model, recipe, len(train_loader))
-    trainer = Trainer(model, ema, optimizer, scheduler, make_criterion(recipe, counts).to(device), preprocess, device,
-                      amp, frozen)
+    trainer = Trainer(model, ema, optimizer, scheduler, criterion.to(device), preprocess, device, amp, frozen)
     progress = None if args.no_resume else resume(output / "last.pt", trainer)
     if progress is None:
         progress = Progress()
@@ -118,7 +150,12 @@ def main(args: argparse.Namespace) -> dict[str, Any] | None:
     calibrations, report, validation = fit_calibrations(trainer, val_loader)
     checkpoint = release_checkpoint(
         trainer.eval_model, recipe, preprocess, args.model_version, calibrations,
-        data_record(args.metadata, train, val, args.val_fraction, split_seed),
+        data_record(args.metadata, train, val, args.val_fraction, split_seed)
+        | ({"split": f"every image of the lesions of {args.val_split}'s val_image_ids"} if args.val_split else {})
+        | ({"distillation": {"teacher": checkpoint_provenance(args.teacher, read_checkpoint(args.teacher).meta),
+                             "alpha": args.distill_alpha,
+                             "temperature": args.distill_temperature, "views": "the image as the teacher serves it"}}
+           if args.teacher else {}),
         trained_epochs=len(progress.history), best_epoch=best_epoch,
         initialization=weights_source, validation=validation, command=command_line("scripts/train.py"),
         torch=str(torch.__version__), created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
