@@ -154,11 +154,30 @@ class Checkpoint:
         return cls(dict(values["state_dict"]), dict(values["config"]), Meta.from_dict(values["meta"]))
 
     def save(self, path: str | os.PathLike) -> Path:
-        """Write the checkpoint file (parents created); returns its path."""
+        """Write the checkpoint file (parents created) atomically; returns its path.
+
+        ``make calibrate`` and ``make fit-gate`` rewrite the release checkpoint in place: the new
+        one is written to a temporary file in the same folder, flushed to disk, and renamed over
+        the old one, so a crash at any point leaves either the old or the new file, never half.
+        """
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(self.to_dict(), path)
-        return path
+        return save_atomically(self.to_dict(), path)
+
+
+def save_atomically(value: Any, path: Path) -> Path:
+    """``torch.save(value, path)`` through a temporary file beside ``path`` and ``os.replace``."""
+    staging = path.with_name(f".{path.name}.{os.getpid()}.partial")
+    try:
+        with open(staging, "wb") as handle:
+            torch.save(value, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(staging, path)
+    except BaseException:
+        staging.unlink(missing_ok=True)
+        raise
+    return path
 
 
 def read_checkpoint(path: str | os.PathLike) -> Checkpoint:

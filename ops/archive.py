@@ -5,10 +5,16 @@ the checkpoint and ``model-config.yaml``. Before packing, the checkpoint and the
 checked against each other: the referral threshold the config serves must be the one measured
 for these weights (``meta.operating_point``), unless forced, and a release must carry its own
 out-of-distribution gate (``meta.input_gate``).
+
+Every archive built here gets its SHA-256 recorded beside it (:mod:`ops.digests`), which every
+start and registration checks. A release (``make release``) never replaces an existing archive
+of the same name unless forced (``--force``), and a forced replacement is recorded in the model
+store's ``releases.jsonl`` with the digest it replaced.
 """
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -20,13 +26,14 @@ import yaml
 
 from handler.checkpoint import Meta, read_checkpoint
 from handler.settings import load_handler_settings
+from ops import digests
 from ops.paths import MODEL_NAME, ROOT
 
 HANDLER_PACKAGE = ROOT / "handler"
 
 
 class ReleaseCheckError(ValueError):
-    """The checkpoint and the serving config do not belong together."""
+    """The checkpoint and the serving config do not belong together, or a release would replace another."""
 
 
 @dataclass(frozen=True)
@@ -43,6 +50,9 @@ class ArchiveSpec:
         force_threshold: Pack a config whose referral threshold differs from the checkpoint's
             operating point; the archive then records that it was forced.
         require_gate: Refuse a checkpoint without an input gate (every release).
+        overwrite: Replace an existing archive of the same name (``make archive`` rebuilds its
+            development archive; a release passes False unless forced).
+        forced: The replacement was asked for (``--force``): recorded in the ledger.
     """
 
     checkpoint: Path
@@ -53,6 +63,8 @@ class ArchiveSpec:
     model_name: str = MODEL_NAME
     force_threshold: bool = False
     require_gate: bool = True
+    overwrite: bool = True
+    forced: bool = False
 
 
 def check_release(spec: ArchiveSpec, meta: Meta | None = None) -> list[str]:
@@ -106,6 +118,12 @@ def build_archive(spec: ArchiveSpec) -> Path:
     Raises:
         ReleaseCheckError: See :func:`check_release`.
     """
+    target = spec.export_path / f"{spec.archive_name or spec.model_name}.mar"
+    replaced = digests.recorded_digest(target) if target.exists() else None
+    if target.exists() and not spec.overwrite:
+        raise ReleaseCheckError(f"{target} exists (sha256 {replaced or 'not recorded'}): a release is never "
+                                "replaced silently; choose a new version, or pass --force to replace it (recorded "
+                                f"in {spec.export_path / digests.LEDGER})")
     checkpoint = read_checkpoint(spec.checkpoint)
     notes = check_release(spec, checkpoint.meta)
     version = spec.version or checkpoint.meta.version or "0.0.0"
@@ -140,8 +158,17 @@ def build_archive(spec: ArchiveSpec) -> Path:
         ]
         subprocess.run(command, check=True)
         # The archiver names the file after the model; the manifest keeps the model name.
-        archive = spec.export_path / f"{spec.archive_name or spec.model_name}.mar"
-        shutil.move(staging_dir / f"{spec.model_name}.mar", archive)
-    print(f"built {archive} (version {version}, {archive.stat().st_size / 1e6:.1f} MB)"
+        archive = target
+        # Copied beside the target, then renamed over it (never half an archive under its name);
+        # its digest is recorded after: a crash in between leaves an archive whose digest is
+        # missing or stale, which nothing serves.
+        packed = spec.export_path / f".{archive.name}.{os.getpid()}.partial"
+        shutil.move(staging_dir / f"{spec.model_name}.mar", packed)
+        os.replace(packed, archive)
+    ledger_entry = {"version": version}
+    if replaced is not None or spec.forced:
+        ledger_entry |= {"replaced_sha256": replaced, "forced": spec.forced}
+    digest = digests.record(archive, ledger_entry)
+    print(f"built {archive} (version {version}, {archive.stat().st_size / 1e6:.1f} MB, sha256 {digest[:16]}...)"
           + "".join(f"\n  {note}" for note in notes))
     return archive

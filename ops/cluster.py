@@ -7,11 +7,17 @@ supervisor process that restarts a replica whose TorchServe died. ``make cluster
 (:func:`down`) stops all of it by the pids recorded in the cluster folder.
 
 Authentication: the balancer checks one bearer token for the whole cluster (the ``token`` file,
-mode 0600) and removes it before forwarding. The replicas run with TorchServe's token
-authorization disabled and listen on 127.0.0.1 only: TorchServe generates its keys itself at
-every start (they cannot be set, shared or predicted) and HAProxy cannot attach a per-replica
-header after it has picked, or re-picked on a retry, the replica. SECURITY.md says what that
-leaves open on a shared host.
+created mode 0600) and removes it before forwarding. The replicas keep TorchServe's token
+authorization on and listen on 127.0.0.1 only; TorchServe generates each replica's keys itself
+at every start, so HAProxy forwards through a small proxy per replica (a unix socket in the
+0700 ``haproxy`` folder) that adds that replica's inference token, read from a map file
+(``replica_tokens.map``, 0600) that :func:`sync_tokens` keeps current through the stats socket
+after every (re)start and renewal. Nobody without a replica's key file (or HAProxy's copy) can
+call a replica, management API included.
+
+Failover at every size: HAProxy's buffer holds the largest request TorchServe accepts, so every
+request is retried whole on another replica when its replica dies under it (the template says
+how memory stays bounded).
 
 Health: HAProxy checks ``/ping`` on every replica and takes one out at the first failed
 connection or after two failed checks, and retries a failed request on another replica
@@ -39,6 +45,7 @@ Files in the cluster folder (default ``run/cluster``):
 
 from __future__ import annotations
 
+import calendar
 import contextlib
 import csv
 import fcntl
@@ -60,9 +67,12 @@ from typing import Any, Iterator
 
 import requests
 
+from handler.open_inference import model_metadata
+from ops import client as ops_client
 from ops import rollout as rollouts
-from ops.paths import DATA, GOLDEN_SMOKE, MODEL_STORE, ROOT, RUN_DIR, SERVER_CONFIG
-from ops.torchserve import Server, stop
+from ops.paths import DATA, GOLDEN_SMOKE, MODEL_NAME, MODEL_STORE, ROOT, RUN_DIR, SERVER_CONFIG
+from ops.private import create_private, private_dir, write_private
+from ops.torchserve import Server, read_properties, stop
 
 CLUSTER_DIR = RUN_DIR / "cluster"
 HAPROXY_TEMPLATE = ROOT / "deploy" / "haproxy" / "haproxy.cfg.template"
@@ -75,6 +85,16 @@ LOCK = "cluster.lock"
 # TorchServe's launcher writes the Java frontend's pid here (ts/model_server.py, under TMPDIR,
 # which ops.torchserve.start points at the run folder's tmp/).
 FRONTEND_PID = Path("tmp") / ".model_server.pid"
+TOKEN_MAP = "replica_tokens.map"
+# The largest request TorchServe accepts (config.properties max_request_size) and what HAProxy
+# needs to hold it whole with its headers, so that it can be retried on another replica.
+HEADER_ROOM = 256 * 1024
+# Client requests in flight at the balancer; each holds at most ~3 buffers there and 2 in the
+# per-replica tier (memory = this x buffer size x 5 at worst).
+MAX_CLIENT_CONNECTIONS = 16
+# Replicas' tokens live this long (minutes); the supervisor renews one a day before it expires.
+REPLICA_TOKEN_MINUTES = 43200
+RENEW_BEFORE_SECONDS = 86400
 
 
 class ClusterError(RuntimeError):
@@ -88,12 +108,9 @@ def free_loopback_port() -> int:
         return sock.getsockname()[1]
 
 
-def _write_json(path: Path, value: Any, mode: int = 0o644) -> None:
-    """Write atomically (readers never see half a file)."""
-    staging = path.with_name(path.name + ".tmp")
-    staging.write_text(json.dumps(value, indent=2) + "\n")
-    os.chmod(staging, mode)
-    staging.replace(path)
+def _write_json(path: Path, value: Any) -> None:
+    """Write atomically (readers never see half a file), mode 0600 from creation."""
+    write_private(path, json.dumps(value, indent=2) + "\n")
 
 
 def pid_alive(pid: int | None) -> bool:
@@ -148,8 +165,9 @@ class Replica:
         return {"inference_address": self.inference, "management_address": self.management,
                 "metrics_address": self.metrics, "grpc_inference_port": str(self.grpc_inference_port),
                 "grpc_management_port": str(self.grpc_management_port),
-                # Loopback only; the balancer checks the cluster token (module docstring).
-                "disable_token_authorization": "true"}
+                # Token authorization stays on (the base config's default); HAProxy adds this
+                # replica's inference token, and the supervisor renews it before it expires.
+                "token_expiration_min": str(REPLICA_TOKEN_MINUTES)}
 
     def frontend_pid(self) -> int | None:
         """The pid of the replica's TorchServe frontend (Java), or None before it has one."""
@@ -245,6 +263,14 @@ class Cluster:
         return self.directory / "haproxy" / "haproxy.sock"
 
     @property
+    def token_map(self) -> Path:
+        return self.directory / "haproxy" / TOKEN_MAP
+
+    def replica_socket(self, name: str) -> Path:
+        """The unix socket of the proxy that adds replica ``name``'s token."""
+        return self.directory / "haproxy" / f"{name}.sock"
+
+    @property
     def model_store(self) -> Path:
         return Path(self.layout["model_store"])
 
@@ -312,7 +338,7 @@ class Cluster:
 @contextlib.contextmanager
 def cluster_lock(directory: Path) -> Iterator[None]:
     """Held by ``up``, ``down`` and rolling rollouts: one of them at a time on a cluster folder."""
-    directory.mkdir(parents=True, exist_ok=True)
+    private_dir(directory)
     with open(directory / LOCK, "a+") as handle:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -340,12 +366,86 @@ def haproxy_binary() -> str:
     return path
 
 
+def max_request_bytes(config: Path) -> int:
+    """TorchServe's ``max_request_size`` in the replicas' config (its default, 6.5 MB, without one)."""
+    return int(read_properties(config).get("max_request_size", 6553500))
+
+
 def render_haproxy_config(cluster: Cluster, replicas: list[Replica]) -> str:
     """``deploy/haproxy/haproxy.cfg.template`` filled in for these replicas."""
-    servers = "\n".join(f"    server {r.name} 127.0.0.1:{r.inference_port} check" for r in replicas)
+    servers = "\n".join(f"    server {r.name} unix@{cluster.replica_socket(r.name)} check" for r in replicas)
+    proxies = "\n".join(
+        f"listen replica_{r.name}\n"
+        f"    # Replica {r.name}: adds its own TorchServe inference token. No retry here (retries 0):\n"
+        f"    # a dead replica answers 503 at once and the balancer retries on another one.\n"
+        f"    bind unix@{cluster.replica_socket(r.name)} mode 600\n"
+        f"    maxconn {MAX_CLIENT_CONNECTIONS}\n"
+        f"    retries 0\n"
+        f"    http-request set-header Authorization \"Bearer %[str({r.name}),map({cluster.token_map})]\"\n"
+        f"    server {r.name} 127.0.0.1:{r.inference_port}\n" for r in replicas)
+    max_body = max_request_bytes(cluster.config)
+    bufsize = max_body + HEADER_ROOM
     return string.Template(HAPROXY_TEMPLATE.read_text()).substitute(
         stats_socket=cluster.stats_socket, bind=cluster.layout["bind"],
-        authorization_acl=cluster.directory / "haproxy" / "authorization.acl", servers=servers)
+        authorization_acl=cluster.directory / "haproxy" / "authorization.acl", servers=servers,
+        v2_metadata=json.dumps(model_metadata(MODEL_NAME), separators=(",", ":")),
+        replica_proxies=proxies, bufsize=bufsize, max_body=max_body, maxconn=MAX_CLIENT_CONNECTIONS,
+        global_maxconn=2 * MAX_CLIENT_CONNECTIONS + 4 * len(replicas) + 8,
+        worst_case_mib=round(5 * MAX_CLIENT_CONNECTIONS * bufsize / 2**20))
+
+
+def replica_tokens(replicas: list[Replica]) -> dict[str, str]:
+    """Each replica's current inference token, from its key file."""
+    tokens = {}
+    for replica in replicas:
+        token = replica.server.token("inference")
+        if token is None:
+            raise ClusterError(f"replica {replica.name} has no key file ({replica.run_dir / 'key_file.json'}): "
+                               "its token authorization must be on")
+        tokens[replica.name] = token
+    return tokens
+
+
+def write_token_map(cluster: Cluster, tokens: dict[str, str]) -> None:
+    """HAProxy's map of replica name to inference token (0600 from creation)."""
+    write_private(cluster.token_map, "".join(f"{name} {token}\n" for name, token in sorted(tokens.items())))
+
+
+def sync_tokens(cluster: Cluster, replicas: list[Replica] | None = None) -> list[str]:
+    """Give HAProxy the replicas' current inference tokens (after a restart or a renewal); returns who changed."""
+    replicas = replicas if replicas is not None else cluster.replicas
+    current = dict(line.split(" ", 1) for line in cluster.token_map.read_text().splitlines() if " " in line)
+    fresh = replica_tokens(replicas)
+    changed = [name for name, token in fresh.items() if current.get(name) != token]
+    if changed:
+        write_token_map(cluster, {**current, **fresh})
+        for name in changed:
+            answer = cluster.haproxy_command(f"set map {cluster.token_map} {name} {fresh[name]}").strip()
+            if answer:
+                raise ClusterError(f"HAProxy refused the new token of {name}: {answer}")
+    return changed
+
+
+def renew_expiring_tokens(cluster: Cluster, now: float | None = None) -> list[str]:
+    """Renew a replica's inference token a day before it expires (TorchServe never renews it itself).
+
+    A renewal replaces the token at once: requests HAProxy forwards between the renewal and
+    :func:`sync_tokens` (a few milliseconds, once a month) are refused with 400 by that replica.
+    """
+    now = time.time() if now is None else now
+    renewed = []
+    for replica in cluster.replicas:
+        keys = replica.server.keys() or {}
+        expires = (keys.get("inference") or {}).get("expiration time")
+        if not expires:
+            continue
+        stamp = calendar.timegm(time.strptime(expires.split(".")[0].rstrip("Z"), "%Y-%m-%dT%H:%M:%S"))
+        if stamp - now < RENEW_BEFORE_SECONDS:
+            ops_client.renew_token(replica.server, "inference", keys["inference"]["key"])
+            renewed.append(replica.name)
+    if renewed:
+        sync_tokens(cluster)
+    return renewed
 
 
 def write_prometheus_config(cluster: Cluster, scrape_interval: str = "15s") -> Path:
@@ -355,8 +455,7 @@ def write_prometheus_config(cluster: Cluster, scrape_interval: str = "15s") -> P
     are the project's (``config/prometheus/alerts.yml``), which aggregate over replicas like
     the Grafana dashboard does.
     """
-    folder = cluster.directory / "prometheus"
-    folder.mkdir(parents=True, exist_ok=True)
+    folder = private_dir(cluster.directory / "prometheus")
     targets = [{"targets": [f"127.0.0.1:{r.metrics_port}"], "labels": {"replica": r.name}} for r in cluster.replicas]
     _write_json(folder / "targets.json", targets)
     config = {
@@ -373,14 +472,10 @@ def write_prometheus_config(cluster: Cluster, scrape_interval: str = "15s") -> P
 
 def start_haproxy(cluster: Cluster, replicas: list[Replica]) -> int:
     """Write HAProxy's config and ACL file, check them, start HAProxy; returns its pid."""
-    folder = cluster.directory / "haproxy"
-    folder.mkdir(parents=True, exist_ok=True)
-    acl = folder / "authorization.acl"
-    acl.write_text(f"Bearer {cluster.token()}\n")
-    os.chmod(acl, 0o600)
-    config = folder / "haproxy.cfg"
-    config.write_text(render_haproxy_config(cluster, replicas))
-    os.chmod(config, 0o600)
+    folder = private_dir(cluster.directory / "haproxy")
+    write_private(folder / "authorization.acl", f"Bearer {cluster.token()}\n")
+    write_token_map(cluster, replica_tokens(replicas))
+    config = write_private(folder / "haproxy.cfg", render_haproxy_config(cluster, replicas))
     binary = haproxy_binary()
     check = subprocess.run([binary, "-c", "-f", str(config)], capture_output=True, text=True)
     if check.returncode != 0:
@@ -430,6 +525,7 @@ def up(directory: Path = CLUSTER_DIR, replicas: int = 3, model_store: Path | Non
         raise ClusterError(f"the balancer listens on loopback only, not {bind}")
     directory = directory.resolve()
     cluster = Cluster(directory)
+    private_dir(directory)
     with cluster_lock(directory):
         if (directory / LAYOUT).exists() and running_pids(cluster):
             raise ClusterError(f"a cluster is already running from {directory}; `make cluster-down` first")
@@ -439,8 +535,10 @@ def up(directory: Path = CLUSTER_DIR, replicas: int = 3, model_store: Path | Non
                                          "replicas": [r.to_json() for r in members], "haproxy_pid": None,
                                          "supervisor_pid": None})
         if not cluster.token_file.exists():
-            cluster.token_file.write_text(secrets.token_urlsafe(32) + "\n")
-        os.chmod(cluster.token_file, 0o600)
+            create_private(cluster.token_file, secrets.token_urlsafe(32) + "\n")
+        elif cluster.token_file.stat().st_mode & 0o077:
+            raise ClusterError(f"{cluster.token_file} is readable by other users: replace it (delete it and "
+                               "`make cluster-up` makes a new one)")
         try:
             errors: list[BaseException] = []
 
@@ -540,6 +638,8 @@ def restart_replica(cluster: Cluster, replica: Replica, timeout: float) -> None:
     log(cluster, f"{replica.name} is down (frontend pid {replica.frontend_pid()}): held in maintenance, restarting")
     replica.stop()
     start_replica(replica, cluster.model_store, cluster.config, timeout)
+    # Its new TorchServe generated new keys: HAProxy gets the new token before any traffic.
+    sync_tokens(cluster, [replica])
     cluster.write_description()
     cluster.set_state(replica.name, "ready")
     log(cluster, f"{replica.name} READY again after {time.monotonic() - started:.1f} s "
@@ -554,6 +654,11 @@ def supervise(directory: Path, interval: float = 0.5, timeout: float = 600.0) ->
     log(cluster, f"supervising {[r.name for r in cluster.replicas]} every {interval} s")
     failures: dict[str, int] = {}
     while not stopping.is_set():
+        try:
+            renew_expiring_tokens(cluster)
+            sync_tokens(cluster, [replica for replica in cluster.replicas if replica.is_alive()])
+        except (ClusterError, OSError, requests.RequestException, ValueError) as error:
+            log(cluster, f"token check failed: {error}")
         for replica in cluster.replicas:
             if stopping.is_set() or replica.is_alive():
                 continue

@@ -24,9 +24,11 @@ from ops.torchserve import read_properties, render_properties
 
 MOUNT = "/mnt/models"
 BUNDLE_CONFIG = ROOT / "deploy" / "kserve" / "config.properties"
-# KServe's runtime command, as its ClusterServingRuntime spells it.
+# KServe's runtime command, as its ClusterServingRuntime spells it, plus --ncs: TorchServe 0.12
+# turns config snapshots off only on its command line (the project's ServingRuntime,
+# Deployment and image all pass it; the image's entrypoint adds it when missing).
 RUNTIME_ARGS = ("torchserve", "--start", f"--model-store={MOUNT}/model-store",
-                f"--ts-config={MOUNT}/config/config.properties")
+                f"--ts-config={MOUNT}/config/config.properties", "--ncs")
 
 
 def write_bundle(archive: Path, out: Path, config: Path = BUNDLE_CONFIG, metrics: Path = METRICS_CONFIG) -> Path:

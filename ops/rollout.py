@@ -14,6 +14,16 @@ TorchServe back with the rolled-out default and its predecessor instead of the c
 from running at once. After ``set-default`` the default is read back from the management API:
 a lost or failed reply neither reports a switch that did not happen nor hides one that did.
 
+Crash safety: before asking for ``set-default``, a rollout or rollback records the switch it is
+about to make as ``pending`` in the state file. A crash (or kill) between the switch and the
+final state write leaves that record; the next rollout, rollback or status reconciles it with
+what the server reports (:func:`reconcile`: the switch happened, so it is recorded, or it did
+not, so the record is dropped), and a restart (:func:`start_serving`), which cannot ask the
+server that died, drops it and serves the last confirmed default. Either way the recorded
+``previous`` is one step behind what is served, so ``rollback`` never jumps two versions.
+Archives are checked against the SHA-256 recorded when they were built (:mod:`ops.digests`)
+before they are registered or served.
+
 The command line is ``scripts/rollout.py`` (``make release``, ``make rollout``, ``make rollback``,
 ``make status``).
 """
@@ -32,9 +42,10 @@ from typing import Any, Iterator
 
 import requests
 
+from ops import digests
 from ops.client import ServiceClient
 from ops.paths import MODEL_NAME
-from ops.torchserve import Server, start, stop, wait_ready
+from ops.torchserve import Server, read_properties, start, stop, wait_ready
 
 STATE_FILE = "rollout_state.json"
 LOCK_FILE = "rollout.lock"
@@ -77,6 +88,15 @@ def check_archive(archive: Path, version: str) -> None:
     if found != version:
         raise RolloutError(f"{archive.name} holds version {found}, not {version}: it was built for another "
                            f"version; rebuild it with `make release VERSION={version}`")
+    check_digest(archive)
+
+
+def check_digest(archive: Path) -> None:
+    """Refuse an archive that does not match the SHA-256 recorded when it was built (or has none)."""
+    try:
+        digests.verify(archive)
+    except digests.DigestError as error:
+        raise RolloutError(str(error)) from error
 
 
 class Management:
@@ -200,16 +220,59 @@ def read_state(server: Server) -> dict[str, Any]:
     return json.loads(path.read_text()) if path.exists() else {}
 
 
-def write_state(server: Server, default: str, previous: str | None, archives: dict[str, str]) -> dict[str, Any]:
-    """Record the default, the previous default and the archives they came from (atomically)."""
-    state = {"default": default, "previous": previous,
-             "archives": {version: archive for version, archive in archives.items() if version in (default, previous)},
-             "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+def _state(default: str, previous: str | None, archives: dict[str, str]) -> dict[str, Any]:
+    return {"default": default, "previous": previous,
+            "archives": {version: archive for version, archive in archives.items() if version in (default, previous)},
+            "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+
+
+def _write_state_file(server: Server, state: dict[str, Any]) -> dict[str, Any]:
+    """Replace the state file atomically (staged, flushed to disk, renamed)."""
     path = server.run_dir / STATE_FILE
     staging = path.with_suffix(".tmp")
-    staging.write_text(json.dumps(state, indent=2))
+    with open(staging, "w") as handle:
+        handle.write(json.dumps(state, indent=2))
+        handle.flush()
+        os.fsync(handle.fileno())
     staging.replace(path)
     return state
+
+
+def write_state(server: Server, default: str, previous: str | None, archives: dict[str, str]) -> dict[str, Any]:
+    """Record the default, the previous default and the archives they came from (atomically); clears ``pending``."""
+    return _write_state_file(server, _state(default, previous, archives))
+
+
+def write_pending(server: Server, default: str, previous: str | None, archives: dict[str, str]) -> dict[str, Any]:
+    """Record, next to the confirmed state, the switch about to be asked for (before ``set-default``)."""
+    state = {key: value for key, value in read_state(server).items() if key != "pending"}
+    return _write_state_file(server, {**state, "pending": _state(default, previous, archives)})
+
+
+def drop_pending(server: Server) -> dict[str, Any]:
+    """Forget an unconfirmed switch: the state file says what it said before it."""
+    return _write_state_file(server, {key: value for key, value in read_state(server).items() if key != "pending"})
+
+
+def reconcile(server: Server, management: Management | None = None) -> str | None:
+    """Settle a switch that a crash left ``pending``, from what the server reports; returns a note, or None.
+
+    Raises:
+        RolloutError: A switch is pending and the server cannot tell its default now.
+    """
+    pending = read_state(server).get("pending")
+    if not pending:
+        return None
+    actual = (management or Management(server)).current_default()
+    if actual is None:
+        raise RolloutError(f"an interrupted switch to {pending['default']} is recorded in {server.run_dir / STATE_FILE} "
+                           "and the server cannot tell its default now: check `make status`, then try again")
+    if actual == pending["default"]:
+        write_state(server, pending["default"], pending["previous"], pending["archives"])
+        return (f"an interrupted switch to {pending['default']} had taken effect: recorded (previous "
+                f"{pending['previous']})")
+    drop_pending(server)
+    return f"an interrupted switch to {pending['default']} never took effect ({actual} serves): record dropped"
 
 
 def recorded_archive(state: dict[str, Any], version: str) -> str:
@@ -327,6 +390,7 @@ def rollout(server: Server, version: str, golden_file: Path, images_root: Path, 
     """
     with rollout_lock(server.run_dir):
         management = Management(server)
+        _report(reconcile(server, management))
         state = read_state(server)
         previous = management.default_version()
         if version == previous:
@@ -343,11 +407,14 @@ def rollout(server: Server, version: str, golden_file: Path, images_root: Path, 
             print(f"version {version} READY; smoke test: {smoke_test(server, version, golden_file, images_root)}")
         except (RolloutError, requests.RequestException) as error:
             raise _abort(management, version, previous, registered_here, error) from error
+        archives = {version: loaded_archive(management, version, state),
+                    previous: loaded_archive(management, previous, state)}
+        write_pending(server, version, previous, archives)
         failure = _switch_default(management, version)
         if failure is not None:
+            _settle_after_failure(server, management)
             raise _abort(management, version, previous, registered_here, failure)
-        write_state(server, version, previous, {version: loaded_archive(management, version, state),
-                                                previous: loaded_archive(management, previous, state)})
+        write_state(server, version, previous, archives)
         removed = prune(management, {version, previous})
         if removed:
             print(f"unloaded older versions {removed}: only {version} and {previous} stay loaded")
@@ -361,22 +428,39 @@ def rollback(server: Server) -> str:
         The restored version.
     """
     with rollout_lock(server.run_dir):
+        management = Management(server)
+        _report(reconcile(server, management))
         state = read_state(server)
         previous = state.get("previous")
         if not previous:
             raise RolloutError("no previous version recorded; nothing to roll back to")
-        management = Management(server)
         current = management.default_version()
         if current == previous:
             raise RolloutError(f"{previous} is already the default")
         if not is_ready(management.describe(previous)):
             raise RolloutError(f"previous version {previous} is not loaded with a READY worker")
+        archives = {previous: loaded_archive(management, previous, state),
+                    current: loaded_archive(management, current, state)}
+        write_pending(server, previous, current, archives)
         failure = _switch_default(management, previous)
         if failure is not None:
+            _settle_after_failure(server, management)
             raise RolloutError(f"rollback to {previous} failed: {failure}")
-        write_state(server, previous, current, {previous: loaded_archive(management, previous, state),
-                                                current: loaded_archive(management, current, state)})
+        write_state(server, previous, current, archives)
         return previous
+
+
+def _report(note: str | None) -> None:
+    if note:
+        print(f"note: {note}")
+
+
+def _settle_after_failure(server: Server, management: Management) -> None:
+    """After a failed switch, settle the pending record now if the server can say what it serves."""
+    try:
+        reconcile(server, management)
+    except RolloutError as error:
+        print(f"warning: {error}")
 
 
 def status(server: Server) -> dict[str, Any]:
@@ -425,9 +509,18 @@ def start_serving(run_dir: Path, model_store: Path, config: Path, overrides: dic
         RuntimeError, TimeoutError: From :func:`ops.torchserve.wait_ready`; the server is stopped.
     """
     server = Server(run_dir.resolve())
+    interrupted = read_state(server).get("pending")
+    if interrupted and not server.is_running():
+        # The server that was switching is gone: nobody can say whether the switch took. The last
+        # confirmed default (and its previous) is served, which keeps `rollback` one step back.
+        drop_pending(server)
     state = read_state(server)
     default = state.get("default")
     models = None
+    if not default:
+        for archive in configured_archives(config, overrides):
+            if (model_store / archive).exists():
+                check_digest(model_store / archive)
     if default:
         archive = recorded_archive(state, default)
         try:
@@ -443,12 +536,22 @@ def start_serving(run_dir: Path, model_store: Path, config: Path, overrides: dic
         stop(server)
         raise
     notes = []
+    if interrupted:
+        notes.append(f"an interrupted switch to {interrupted['default']} was never confirmed: serving the last confirmed "
+                     f"default {default or 'from the configuration'}; roll {interrupted['default']} out again if wanted")
     if default:
         try:
-            notes = restore_previous(server, state, model_store, timeout)
+            notes += restore_previous(server, state, model_store, timeout)
         except requests.RequestException as error:
-            notes = [f"could not restore the recorded versions: {error!r}; check `make status`"]
+            notes.append(f"could not restore the recorded versions: {error!r}; check `make status`")
     return Started(server, description, notes)
+
+
+def configured_archives(config: Path, overrides: dict[str, str] | None = None) -> list[str]:
+    """The archive files ``load_models`` names (``name=file.mar`` entries; ``all`` names none)."""
+    value = {**read_properties(config), **(overrides or {})}.get("load_models", "")
+    return [entry.split("=", 1)[1].strip() if "=" in entry else entry.strip()
+            for entry in value.split(",") if entry.strip().endswith(".mar")]
 
 
 def restore_previous(server: Server, state: dict[str, Any], model_store: Path, timeout: float) -> list[str]:

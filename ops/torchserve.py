@@ -32,6 +32,7 @@ import requests
 
 from ops.client import ServiceClient
 from ops.paths import METRICS_CONFIG, MODEL_NAME
+from ops.private import private_dir
 
 LAUNCHER_PID = "launcher.pid"
 KEY_FILE = "key_file.json"
@@ -180,8 +181,11 @@ def start(run_dir: Path, model_store: Path, config: Path, overrides: dict[str, s
     server = Server(run_dir)
     if server.is_running():
         raise RuntimeError(f"a server from {run_dir} is already running (pid {server.launcher_pid}); stop it first")
-    (run_dir / "logs").mkdir(parents=True, exist_ok=True)
-    (run_dir / "tmp").mkdir(exist_ok=True)
+    # The run folder holds the key file and logs: 0700 from the start, and TorchServe itself runs
+    # under a 0o077 umask, so key_file.json (which it writes, then narrows), its logs and its
+    # extracted archives are never readable by other users, not even for a moment.
+    for folder in (run_dir, run_dir / "logs", run_dir / "tmp"):
+        private_dir(folder)
     (run_dir / KEY_FILE).unlink(missing_ok=True)
     # Whatever earlier instances logged is theirs: remember where this start begins.
     offsets = {name: (run_dir / name).stat().st_size if (run_dir / name).exists() else 0 for name in LOG_FILES}
@@ -198,7 +202,7 @@ def start(run_dir: Path, model_store: Path, config: Path, overrides: dict[str, s
         command += ["--models", models]
     with open(run_dir / "logs" / "console.log", "ab") as console:
         process = subprocess.Popen(command, cwd=run_dir, env=env, stdout=console, stderr=subprocess.STDOUT,
-                                   stdin=subprocess.DEVNULL, start_new_session=True)
+                                   stdin=subprocess.DEVNULL, start_new_session=True, umask=0o077)
     (run_dir / LAUNCHER_PID).write_text(str(process.pid))
     return server
 

@@ -35,6 +35,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--model-config", default=str(MODEL_CONFIG), help="model config to pack into a release")
     parser.add_argument("--force-threshold", action="store_true",
                         help="release a config whose referral threshold differs from the checkpoint's measured one")
+    parser.add_argument("--force", action="store_true",
+                        help="release: replace an existing archive of the same version (recorded in the store's "
+                             "releases.jsonl with the digest it replaced)")
     parser.add_argument("--model-store", help=f"where release writes archives (default {MODEL_STORE}); rollout reads "
                                               "them from the running server's own store unless this is given")
     parser.add_argument("--golden", default=str(GOLDEN_SMOKE))
@@ -52,7 +55,8 @@ def main(args: argparse.Namespace) -> int:
         try:
             store = Path(args.model_store or MODEL_STORE)
             build_archive(ArchiveSpec(Path(args.checkpoint), Path(args.model_config), store, args.version,
-                                      archive_name(args.version), force_threshold=args.force_threshold))
+                                      archive_name(args.version), force_threshold=args.force_threshold,
+                                      overwrite=args.force, forced=args.force))
         except ReleaseCheckError as error:
             print(f"error: {error}", file=sys.stderr)
             return 1

@@ -26,7 +26,8 @@ KUBERNETES_VERSION = "1.31.0"
 DEPLOY = ROOT / "deploy"
 K8S = DEPLOY / "k8s"
 KSERVE = DEPLOY / "kserve"
-CUSTOM_KINDS = {"InferenceService", "ServingRuntime", "PodMonitor", "PrometheusRule"}
+CUSTOM_KINDS = {"InferenceService", "ServingRuntime", "PodMonitor", "PrometheusRule", "RequestAuthentication",
+                "AuthorizationPolicy"}
 APP = {"app.kubernetes.io/name": "skin-lesion"}
 
 
@@ -37,8 +38,8 @@ def documents(folder: Path) -> list[tuple[Path, dict]]:
 ALL = documents(K8S) + documents(KSERVE)
 
 
-def by_kind(kind: str) -> dict:
-    found = [doc for _, doc in ALL if doc["kind"] == kind]
+def by_kind(kind: str, folder: Path | None = None) -> dict:
+    found = [doc for path, doc in ALL if doc["kind"] == kind and (folder is None or path.parent == folder)]
     assert len(found) == 1, f"expected one {kind}, found {len(found)}"
     return found[0]
 
@@ -51,7 +52,8 @@ def validate_pod_spec(spec: dict) -> None:
 def test_every_expected_manifest_is_there():
     kinds = sorted(doc["kind"] for _, doc in ALL)
     assert kinds == sorted(["Deployment", "Service", "HorizontalPodAutoscaler", "PodDisruptionBudget", "NetworkPolicy",
-                            "PodMonitor", "PrometheusRule", "InferenceService", "ServingRuntime"])
+                            "PodMonitor", "PrometheusRule", "InferenceService", "ServingRuntime", "NetworkPolicy",
+                            "RequestAuthentication", "AuthorizationPolicy"])
     for path, doc in ALL:
         assert doc["metadata"].get("namespace") == "skin-lesion", path
 
@@ -133,8 +135,9 @@ def test_rolling_update_never_drops_capacity_and_disruptions_keep_a_pod():
 
 
 def test_only_the_ingress_reaches_inference_and_management_is_never_exposed():
-    policy = by_kind("NetworkPolicy")["spec"]
-    assert policy["podSelector"]["matchLabels"] == APP and policy["policyTypes"] == ["Ingress"]
+    policy = by_kind("NetworkPolicy", K8S)["spec"]
+    assert policy["podSelector"]["matchLabels"] == APP and policy["policyTypes"] == ["Ingress", "Egress"]
+    assert policy["egress"] == []  # the pod connects nowhere
     admitted = {}
     for rule in policy["ingress"]:
         assert rule.get("from"), "a rule without `from` admits every source"
@@ -148,6 +151,108 @@ def test_only_the_ingress_reaches_inference_and_management_is_never_exposed():
     # TorchServe itself binds management to the pod's loopback.
     properties = (KSERVE / "config.properties").read_text()
     assert re.search(r"^management_address=http://127\.0\.0\.1:\d+$", properties, re.M)
+
+
+# KServe's labels on every pod of an InferenceService's predictor (kserve pkg/constants:
+# InferenceServiceLabel = "serving.kserve.io/inferenceservice", KServiceComponentLabel = "component",
+# PredictorComponent = "predictor").
+def predictor_labels() -> dict:
+    return {"serving.kserve.io/inferenceservice": by_kind("InferenceService")["metadata"]["name"],
+            "component": "predictor"}
+
+
+def test_kserve_predictor_pods_are_selected_by_kserves_labels_and_fenced_in_and_out():
+    policy = by_kind("NetworkPolicy", KSERVE)["spec"]
+    assert policy["podSelector"]["matchLabels"] == predictor_labels()
+    assert policy["policyTypes"] == ["Ingress", "Egress"]
+    admitted = {}
+    for rule in policy["ingress"]:
+        assert rule.get("from") and rule.get("ports"), "a rule without `from` or `ports` admits every source or port"
+        for source in rule["from"]:
+            # Named pods of named namespaces only: never "any pod" or "any namespace".
+            assert source["namespaceSelector"]["matchLabels"] and source["podSelector"]["matchLabels"], source
+        for port in rule["ports"]:
+            admitted.setdefault(port["port"], []).extend(rule["from"])
+    # queue-proxy (requests from the activator and the gateway), its metrics (the autoscaler),
+    # TorchServe's metrics (Prometheus); never TorchServe's 8080 or management directly.
+    assert set(admitted) == {8012, 9090, 8082}
+    namespaces = {port: {s["namespaceSelector"]["matchLabels"]["kubernetes.io/metadata.name"] for s in sources}
+                  for port, sources in admitted.items()}
+    assert namespaces == {8012: {"knative-serving", "istio-system"}, 9090: {"knative-serving"}, 8082: {"monitoring"}}
+    # Egress: DNS, istiod and the model storage only, each to a named destination.
+    egress_ports = set()
+    for rule in policy["egress"]:
+        assert rule.get("to") and rule.get("ports"), "an egress rule without `to` or `ports` allows everything"
+        egress_ports |= {port["port"] for port in rule["ports"]}
+        for destination in rule["to"]:
+            assert "ipBlock" in destination or destination["podSelector"]["matchLabels"], destination
+    assert egress_ports == {53, 15012, 443}
+
+
+def test_kserve_requests_need_a_valid_jwt_except_knatives_probes_and_prometheus():
+    authentication = by_kind("RequestAuthentication")
+    policy = by_kind("AuthorizationPolicy")
+    for resource in (authentication, policy):
+        assert resource["apiVersion"] == "security.istio.io/v1beta1"
+        assert resource["spec"]["selector"]["matchLabels"] == predictor_labels()
+    [rule] = authentication["spec"]["jwtRules"]
+    assert rule["issuer"].startswith("https://") and rule["jwksUri"].startswith("https://") and rule["audiences"]
+    spec = policy["spec"]
+    assert spec["action"] == "ALLOW"
+    inference_paths = set()
+    for rule in spec["rules"]:
+        sources = rule["from"]
+        operations = [to["operation"] for to in rule["to"]]
+        assert all(operation.get("paths") for operation in operations), "every rule names its paths"
+        principals = [s["source"].get("requestPrincipals") for s in sources]
+        if all(principals):
+            # A JWT from the configured issuer, for the inference API only.
+            assert all(p.startswith(authentication["spec"]["jwtRules"][0]["issuer"]) for ps in principals for p in ps)
+            inference_paths |= {path for operation in operations for path in operation["paths"]}
+        else:
+            # Without a JWT: Knative's probes and metrics, or Prometheus on the metrics port.
+            namespaces = {ns for s in sources for ns in s["source"]["namespaces"]}
+            paths = {path for operation in operations for path in operation["paths"]}
+            knative_probes = namespaces == {"knative-serving"} and paths == {"/healthz", "/metrics"}
+            prometheus = (namespaces == {"monitoring"} and paths == {"/metrics"}
+                          and all(operation.get("ports") == ["8082"] for operation in operations))
+            assert knative_probes or prometheus, rule
+    assert "/v1/models/skin_lesion:predict" in inference_paths and "/predictions/skin_lesion" in inference_paths
+    assert not any(path.startswith(("/models", "/token")) or path == "/*" for path in inference_paths)
+
+
+def test_serving_runtime_is_read_only_unprivileged_and_writes_only_to_its_volumes():
+    runtime = by_kind("ServingRuntime")["spec"]
+    deployment = by_kind("Deployment")["spec"]["template"]["spec"]
+    for container, volumes in ((runtime["containers"][0], runtime["volumes"]), (deployment["containers"][0],
+                                                                               deployment["volumes"])):
+        security = container["securityContext"]
+        assert security["readOnlyRootFilesystem"] is True and security["allowPrivilegeEscalation"] is False
+        assert security["seccompProfile"] == {"type": "RuntimeDefault"} and security["capabilities"]["drop"] == ["ALL"]
+        assert security.get("privileged", False) is False
+        # TorchServe's writable places (TMPDIR: extracted archives; logs) are emptyDir mounts.
+        env = {item["name"]: item["value"] for item in container["env"]}
+        mounts = {mount["mountPath"]: mount["name"] for mount in container["volumeMounts"]}
+        empty_dirs = {volume["name"] for volume in volumes if "emptyDir" in volume}
+        for variable in ("TMPDIR", "LOG_LOCATION", "METRICS_LOCATION"):
+            assert any(env[variable].startswith(path) and name in empty_dirs for path, name in mounts.items()), variable
+        assert all("sizeLimit" in volume["emptyDir"] for volume in volumes if "emptyDir" in volume)
+    assert runtime["containers"][0]["securityContext"]["runAsNonRoot"] is True
+    validate_pod_spec({"containers": runtime["containers"], "volumes": runtime["volumes"]})
+
+
+def test_config_snapshots_are_off_wherever_torchserve_starts():
+    """TorchServe 0.12 turns snapshots off only on its command line (--ncs); every start passes it."""
+    import inspect
+
+    from ops.torchserve import start
+
+    assert "--ncs" in RUNTIME_ARGS
+    assert "--ncs" in by_kind("ServingRuntime")["spec"]["containers"][0]["args"]
+    assert "--ncs" in by_kind("Deployment")["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert '"--ncs"' in inspect.getsource(start)
+    cmd = next(args for instruction, args in dockerfile_instructions() if instruction == "CMD")
+    assert "--ncs" in yaml.safe_load(cmd)
 
 
 def test_podmonitor_scrapes_every_pod_as_the_torchserve_job_with_a_replica_label():
@@ -266,6 +371,8 @@ def test_entrypoint_keeps_torchserve_in_the_foreground(tmp_path):
     run = lambda *args: subprocess.run(["sh", str(DEPLOY / "entrypoint.sh"), *args], env=env, capture_output=True,
                                        text=True, check=True).stdout.strip()
     assert run(*RUNTIME_ARGS) == " ".join(RUNTIME_ARGS[1:]) + " --foreground"
-    assert run("torchserve", "--start", "--foreground") == "--start --foreground"
+    # KServe's stock command (no --ncs) gets it too: no config snapshots whatever starts the image.
+    assert run("torchserve", "--start", "--model-store=/m") == "--start --model-store=/m --foreground --ncs"
+    assert run("torchserve", "--start", "--foreground") == "--start --foreground --ncs"
     assert run("torchserve", "--stop") == "--stop"
     assert run("echo", "hello") == "hello"

@@ -87,7 +87,7 @@ def test_bundle_refuses_a_config_that_does_not_load_from_mnt_models(tmp_path, re
 
 def test_runtime_command_is_kserves_with_the_mount_replaced(tmp_path):
     assert kserve.runtime_command(tmp_path) == ["torchserve", "--start", f"--model-store={tmp_path}/model-store",
-                                                f"--ts-config={tmp_path}/config/config.properties"]
+                                                f"--ts-config={tmp_path}/config/config.properties", "--ncs"]
 
 
 def _golden_images(samples_dir: Path) -> list[tuple[str, str, bytes]]:
@@ -157,8 +157,10 @@ def test_bundle_started_like_the_kserve_runtime_answers_like_the_plain_endpoint(
         assert description["batchSize"] == model_config["batchSize"]
         assert description["maxBatchDelay"] == model_config["maxBatchDelay"]
         assert len(description["workers"]) == model_config["minWorkers"]
-        # No token inside the pod (the ingress checks it), /ping for the probes.
+        # No token inside the pod (the mesh checks it), /ping for the probes.
         assert requests.get(f"{runtime.url('inference')}/ping", timeout=10).json()["status"] == "Healthy"
+        # No config snapshot was written (TorchServe writes them under LOG_LOCATION/config without --ncs).
+        assert not (runtime.work / "logs" / "config").exists(), sorted((runtime.work / "logs" / "config").iterdir())
         via_v1, via_v1_raw = {}, {}
         for name, _, image in cases:
             response = requests.post(f"{runtime.url('inference')}{V1}:predict",

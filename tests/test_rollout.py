@@ -118,6 +118,42 @@ def test_release_writes_a_versioned_archive(tmp_path):
     assert (ROOT / "models" / "golden_smoke.json").exists()
 
 
+def test_a_release_is_never_replaced_silently_and_its_digest_is_recorded(tmp_path, capsys, monkeypatch):
+    import hashlib
+    import json
+
+    from ops import digests
+    from ops.rollout import RolloutError, check_archive
+
+    archive = tmp_path / "skin_lesion_v2.5.mar"
+    argv = ["release", "--version", "2.5", "--model-store", str(tmp_path)]
+    assert rollout.main(rollout.get_args_parser().parse_args(argv)) == 0
+    first = archive.read_bytes()
+    # Recorded in sha256sum's format, and checked before anything registers or serves it.
+    assert (tmp_path / "skin_lesion_v2.5.mar.sha256").read_text() == f"{hashlib.sha256(first).hexdigest()}  {archive.name}\n"
+    check_archive(archive, "2.5")
+    # The same version again: refused, the archive untouched.
+    capsys.readouterr()
+    assert rollout.main(rollout.get_args_parser().parse_args(argv)) == 1
+    assert "--force" in capsys.readouterr().err and archive.read_bytes() == first
+    # A forced replacement that dies between writing the archive and recording its digest: the
+    # archive no longer matches the digest, so nothing serves it until it is rebuilt.
+    real_record = digests.record
+    monkeypatch.setattr(digests, "record", lambda *args, **kwargs: (_ for _ in ()).throw(KeyboardInterrupt()))
+    with pytest.raises(KeyboardInterrupt):
+        rollout.main(rollout.get_args_parser().parse_args(argv + ["--force"]))
+    monkeypatch.setattr(digests, "record", real_record)
+    with pytest.raises(RolloutError, match="does not match its recorded SHA-256"):
+        check_archive(archive, "2.5")
+    assert not list(tmp_path.glob(".*partial"))
+    # Forced again, to the end: served again, and the ledger says what was replaced and that it was forced.
+    assert rollout.main(rollout.get_args_parser().parse_args(argv + ["--force"])) == 0
+    check_archive(archive, "2.5")
+    ledger = [json.loads(line) for line in (tmp_path / "releases.jsonl").read_text().splitlines()]
+    assert [entry.get("forced", False) for entry in ledger] == [False, True]
+    assert ledger[1]["replaced_sha256"] == ledger[0]["sha256"] and ledger[1]["version"] == "2.5"
+
+
 def test_release_refuses_a_checkpoint_without_an_input_gate(tmp_path, capsys):
     from tests.tiny_release import tiny_checkpoint, tiny_model_config
 

@@ -8,6 +8,7 @@ below also crosses token expiries, which the tools must renew on their own.
 
 from __future__ import annotations
 
+import shutil
 import time
 from pathlib import Path
 
@@ -15,6 +16,7 @@ import pytest
 import requests
 
 from ops import client as ops_client
+from ops import digests
 from ops import rollout as ops_rollout
 from ops import torchserve as serve
 from ops.client import ServiceClient
@@ -192,3 +194,83 @@ def test_two_rollouts_cannot_run_at_once(tmp_path):
             ops_rollout.rollback(server)
     with rollout_lock(tmp_path):  # released on exit
         pass
+
+
+class Crash(BaseException):
+    """Stands for the process dying at that point: no handler of the code under test catches it."""
+
+
+def test_a_crash_at_each_step_of_a_switch_never_makes_rollback_jump_two_versions(stack, monkeypatch, capsys):
+    """Crash before set-default, after it (before the state write), and during the state write; each
+    is settled from what the server reports (or, after a restart, to the last confirmed default),
+    and rollback then goes exactly one version back from what is served."""
+    server = stack.server
+    management = Management(server)
+    assert (management.default_version(), ops_rollout.read_state(server)["previous"]) == ("1.2", "1.3")
+    real_set_default = Management.set_default
+
+    # 1. Dead after recording the pending switch, before asking for it: nothing switched.
+    def crash_before(self, version):
+        raise Crash("killed before set-default")
+
+    monkeypatch.setattr(Management, "set_default", crash_before)
+    with pytest.raises(Crash):
+        stack.rollout("1.1")
+    assert ops_rollout.read_state(server)["pending"]["default"] == "1.1"
+    assert management.default_version() == "1.2"
+    monkeypatch.setattr(Management, "set_default", real_set_default)
+    assert ops_rollout.rollback(server) == "1.3"  # one step back from 1.2, as recorded
+    assert "never took effect" in capsys.readouterr().out
+    assert management.default_version() == "1.3" and "pending" not in ops_rollout.read_state(server)
+
+    # 2. Dead right after the switch, before the state write: the server serves 1.1, the file said 1.3.
+    def crash_after(self, version):
+        real_set_default(self, version)
+        raise Crash("killed after set-default")
+
+    monkeypatch.setattr(Management, "set_default", crash_after)
+    with pytest.raises(Crash):
+        stack.rollout("1.1")
+    monkeypatch.setattr(Management, "set_default", real_set_default)
+    assert management.default_version() == "1.1"
+    # Before this record existed, rollback read previous=1.2 from the stale file: 1.1 -> 1.2, skipping 1.3.
+    assert ops_rollout.rollback(server) == "1.3"
+    assert "had taken effect" in capsys.readouterr().out
+    state = ops_rollout.read_state(server)
+    assert (state["default"], state["previous"]) == ("1.3", "1.1") and management.default_version() == "1.3"
+
+    # 3. Dead while writing the final state, then TorchServe restarted (no server left to ask):
+    # the last confirmed default (1.3, previous 1.1) serves, and rollback goes to 1.1.
+    monkeypatch.setattr(ops_rollout, "write_state", lambda *args, **kwargs: (_ for _ in ()).throw(Crash("killed")))
+    with pytest.raises(Crash):
+        stack.rollout("1.2")
+    monkeypatch.undo()
+    assert management.default_version() == "1.2" and ops_rollout.read_state(server)["pending"]["default"] == "1.2"
+    assert serve.stop(server)
+    started = stack.start()
+    assert any("interrupted switch to 1.2 was never confirmed" in note for note in started.notes), started.notes
+    assert Management(stack.server).default_version() == "1.3"
+    state = ops_rollout.read_state(stack.server)
+    assert "pending" not in state and (state["default"], state["previous"]) == ("1.3", "1.1")
+    assert ops_rollout.rollback(stack.server) == "1.1"
+
+
+def test_an_archive_changed_after_it_was_built_is_never_registered_or_served(stack, tmp_path):
+    store = tmp_path / "store"
+    shutil.copytree(stack.store, store)
+    archive = store / "skin_lesion_v1.2.mar"
+    with open(archive, "ab") as handle:
+        handle.write(b"appended after the release")
+    with pytest.raises(RolloutError, match="does not match its recorded SHA-256"):
+        ops_rollout.check_archive(archive, "1.2")
+    digests.digest_path(store / "skin_lesion.mar").unlink()
+    run_dir = tmp_path / "run"
+    with pytest.raises(RolloutError, match="no recorded SHA-256"):
+        start_serving(run_dir, store, SERVER_CONFIG, addresses())
+    assert not serve.Server(run_dir).is_running()
+    # A rollout refuses to register it, before anything is loaded.
+    loaded = set(stack.loaded())
+    assert "1.2" not in loaded
+    with pytest.raises(RolloutError, match="does not match its recorded SHA-256"):
+        ops_rollout.rollout(stack.server, "1.2", stack.golden, stack.folder, timeout=60, model_store=store)
+    assert set(stack.loaded()) == loaded
