@@ -101,7 +101,8 @@ def prepare_for_serving(loaded: LoadedModel, settings: HandlerSettings) -> None:
     device = next(loaded.model.parameters()).device
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
-    loaded.runner = build_runner(loaded.model, settings.runtime, settings.precision, loaded.preprocess.image_size,
+    loaded.runner = build_runner(loaded.model, settings.runtime, settings.precision,
+                                 (loaded.preprocess.input_height, loaded.preprocess.input_width),
                                  settings.torch_threads)
     if loaded.meta.input_gate is not None:
         loaded.gate = InputGate.from_dict(loaded.meta.input_gate).to(device)

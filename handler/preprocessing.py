@@ -42,7 +42,7 @@ class PreprocessConfig:
     """Parameters that travel with the weights in the checkpoint's metadata.
 
     Attributes:
-        image_size: Side of the square model input.
+        image_size: Side of the square model input, or its height when ``image_width`` is set.
         resize_size: The shorter side is resized to this before the centre crop. HAM10000's
             600x450 images become 224x224 by this resize-then-crop, which is how the
             ``ham10000-224`` training set was made. Under ``full_view`` it must equal
@@ -54,6 +54,9 @@ class PreprocessConfig:
             (the default, and what every checkpoint without the key was served with) or
             ``full_view`` (the whole image resized to the square input). Training, evaluation,
             serving and the Grad-CAM overlay box all follow it.
+        image_width: Width of a rectangular model input (``full_view`` only), or None for a square
+            one. A 4:3 photo resized whole to 150x200 keeps its shape, so a network trained on
+            HAM10000's 4:3 images sees lesions as they are, at 60 % of a 224x224 input's pixels.
     """
 
     image_size: int = 224
@@ -62,6 +65,7 @@ class PreprocessConfig:
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)
     interpolation: str = "bilinear"
     resize_mode: str = CENTER_CROP
+    image_width: int | None = None
 
     def __post_init__(self) -> None:
         if self.interpolation not in _INTERPOLATIONS:
@@ -73,6 +77,18 @@ class PreprocessConfig:
         if self.resize_mode == FULL_VIEW and self.resize_size != self.image_size:
             raise ValueError(f"full_view resizes the whole image to image_size ({self.image_size}); "
                              f"resize_size ({self.resize_size}) must equal it")
+        if self.image_width is not None and self.resize_mode != FULL_VIEW:
+            raise ValueError("a rectangular model input (image_width) needs resize_mode full_view: a centre crop is square")
+
+    @property
+    def input_height(self) -> int:
+        """Height of the model input in pixels."""
+        return self.image_size
+
+    @property
+    def input_width(self) -> int:
+        """Width of the model input in pixels (``image_size`` for a square input)."""
+        return self.image_size if self.image_width is None else self.image_width
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-types form for a checkpoint's metadata.
@@ -83,6 +99,8 @@ class PreprocessConfig:
         values = {**asdict(self), "mean": list(self.mean), "std": list(self.std)}
         if self.resize_mode == CENTER_CROP:
             del values["resize_mode"]
+        if self.image_width is None:
+            del values["image_width"]
         return values
 
     @classmethod
@@ -95,6 +113,7 @@ class PreprocessConfig:
             std=tuple(float(v) for v in values["std"]),
             interpolation=str(values["interpolation"]),
             resize_mode=str(values.get("resize_mode", CENTER_CROP)),
+            image_width=None if values.get("image_width") is None else int(values["image_width"]),
         )
 
 
@@ -290,8 +309,9 @@ def resize_shorter_side(image: Image.Image, config: PreprocessConfig) -> Image.I
 
 
 def resize_full_view(image: Image.Image, config: PreprocessConfig) -> Image.Image:
-    """Resize the whole image to the ``config.image_size`` square, aspect ratio not kept (``full_view``)."""
-    size = (config.image_size, config.image_size)
+    """Resize the whole image to the model input (``full_view``), aspect ratio not kept: a square
+    input squashes a 4:3 photo, a 4:3 input (``image_width``) keeps it."""
+    size = (config.input_width, config.input_height)
     if image.size == size:
         return image
     return image.resize(size, _INTERPOLATIONS[config.interpolation])

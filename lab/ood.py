@@ -154,8 +154,8 @@ def uint8_batches(items: Sequence[Item], preprocess: PreprocessConfig, batch_siz
                 continue
             kept.append(index)
             tensors.append(tensor)
-        yield kept, (torch.stack(tensors) if tensors else torch.empty(0, 3, preprocess.image_size,
-                                                                        preprocess.image_size, dtype=torch.uint8)), failed
+        yield kept, (torch.stack(tensors) if tensors else torch.empty(0, 3, preprocess.input_height,
+                                                                        preprocess.input_width, dtype=torch.uint8)), failed
 
 
 def extract_features(backbone: torch.nn.Module, items: Sequence[Item], preprocess: PreprocessConfig,
