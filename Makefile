@@ -39,7 +39,7 @@ FOLDS_DATA ?= ../shared/data/ham10000-200x150
 FOLDS_ARGS ?=
 DISTILL_ARGS ?=
 
-.PHONY: fit-gate evaluate-ood help install java train compare ensemble calibrate evaluate archive serve stop status release rollout rollback predict explain bench soak demo test clean kserve-bundle cluster-up cluster-down cluster-rollout
+.PHONY: train-bench train-student compare-releases fit-gate evaluate-ood help install java train compare ensemble calibrate evaluate archive serve stop status release rollout rollback predict explain bench soak demo test clean kserve-bundle cluster-up cluster-down cluster-rollout
 
 help:
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | sort
@@ -78,6 +78,24 @@ distill: install ## Distil the fold teachers of train-folds into one student, ru
 	nice -n 10 $(PY) scripts/distill.py --k $(K) --metadata $(FOLDS_DATA)/metadata.csv --images $(FOLDS_DATA)/images \
 	  --teachers runs/folds_k$(K) --output runs/distill_k$(K) --device $(DEVICE) $(if $(ARCH),--arch $(ARCH)) \
 	  $(if $(EPOCHS),--epochs $(EPOCHS)) $(if $(VERSION),--model-version $(VERSION)) --provenance-dir models/provenance $(DISTILL_ARGS)
+
+train-bench: install ## Training images/s of each CPU lever on this machine (geometry, channels_last, bf16, frozen stages, torch.compile, 1-thread processes); run it idle [TRAIN_BENCH_ARGS=--steps 5]
+	$(PY) scripts/train_bench.py --out runs/train-bench.json $(TRAIN_BENCH_ARGS)
+
+# Release 1.7.0's recipe (models/MODEL_CARD.md): one Lite0 at HAM10000's own 4:3 shape (150x200), warm-started from
+# release 1.6.1's first Lite0 member, stem + 3 stages frozen, distilled from 1.6.1 (its logits cached once), validated on
+# every 200x150 image of the validation lesions. Resumable per epoch: rerun to continue.
+TEACHER ?= runs/release/skin_lesion-1.6.1.pt
+train-student: install ## Train release 1.7.0's student into runs/student-150x200 (resumable) [TEACHER=release checkpoint] [TRAIN_ARGS=...]
+	nice -n 10 $(PY) scripts/train.py --metadata $(DATA_43)/metadata.csv --images $(DATA_43)/images --output runs/student-150x200 \
+	  --val-split models/provenance/val_split.json --arch efficientnet_lite0 --image-size 150 --image-width 200 \
+	  --resize-mode full_view --init-checkpoint $(TEACHER) --init-member 0 --freeze-blocks 3 \
+	  --teacher $(TEACHER) --distill-alpha 0.5 --distill-temperature 2.0 \
+	  --epochs 5 --patience 5 --lr 3e-4 --batch-size 32 --ema-decay 0.995 --class-weight-power 1.0 --min-crop-scale 0.6 \
+	  --workers 1 --threads 2 --model-version 1.7.0-student $(TRAIN_ARGS)
+
+compare-releases: install ## Releases side by side on the validation lesions at 4:3 (stretched 224 copies and 200x150 copies), lesion-level with intervals: make compare-releases RELEASES="1.6.1=a.pt 1.7.0=b.pt"
+	$(PY) scripts/compare_releases.py $(foreach release,$(RELEASES),--release $(release)) --out runs/compare-releases
 
 compare: install ## Every combination of MEMBERS as a calibrated ensemble, out of fold on the validation split: make compare MEMBERS="a.pt b.pt" (report: runs/members.json)
 	$(PY) scripts/compare_members.py --members $(MEMBERS) --images $(DATA)/images --labels $(DATA)/metadata.csv \

@@ -1,0 +1,103 @@
+"""Releases side by side on the validation lesions, in the presentations a 4:3 request can take.
+
+A release is judged as it serves (decode, its own geometry, runtime, calibration, decision rule and
+its own measured referral threshold, :func:`lab.evaluation.serve_files`), per *lesion*: the
+``ham10000-200x150`` folder holds several images of many lesions, and a lesion counts once, with
+the mean of its images' probabilities. Two presentations of the same validation lesions:
+
+- ``stretched``: each lesion's ``ham10000-224`` copy (made from the 600x450 original, squashed to a
+  square) stretched back to 4:3 at 299x224 — the sharpest 4:3 version of these lesions here, and
+  how real photos arrive;
+- ``200x150``: every ``ham10000-200x150`` image of the lesion (softer: JPEG quality about 75).
+
+Intervals are 95 % bootstrap intervals, lesions resampled within each class
+(:func:`lab.evaluation.bootstrap_intervals`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections import defaultdict
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+from PIL import Image
+
+from handler.checkpoint import load_checkpoint
+from handler.decision import decide
+from handler.inference import prepare_for_serving
+from handler.settings import HandlerSettings
+from lab.data import LabelledImage
+from lab.evaluation import bootstrap_intervals, classification_report, serve_files
+
+PRESENTATIONS: tuple[str, ...] = ("stretched", "200x150")
+STRETCHED_SIZE = (299, 224)  # width, height: a 224x224 squashed copy back at 4:3
+HEADLINE = ("balanced_accuracy", "macro_auc", "ece", "melanoma_sensitivity", "melanoma_specificity", "referral_rate")
+
+
+def stretched_copies(records: Sequence[LabelledImage], folder: str | os.PathLike) -> list[LabelledImage]:
+    """Each record's image stretched to :data:`STRETCHED_SIZE` as a lossless PNG in ``folder`` (made once)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    copies = []
+    for record in records:
+        target = folder / f"{record.image_id}.png"
+        if not target.exists():
+            with Image.open(record.path) as image:
+                image.convert("RGB").resize(STRETCHED_SIZE, Image.Resampling.BICUBIC).save(target)
+        copies.append(dataclasses.replace(record, path=str(target)))
+    return copies
+
+
+def per_lesion(probabilities: np.ndarray, records: Sequence[LabelledImage]) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Mean probabilities per lesion, with each lesion's label and id (in first-seen order)."""
+    rows: dict[str, list[int]] = defaultdict(list)
+    for index, record in enumerate(records):
+        rows[record.lesion_id].append(index)
+    lesions = list(rows)
+    labels = np.array([records[rows[lesion][0]].label for lesion in lesions])
+    return np.stack([probabilities[rows[lesion]].mean(0) for lesion in lesions]), labels, lesions
+
+
+def release_report(checkpoint: str | os.PathLike, records: Sequence[LabelledImage], settings: HandlerSettings,
+                   bootstrap: int = 1000, batch_size: int = 32) -> dict[str, Any]:
+    """One release on one presentation, lesion-level, as it serves, with bootstrap intervals.
+
+    The referral threshold is the release's own measured operating point (``meta.operating_point``),
+    the decision rule and TTA mode the serving settings'.
+    """
+    loaded = load_checkpoint(checkpoint)
+    settings = dataclasses.replace(settings, torch_threads=0, require_input_gate=False)
+    prepare_for_serving(loaded, settings)
+    point = loaded.meta.operating_point
+    threshold = point.referral_threshold if point is not None else settings.referral_threshold
+    served = serve_files(loaded, [r.path for r in records], settings.tta, batch_size, settings.decode_limits)
+    probabilities, labels, lesions = per_lesion(served.probabilities.numpy(), records)
+    import torch
+
+    calls = decide(torch.from_numpy(probabilities), settings.decision_rule,
+                   loaded.calibration(settings.tta).class_prior).numpy()
+    report = classification_report(probabilities, labels, threshold, calls)
+    figures = {key: report[key] for key in HEADLINE}
+    intervals = bootstrap_intervals(probabilities, labels, calls, threshold, bootstrap)["intervals"] if bootstrap else {}
+    return {"checkpoint": str(checkpoint), "version": loaded.version, "images": len(records), "lesions": len(lesions),
+            "referral_threshold": threshold, "figures": figures,
+            "intervals": {key: value for key, value in intervals.items() if key in HEADLINE},
+            "per_class_recall": {code: row["recall"] for code, row in report["per_class"].items()}}
+
+
+def format_comparison(reports: dict[str, dict[str, dict[str, Any]]]) -> str:
+    """A markdown table: one row per (presentation, release), the headline figures with their intervals."""
+    lines = ["| presentation | release | lesions | balanced accuracy | macro AUC | ECE | melanoma sensitivity "
+             "| melanoma specificity | referred |", "|---|---|---|---|---|---|---|---|---|"]
+    for presentation, by_release in reports.items():
+        for name, report in by_release.items():
+            cells = []
+            for key in HEADLINE:
+                value = report["figures"][key]
+                low_high = report["intervals"].get(key)
+                cells.append(f"{value:.3f}" + (f" ({low_high[0]:.3f}-{low_high[1]:.3f})" if low_high else ""))
+            lines.append(f"| {presentation} | {name} ({report['version']}) | {report['lesions']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
