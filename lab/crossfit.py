@@ -21,7 +21,8 @@ from sklearn.model_selection import StratifiedKFold
 
 from handler.calibration import Calibration, fit_calibration
 from handler.decision import decide
-from lab.evaluation import bootstrap_intervals, classification_report, headline_figures, referral_threshold_for_sensitivity
+from lab.evaluation import (TARGET_MELANOMA_SENSITIVITY, bootstrap_intervals, classification_report, headline_figures,
+                            referral_threshold_for_sensitivity)
 
 REPEATED_KEYS = ("balanced_accuracy", "macro_auc", "ece", "melanoma_sensitivity", "melanoma_specificity", "referral_rate")
 
@@ -86,7 +87,7 @@ def repeated_out_of_fold(logits: torch.Tensor, labels: np.ndarray, folds: int, s
 
 
 def measure_calibration(logits: torch.Tensor, labels: np.ndarray, *, folds: int = 5, seed: int = 0, repeats: int = 10,
-                        target_sensitivity: float = 0.85, bootstrap: int = 1000) -> tuple[Calibration, dict[str, Any]]:
+                        target_sensitivity: float = TARGET_MELANOMA_SENSITIVITY, bootstrap: int = 1000) -> tuple[Calibration, dict[str, Any]]:
     """Fit the calibration of one set of validation logits and measure it, in sample and out of fold.
 
     The referral threshold is the highest that keeps ``target_sensitivity`` of melanomas
@@ -128,7 +129,7 @@ def measure_calibration(logits: torch.Tensor, labels: np.ndarray, *, folds: int 
 
 
 def measure_combination(logits: torch.Tensor, labels: np.ndarray, *, folds: int = 5, seed: int = 0, repeats: int = 10,
-                        target_sensitivity: float = 0.85) -> dict[str, Any]:
+                        target_sensitivity: float = TARGET_MELANOMA_SENSITIVITY) -> dict[str, Any]:
     """:func:`measure_calibration`'s referral threshold and repeated out-of-fold figures of one set of logits.
 
     Returns:

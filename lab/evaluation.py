@@ -52,6 +52,11 @@ def malignant_probability(probabilities: np.ndarray) -> np.ndarray:
     return probabilities[:, [class_index(code) for code in REFERRAL_CLASSES]].sum(axis=1)
 
 
+# The melanoma sensitivity the referral flag must keep: every operating point is the highest
+# threshold on malignant_probability that still flags this share of the validation melanomas.
+TARGET_MELANOMA_SENSITIVITY = 0.85
+
+
 def referral_threshold_for_sensitivity(probabilities: np.ndarray, labels: np.ndarray, sensitivity: float,
                                        step: float = 0.01) -> float:
     """The highest referral threshold (on a grid) that flags at least ``sensitivity`` of melanomas.

@@ -54,7 +54,8 @@ from handler.labels import CLASS_CODES
 from handler.preprocessing import PreprocessConfig
 from handler.storage import pack_state_dict, unpack_state_dict
 from lab.data import LabelledImage, class_counts, read_labels
-from lab.evaluation import bootstrap_intervals, classification_report, referral_threshold_for_sensitivity
+from lab.evaluation import (TARGET_MELANOMA_SENSITIVITY, bootstrap_intervals, classification_report,
+                            referral_threshold_for_sensitivity)
 from lab.provenance import file_sha256
 from lab.training import (
     Progress, Recipe, Trainer, freeze_early_layers, initialize, make_ema, make_optimizer, predict_logits, resume, save_state,
@@ -653,7 +654,7 @@ def select_epoch(curve: Sequence[dict[str, Any]], key: str = "lesion_balanced_ac
 
 
 def summarize(oof: OutOfFold, key: str = "lesion_balanced_accuracy", epoch: int | None = None,
-              target_sensitivity: float = 0.85, bootstrap: int = 1000, seed: int = 0) -> dict[str, Any]:
+              target_sensitivity: float = TARGET_MELANOMA_SENSITIVITY, bootstrap: int = 1000, seed: int = 0) -> dict[str, Any]:
     """The out-of-fold curve, the selected epoch and its per-lesion figures with bootstrap intervals."""
     curve = out_of_fold_curve(oof)
     selected = select_epoch(curve, key) if epoch is None else epoch
@@ -709,7 +710,7 @@ def export_teachers(layout: FoldLayout, assignment: FoldAssignment, folds_file: 
 
 
 def single_fold_figures(logits: np.ndarray, holdout: Sequence[LabelledImage], inner_folds: int = 5, seed: int = 0,
-                        target_sensitivity: float = 0.85) -> dict[str, Any]:
+                        target_sensitivity: float = TARGET_MELANOMA_SENSITIVITY) -> dict[str, Any]:
     """Per-lesion figures of one network's logits on its held-out fold alone.
 
     The fold is split again into ``inner_folds`` lesion-grouped parts, each calibrated on the

@@ -41,7 +41,7 @@ from handler.checkpoint import OperatingPoint, model_from_checkpoint, read_check
 from handler.preprocessing import RESIZE_MODES
 from lab.crossfit import measure_calibration
 from lab.data import read_labelled_images
-from lab.evaluation import logits_for_files
+from lab.evaluation import TARGET_MELANOMA_SENSITIVITY, logits_for_files
 from lab.provenance import command_line
 from ops.paths import CHECKPOINT
 
@@ -57,7 +57,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--report", help="JSON file for the per-mode figures")
     parser.add_argument("--tta-modes", nargs="+", choices=TTA_MODES, default=list(TTA_MODES))
     parser.add_argument("--serving-tta", choices=TTA_MODES, default="none", help="mode whose operating point is measured")
-    parser.add_argument("--target-sensitivity", type=float, default=0.85, help="melanoma sensitivity the referral flag must keep")
+    parser.add_argument("--target-sensitivity", type=float, default=TARGET_MELANOMA_SENSITIVITY, help="melanoma sensitivity the referral flag must keep")
     parser.add_argument("--folds", type=int, default=5, help="folds for the out-of-fold figures")
     parser.add_argument("--repeats", type=int, default=10,
                         help="fold partitions for the repeated out-of-fold figures (seeds --seed .. --seed+repeats-1)")

@@ -33,7 +33,7 @@ import torch
 from lab.crossfit import measure_combination, selection_aware_balanced_accuracy
 from lab.data import read_labelled_images
 from lab.ensembles import check_compatible_members, networks_in, renamed
-from lab.evaluation import cached_logits
+from lab.evaluation import TARGET_MELANOMA_SENSITIVITY, cached_logits
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -48,7 +48,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--cache-dir", help="keep each network's validation logits here, keyed by file digest")
     parser.add_argument("--min-size", type=int, default=1, help="smallest combination")
     parser.add_argument("--max-size", type=int, default=0, help="largest combination (0: all networks)")
-    parser.add_argument("--target-sensitivity", type=float, default=0.85, help="melanoma sensitivity the referral flag keeps")
+    parser.add_argument("--target-sensitivity", type=float, default=TARGET_MELANOMA_SENSITIVITY, help="melanoma sensitivity the referral flag keeps")
     parser.add_argument("--folds", type=int, default=5)
     parser.add_argument("--repeats", type=int, default=10, help="fold partitions (seeds --seed .. --seed+repeats-1)")
     parser.add_argument("--seed", type=int, default=0)

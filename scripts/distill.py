@@ -39,6 +39,7 @@ from handler.labels import CLASS_CODES
 from handler.storage import STORAGE_DTYPES, pack_state_dict
 from lab.data import LesionDataset, attach_paths, build_eval_transform, class_counts
 from lab.distillation import cache_teacher_logits, distillation_loader, distillation_loss, distillation_record, soft_labels
+from lab.evaluation import TARGET_MELANOMA_SENSITIVITY
 from lab.folds import (
     FoldLayout, check_trained_on, fold_split, folds_data_record, lesion_figures, limit_records, load_epoch_weights,
     load_folds, single_fold_figures, train_fold)
@@ -78,7 +79,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="use only this many images, drawn at random (smoke runs; never written to provenance)")
     parser.add_argument("--epochs-this-run", type=int, default=0,
                         help="stop each student cleanly after this many epochs; rerun to continue")
-    parser.add_argument("--target-sensitivity", type=float, default=0.85,
+    parser.add_argument("--target-sensitivity", type=float, default=TARGET_MELANOMA_SENSITIVITY,
                         help="melanoma sensitivity the reported referral thresholds keep")
     parser.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples of the all-folds check's intervals")
     parser.add_argument("--model-version", default="0.0.0-dev", help="version written into the student checkpoint")

@@ -31,6 +31,7 @@ from handler.architectures import default_preprocess_config
 from handler.labels import CLASS_CODES
 from handler.preprocessing import FULL_VIEW, RESIZE_MODES
 from lab.data import attach_paths, class_counts
+from lab.evaluation import TARGET_MELANOMA_SENSITIVITY
 from lab.folds import (
     SELECT_KEYS, FoldLayout, collect_out_of_fold, ensure_folds, export_teachers, fold_split, limit_records, summarize,
     train_fold, write_out_of_fold_csv)
@@ -75,7 +76,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--select-by", choices=SELECT_KEYS, default="lesion_balanced_accuracy",
                         help="out-of-fold figure that chooses the one epoch count for all folds")
     parser.add_argument("--epoch", type=int, help="use this epoch instead of choosing one from the out-of-fold curve")
-    parser.add_argument("--target-sensitivity", type=float, default=0.85,
+    parser.add_argument("--target-sensitivity", type=float, default=TARGET_MELANOMA_SENSITIVITY,
                         help="melanoma sensitivity the summary's referral threshold keeps")
     parser.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples of the summary's intervals")
     parser.add_argument("--teacher-storage", choices=("float32", "float16"), default="float16",
