@@ -14,6 +14,10 @@ tensors. Response::
     {"model_name", "model_version", "id", "parameters": {"decision_rule", "referral_threshold", ...},
      "outputs": [{"name": "probabilities", "datatype": "FP32", "shape": [n, 7], "data": [...]}, ...]}
 
+Tensors cannot hold nulls: an image the input gate refused but answered because the operator
+allows clients to override the gate (``in_distribution`` false) has ``prediction`` and
+``most_probable`` "", ``confidence`` 0 and ``referral`` false, where the plain answer has nulls.
+
 Errors are the protocol's ``{"error": "<message>"}`` with the HTTP status of this project's
 error. The images of a request are answered together or not at all: one image that cannot be
 read, or that the input gate refuses, fails its request (``image 2 of 3: <message>``), never
@@ -97,12 +101,12 @@ def _tensors(predictions: Sequence[Prediction]) -> dict[str, dict[str, Any]]:
         "probabilities": _tensor("probabilities", "FP32", [n, len(CLASS_CODES)],
                                  [p.probabilities[code] for p in predictions for code in CLASS_CODES]),
         "class_names": _tensor("class_names", "BYTES", [len(CLASS_CODES)], list(CLASS_CODES)),
-        "prediction": _tensor("prediction", "BYTES", [n], [p.prediction for p in predictions]),
-        "most_probable": _tensor("most_probable", "BYTES", [n], [p.most_probable for p in predictions]),
-        "confidence": _tensor("confidence", "FP32", [n], [p.confidence for p in predictions]),
+        "prediction": _tensor("prediction", "BYTES", [n], [p.prediction or "" for p in predictions]),
+        "most_probable": _tensor("most_probable", "BYTES", [n], [p.most_probable or "" for p in predictions]),
+        "confidence": _tensor("confidence", "FP32", [n], [p.confidence or 0.0 for p in predictions]),
         "malignant_probability": _tensor("malignant_probability", "FP32", [n],
                                          [p.malignant_probability for p in predictions]),
-        "referral": _tensor("referral", "BOOL", [n], [p.referral.refer for p in predictions]),
+        "referral": _tensor("referral", "BOOL", [n], [bool(p.referral.refer) for p in predictions]),
         "risk": _tensor("risk", "BYTES", [n], [p.risk for p in predictions]),
     }
     checks = [p.input_check for p in predictions]

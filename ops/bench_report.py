@@ -14,6 +14,9 @@ TARGETS = (
     ("gradcam_cost_ratio", "<= 1.3", lambda value: value <= 1.3),
     ("gate_cost_ratio", "<= 0.25", lambda value: value <= 0.25),
     ("p99_over_p50_at_70pct", "<= 3", lambda value: value <= 3.0),
+    # Each KServe protocol's throughput at 16 in flight against the plain endpoint's (protocols section).
+    ("kserve_v1_ratio", ">= 0.95", lambda value: value >= 0.95),
+    ("open_inference_ratio", ">= 0.95", lambda value: value >= 0.95),
 )
 
 
@@ -105,6 +108,9 @@ def summarize(result: dict[str, Any], batch_size: int) -> dict[str, Any]:
     summary["baseline_in_process_ratio"] = (in_process[batch_size] / summary["baseline_in_process_images_per_s"]
                                             if in_process.get(batch_size) and summary["baseline_in_process_images_per_s"]
                                             else None)
+    protocol_ratios = (result.get("protocols") or {}).get("ratio_to_plain") or {}
+    summary["kserve_v1_ratio"] = protocol_ratios.get("kserve_v1")
+    summary["open_inference_ratio"] = protocol_ratios.get("open_inference")
     summary["errors"] = sum(level["errors"] for level in served + unbatched + baseline_served + ([paced] if paced else []))
     summary["checks"] = [{"name": name, "value": summary[name], "target": target,
                           "met": None if summary[name] is None else bool(test(summary[name]))}
@@ -188,6 +194,21 @@ def write_report(path: Path, result: dict[str, Any]) -> None:
             paced = served["paced"]
             label = f"open loop ({paced.get('arrivals', 'poisson')}) {paced['offered_images_per_s']:.1f}/s ({paced['load_fraction']:.0%} of peak)"
             lines.append(level_row(label, paced))
+        lines.append("")
+    protocols = result.get("protocols")
+    if protocols:
+        lines += [f"## Protocols ({protocols['concurrency']} in flight, one image per request, {protocols['rounds']} "
+                  "interleaved rounds)", "",
+                  "The same JPEGs as the raw body to `/predictions` (plain), as KServe v1 `instances` to "
+                  "`/v1/models/skin_lesion:predict` and as an Open Inference Protocol `inputs` tensor to "
+                  "`/v2/models/skin_lesion/infer`, on one server with the release settings.", "",
+                  "| protocol, round | requests | errors | images/s | p50 ms | p95 ms | p99 ms | avg batch |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for protocol, levels in protocols["levels"].items():
+            lines += [level_row(f"{protocol}, {index + 1}", level) for index, level in enumerate(levels)]
+        lines += ["", "| protocol | mean images/s | ratio to plain |", "|---|---|---|"]
+        lines += [f"| {protocol} | {value:.1f} | {fmt(protocols['ratio_to_plain'][protocol], 3)} |"
+                  for protocol, value in protocols["images_per_s"].items()]
         lines.append("")
     unbatched = result.get("unbatched")
     if unbatched:

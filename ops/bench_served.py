@@ -6,17 +6,21 @@ in a separate client process (:func:`ops.loadgen.sweep_target`).
 
 from __future__ import annotations
 
+import base64
+import contextlib
+import json
 import socket
+import statistics
 import subprocess
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import yaml
 
 from ops.archive import ArchiveSpec, build_archive
-from ops.loadgen import ServedTarget, SweepPlan, sweep_target
+from ops.loadgen import ServedTarget, SweepPlan, format_level, sweep_target
 from ops.paths import CHECKPOINT, MODEL_CONFIG, MODEL_NAME, ROOT, SERVER_CONFIG
 from ops.torchserve import ADDRESS_KEYS, Server, start, stop, wait_ready
 
@@ -109,6 +113,23 @@ def served_sweep(model_config_overrides: dict[str, Any], payload_paths: Sequence
         settings) and ``startup_s`` (start until a READY worker).
     """
     config = model_config_with(base_model_config, model_config_overrides)
+    with serving(config, checkpoint) as (server, description, startup_s):
+        target = ServedTarget(f"{server.url('inference')}/predictions/{MODEL_NAME}", {}, server.url("metrics"),
+                              run_dir=str(server.run_dir))
+        print(f"served {', '.join(f'{k}={v}' for k, v in model_config_overrides.items()) or 'as configured'}: "
+              f"READY in {startup_s:.1f} s", flush=True)
+        result = sweep_target(target, payload_paths, plan)
+    served_settings = {key: description.get(key) for key in ("batchSize", "maxBatchDelay", "minWorkers", "maxWorkers")}
+    return {"model_config": served_settings, "overrides": model_config_overrides, "startup_s": startup_s, **result}
+
+
+@contextlib.contextmanager
+def serving(config: dict[str, Any], checkpoint: Path) -> Iterator[tuple[Server, dict[str, Any], float]]:
+    """An archive of ``checkpoint`` with model config ``config``, served on free loopback ports until the block ends.
+
+    Yields:
+        ``(server, the management API's description once all workers are READY, seconds to that)``.
+    """
     with tempfile.TemporaryDirectory(prefix="bench-served-") as work:
         work_dir = Path(work)
         (work_dir / "model-config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
@@ -125,16 +146,71 @@ def served_sweep(model_config_overrides: dict[str, Any], payload_paths: Sequence
         server = start(work_dir / "run", store, SERVER_CONFIG, addresses)
         try:
             description = wait_all_workers(server, int(config.get("minWorkers", 1)))
-            startup_s = time.monotonic() - started
-            target = ServedTarget(f"{server.url('inference')}/predictions/{MODEL_NAME}", {}, server.url("metrics"),
-                                  run_dir=str(server.run_dir))
-            print(f"served {', '.join(f'{k}={v}' for k, v in model_config_overrides.items()) or 'as configured'}: "
-                  f"READY in {startup_s:.1f} s", flush=True)
-            result = sweep_target(target, payload_paths, plan)
+            yield server, description, time.monotonic() - started
         finally:
             stop(server)
-    served_settings = {key: description.get(key) for key in ("batchSize", "maxBatchDelay", "minWorkers", "maxWorkers")}
-    return {"model_config": served_settings, "overrides": model_config_overrides, "startup_s": startup_s, **result}
+
+
+# The request shapes the handler answers (handler/protocols.py), one image per request each.
+PROTOCOLS = ("plain", "kserve_v1", "open_inference")
+
+
+def protocol_request(protocol: str, image: bytes) -> tuple[str, str, bytes]:
+    """``(path, Content-Type, body)`` of a one-image request in ``protocol``: the raw JPEG to
+    ``/predictions``, KServe v1 ``instances`` to ``:predict``, or an Open Inference Protocol
+    ``inputs`` tensor to ``/v2/.../infer``."""
+    encoded = base64.b64encode(image).decode()
+    if protocol == "plain":
+        return f"/predictions/{MODEL_NAME}", "image/jpeg", image
+    if protocol == "kserve_v1":
+        return (f"/v1/models/{MODEL_NAME}:predict", "application/json",
+                json.dumps({"instances": [{"image": {"b64": encoded}}]}).encode())
+    if protocol == "open_inference":
+        body = {"inputs": [{"name": "image", "datatype": "BYTES", "shape": [1], "data": [encoded]}]}
+        return f"/v2/models/{MODEL_NAME}/infer", "application/json", json.dumps(body).encode()
+    raise ValueError(f"unknown protocol {protocol!r}; expected one of {PROTOCOLS}")
+
+
+def protocol_sweep(payload_paths: Sequence[str], plan: SweepPlan, checkpoint: Path, base_model_config: Path = MODEL_CONFIG,
+                   concurrency: int = 16, rounds: int = 2) -> dict[str, Any]:
+    """Throughput of each protocol against the plain endpoint, on one server with the release settings.
+
+    Closed loop at ``concurrency`` in flight, the same JPEGs in each protocol's body, the
+    protocols interleaved ``rounds`` times (plain, v1, v2, plain, ...) so that a change of load
+    on the machine falls on all of them.
+
+    Returns:
+        ``levels`` (per protocol, one :func:`ops.loadgen.closed_loop` result per round),
+        ``images_per_s`` (per protocol, the mean over rounds), ``ratio_to_plain``,
+        ``concurrency``, ``rounds`` and ``startup_s``.
+    """
+    config = model_config_with(base_model_config, {})
+    level_plan = SweepPlan(levels=(concurrency,), level_requests=plan.level_requests, level_seconds=plan.level_seconds,
+                           warmup_seconds=plan.warmup_seconds, load_fraction=0.0)
+    levels: dict[str, list[dict[str, Any]]] = {protocol: [] for protocol in PROTOCOLS}
+    with serving(config, checkpoint) as (server, _, startup_s), tempfile.TemporaryDirectory(prefix="bench-bodies-") as bodies:
+        targets = {}
+        for protocol in PROTOCOLS:
+            folder = Path(bodies) / protocol
+            folder.mkdir()
+            paths = []
+            for source in payload_paths:
+                path, content_type, body = protocol_request(protocol, Path(source).read_bytes())
+                (folder / f"{Path(source).stem}.body").write_bytes(body)
+                paths.append(str(folder / f"{Path(source).stem}.body"))
+            targets[protocol] = (ServedTarget(f"{server.url('inference')}{path}", {"Content-Type": content_type},
+                                              server.url("metrics"), run_dir=str(server.run_dir)), paths)
+        for round_index in range(rounds):
+            for protocol in PROTOCOLS:
+                target, paths = targets[protocol]
+                level = sweep_target(target, paths, level_plan)["levels"][0]
+                print(f"protocol {protocol}, round {round_index + 1}: {format_level(level)}", flush=True)
+                levels[protocol].append(level)
+    images_per_s = {protocol: statistics.fmean(level["images_per_s"] for level in runs) for protocol, runs in levels.items()}
+    plain = images_per_s["plain"]
+    return {"concurrency": concurrency, "rounds": rounds, "startup_s": startup_s, "levels": levels,
+            "images_per_s": images_per_s,
+            "ratio_to_plain": {protocol: value / plain if plain > 0 else None for protocol, value in images_per_s.items()}}
 
 
 def baseline_checkpoint(reference: str, folder: Path) -> Path:

@@ -47,6 +47,13 @@ tail-latency check. The average batch size the server formed in each level comes
 handler's Prometheus histogram ``skin_lesion_batch_size`` (``_sum`` / ``_count`` deltas
 scraped around the level).
 
+``protocols``: one server with the release settings, the same JPEGs sent one per request as
+the raw body to ``/predictions`` (plain), as KServe v1 ``instances`` to
+``/v1/models/skin_lesion:predict`` and as an Open Inference Protocol ``inputs`` tensor to
+``/v2/models/skin_lesion/infer``, closed loop at 16 in flight, the three interleaved for two
+rounds (one with ``--quick``): each protocol's images/s as a ratio to the plain endpoint's
+(target at least 0.95).
+
 The pieces live in ``ops/``: :mod:`ops.loadgen` (closed- and open-loop load, statistics, the
 client process), :mod:`ops.bench_served` (archives and servers for the sweeps),
 :mod:`ops.bench_inprocess` (decode, runtime, Grad-CAM and ``handle_batch`` without a server) and
@@ -77,11 +84,12 @@ from handler.settings import HandlerSettings
 from ops.bench_inprocess import (bench_decode, bench_gate, bench_gradcam, bench_in_process, bench_runtimes,
                                  machine_description, parse_layout)
 from ops.bench_report import command_line, met_text, summarize, write_report
-from ops.bench_served import UNBATCHED_OVERRIDES, baseline_checkpoint, model_config_overrides, model_config_with, served_sweep
+from ops.bench_served import (UNBATCHED_OVERRIDES, baseline_checkpoint, model_config_overrides, model_config_with,
+                              protocol_sweep, served_sweep)
 from ops.loadgen import ServedTarget, default_plan, fmt, sweep_target
 from ops.paths import CHECKPOINT, DATA, MODEL_CONFIG, MODEL_NAME, ROOT
 
-SECTIONS = ("decode", "runtime", "gate", "gradcam", "inprocess", "unbatched", "served")
+SECTIONS = ("decode", "runtime", "gate", "gradcam", "inprocess", "unbatched", "served", "protocols")
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -213,6 +221,12 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
             result["served"] = served_sweep(overrides, payload_paths, plan, Path(args.checkpoint), Path(args.model_config))
             result["served"]["target"] = "TorchServe started by this run, release archive" + (
                 f" with {overrides}" if overrides else "")
+    if "protocols" in sections:
+        if args.url:
+            notes.append("--url: the protocols section needs a server of its own and was skipped.")
+        else:
+            result["protocols"] = protocol_sweep(payload_paths, plan, Path(args.checkpoint), Path(args.model_config),
+                                                 rounds=1 if args.quick else 2)
     if args.baseline:
         with tempfile.TemporaryDirectory(prefix="bench-baseline-") as folder:
             baseline = baseline_checkpoint(args.baseline, Path(folder))

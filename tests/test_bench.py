@@ -12,7 +12,10 @@ from scripts import bench
 from tests.conftest import RELEASED_CHECKPOINT, ROOT
 
 SUMMARY_KEYS = ("served_throughput_ratio", "speedup_vs_unbatched", "gradcam_cost_ratio", "gate_cost_ratio",
-                "p99_over_p50_at_70pct")
+                "p99_over_p50_at_70pct", "kserve_v1_ratio", "open_inference_ratio")
+# The protocols section (a server of its own) is left out of the shortened full run below;
+# test_protocol_ratios_are_checked_and_reported covers its summary and report.
+PROTOCOL_KEYS = ("kserve_v1_ratio", "open_inference_ratio")
 
 
 def level(concurrency, images_per_s, p50, p99, errors=0, avg_batch=1.0):
@@ -80,7 +83,7 @@ def test_summary_ratios_and_checks():
     assert summary["closed_loop_nearest_70pct"]["concurrency"] == 4  # 14 is nearest 0.7 x 18 = 12.6
     assert {check["name"]: check["met"] for check in summary["checks"]} == {
         "served_throughput_ratio": True, "speedup_vs_unbatched": True, "gradcam_cost_ratio": True,
-        "gate_cost_ratio": None, "p99_over_p50_at_70pct": False}
+        "gate_cost_ratio": None, "p99_over_p50_at_70pct": False, "kserve_v1_ratio": None, "open_inference_ratio": None}
 
     # Without the open-loop level, the closed-loop level nearest 70 % of the peak is used;
     # sections that did not run give None ("not measured"), never a made-up figure.
@@ -89,6 +92,22 @@ def test_summary_ratios_and_checks():
     assert partial["tail_level"].startswith("closed loop, 4 in flight")
     assert partial["served_throughput_ratio"] is None and partial["speedup_vs_unbatched"] is None
     assert {check["name"]: check["met"] for check in partial["checks"]}["gradcam_cost_ratio"] is None
+
+
+def test_protocol_ratios_are_checked_and_reported(tmp_path):
+    level = {"requests": 100, "errors": 0, "images_per_s": 10.0, "p50_ms": 1500, "p95_ms": 1900, "p99_ms": 2000,
+             "avg_batch_size": 3.9, "concurrency": 16}
+    protocols = {"concurrency": 16, "rounds": 1, "levels": {"plain": [level], "kserve_v1": [{**level, "images_per_s": 9.6}],
+                                                             "open_inference": [{**level, "images_per_s": 9.4}]},
+                 "images_per_s": {"plain": 10.0, "kserve_v1": 9.6, "open_inference": 9.4},
+                 "ratio_to_plain": {"plain": 1.0, "kserve_v1": 0.96, "open_inference": 0.94}}
+    summary = bench_report.summarize({"protocols": protocols}, batch_size=4)
+    checks = {check["name"]: check["met"] for check in summary["checks"]}
+    assert checks["kserve_v1_ratio"] is True and checks["open_inference_ratio"] is False
+    bench_report.write_report(tmp_path / "PERF.md", {"protocols": protocols, "summary": summary, "date": "d",
+                                                     "machine": "m", "command": "c", "quick": True})
+    report = (tmp_path / "PERF.md").read_text()
+    assert "| open_inference, 1 | 100 | 0 | 9.4 |" in report and "| kserve_v1 | 9.6 | 0.960 |" in report
 
 
 def test_the_in_process_limit_is_the_fastest_layout_and_the_baseline_gives_same_run_ratios():
@@ -223,7 +242,7 @@ def test_bench_through_real_torchserve(samples_dir, tmp_path):
     assert {(row["processes"], row["threads_per_process"]) for row in result["in_process"]} == set(layouts)
 
     summary = result["summary"]
-    for key in SUMMARY_KEYS + ("p99_ms_at_best", "best_served_images_per_s"):
+    for key in [k for k in SUMMARY_KEYS if k not in PROTOCOL_KEYS] + ["p99_ms_at_best", "best_served_images_per_s"]:
         assert summary[key] is not None and summary[key] > 0, key
     assert [check["name"] for check in summary["checks"]] == list(SUMMARY_KEYS)
     report = (tmp_path / "PERF.md").read_text()

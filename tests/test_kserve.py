@@ -170,6 +170,15 @@ def test_bundle_started_like_the_kserve_runtime_answers_like_the_plain_endpoint(
             raw = requests.post(f"{runtime.url('inference')}{V1}:predict", data=image,
                                 headers={"Content-Type": "image/jpeg"}, timeout=120)
             via_v1_raw[name] = raw.json()
+        # KServe v1 "instances" and the Open Inference Protocol, all golden images in one request each.
+        encoded = [base64.b64encode(image).decode() for _, _, image in cases]
+        instances = requests.post(f"{runtime.url('inference')}{V1}:predict", timeout=300,
+                                  json={"instances": [{"image": {"b64": b64}} for b64 in encoded]})
+        assert instances.status_code == 200, instances.text[:300]
+        infer = requests.post(f"{runtime.url('inference')}/v2/models/skin_lesion/infer", timeout=300, json={
+            "id": "golden", "inputs": [{"name": "image", "datatype": "BYTES", "shape": [len(encoded)], "data": encoded}]})
+        assert infer.status_code == 200 and infer.json()["id"] == "golden", infer.text[:300]
+        v2_outputs = {output["name"]: output["data"] for output in infer.json()["outputs"]}
         # Grad-CAM through KServe's explain verb.
         explained = requests.post(f"{runtime.url('inference')}{V1}:explain",
                                   json={"image": base64.b64encode(cases[0][2]).decode()}, timeout=300)
@@ -202,5 +211,9 @@ def test_bundle_started_like_the_kserve_runtime_answers_like_the_plain_endpoint(
             assert response.status_code == 200, response.text
             plain[name] = response.json()
     assert via_v1 == plain and via_v1_raw == plain
+    assert instances.json() == {"predictions": [plain[name] for name, _, _ in cases]}
+    assert v2_outputs["prediction"] == [plain[name]["prediction"] for name, _, _ in cases]
+    assert v2_outputs["probabilities"] == [plain[name]["probabilities"][code] for name, _, _ in cases
+                                           for code in v2_outputs["class_names"]]
     correct = sum(plain[name]["prediction"] == expected for name, expected, _ in cases)
     assert correct >= golden["min_matches"], f"{correct}/{len(cases)} golden diagnoses"
