@@ -7,6 +7,8 @@ DATA ?= ../shared/data/ham10000-224
 # The same lesions at their true 4:3 shape (all 10,015 images): how requests are shaped.
 DATA_43 ?= ../shared/data/ham10000-200x150
 OOD ?= ../shared/data/ood-imagenet/images
+CLINICAL ?= ../shared/data/pad-ufes-20-clinical
+SAMPLES_DIR ?= ../shared/data/samples-600x450
 RUN_DIR ?= run
 RUN ?= runs/train
 IMAGE ?= ../shared/data/samples-600x450/ISIC_0024354.jpg
@@ -108,16 +110,17 @@ ensemble: install ## Average trained checkpoints into $(or $(CHECKPOINT),runs/en
 evaluate: install ## Evaluate like the service answers: make evaluate IMAGES=dir LABELS=csv OUT=dir [CHECKPOINT=file] [EVAL_ARGS=...]
 	$(PY) scripts/evaluate.py --images $(IMAGES) --labels $(LABELS) --out $(OUT) $(if $(CHECKPOINT),--checkpoint $(CHECKPOINT)) $(EVAL_ARGS)
 
-evaluate-ood: install ## Input gate on a folder of non-dermoscopic images: refusal rate, and AUROC against the validation dermoscopy at 4:3 (make evaluate-ood OOD=dir [CHECKPOINT=file])
+evaluate-ood: install ## Input gate refusal rates with 95 % intervals: everyday photos (OOD=dir), synthetic frames, clinical photos (CLINICAL=dir, with the forced answers' balanced accuracy), dermoscopy falsely refused at 4:3 and full size [CHECKPOINT=file]
 	$(PY) scripts/evaluate.py --images $(DATA_43)/images --labels $(DATA_43)/metadata.csv --subset models/provenance/val_split.json \
-	  --out $(OUT)-ood --bootstrap 0 --ood $(OOD) $(if $(CHECKPOINT),--checkpoint $(CHECKPOINT)) $(EVAL_ARGS)
+	  --out $(OUT)-ood --bootstrap 0 --ood $(OOD) --synthetic 300 --clinical $(CLINICAL) --samples $(SAMPLES_DIR) \
+	  $(if $(CHECKPOINT),--checkpoint $(CHECKPOINT)) $(EVAL_ARGS)
 
 calibrate: install ## Refit calibrations and the referral operating point of $(or $(CHECKPOINT),models/skin_lesion.pt) on the validation split (report: models/provenance/calibration.json, or CHECKPOINT's name + -calibration.json)
 	$(PY) scripts/calibrate.py --checkpoint $(or $(CHECKPOINT),models/skin_lesion.pt) --output $(or $(CHECKPOINT),models/skin_lesion.pt) \
 	  --images $(DATA)/images --labels $(DATA)/metadata.csv --subset models/provenance/val_split.json \
 	  --report $(if $(CHECKPOINT),$(basename $(CHECKPOINT))-calibration.json,models/provenance/calibration.json) $(CALIBRATE_ARGS)
 
-fit-gate: install ## Fit and measure the out-of-distribution gate, store it in $(or $(CHECKPOINT),models/skin_lesion.pt) (report: docs/ood_gate_report.json) [VERSION=x.y]
+fit-gate: install ## Fit and measure the input gate (distance and modality head), store it in $(or $(CHECKPOINT),models/skin_lesion.pt) (report: docs/ood_gate_report.json) [VERSION=x.y]
 	nice -n 10 $(PY) -m scripts.fit_input_gate --checkpoint $(or $(CHECKPOINT),models/skin_lesion.pt) \
 	  --write-into $(or $(CHECKPOINT),models/skin_lesion.pt) $(if $(VERSION),--model-version $(VERSION)) \
 	  --output runs/ood/input_gate.pt --report docs/ood_gate_report.json --histogram docs/ood_gate_histogram.png

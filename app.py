@@ -140,8 +140,9 @@ def analyse(backend: Backend, renderer: OverlayRenderer, image: bytes | None, ta
         original = decode_image(image, renderer.settings.decode_limits).image
     except OutOfDistribution as exc:
         # No probabilities and no heatmap: the model's classes mean nothing for this picture.
-        logger.info("image refused as out of distribution (score %s, threshold %s)", exc.score, exc.threshold)
-        return (out_of_distribution_html(exc.score, exc.threshold), "", None, None, None, kept)
+        logger.info("image refused by the input gate as %s (score %s, threshold %s)", exc.modality, exc.score,
+                    exc.threshold)
+        return (out_of_distribution_html(exc.score, exc.threshold, exc.modality, exc.advice), "", None, None, None, kept)
     except (DemoError, RequestError, OSError) as exc:
         logger.warning("could not analyse the image: %s", exc)
         return (error_html(str(exc)), "", None, None, None, kept)

@@ -34,6 +34,7 @@ DEFAULT_URL = "http://127.0.0.1:8080"
 REQUEST_TIMEOUT_S = 60.0
 PROBE_TIMEOUT_S = 3.0
 OUT_OF_DISTRIBUTION = "out_of_distribution"
+NOT_DERMOSCOPY = "not_dermoscopy"  # the gate's refusal of a clinical photo (skin photographed without a dermatoscope)
 
 
 class DemoError(Exception):
@@ -46,12 +47,18 @@ class OutOfDistribution(DemoError):
     Attributes:
         score: The gate's out-of-distribution score (higher = less like dermoscopy), or None.
         threshold: The score above which images are refused, or None.
+        modality: What the gate took the image for: ``clinical`` (a photo of skin taken without a
+            dermatoscope, code ``not_dermoscopy``) or ``other``.
+        advice: What to send instead, in the server's words, or None.
     """
 
-    def __init__(self, message: str, score: float | None, threshold: float | None) -> None:
+    def __init__(self, message: str, score: float | None, threshold: float | None, modality: str = "other",
+                 advice: str | None = None) -> None:
         super().__init__(message)
         self.score = score
         self.threshold = threshold
+        self.modality = modality
+        self.advice = advice
 
 
 class Backend(Protocol):
@@ -95,10 +102,13 @@ def error_message(status: int, body: Any, text: str) -> str:
 def refusal(status: int, body: Any, text: str) -> DemoError:
     """The error to raise for a non-200 answer: :class:`OutOfDistribution` for the input gate's 422, else :class:`DemoError`."""
     error = body.get("error") if isinstance(body, dict) else None
-    if status == 422 and isinstance(error, dict) and error.get("code") == OUT_OF_DISTRIBUTION:
+    if status == 422 and isinstance(error, dict) and error.get("code") in (OUT_OF_DISTRIBUTION, NOT_DERMOSCOPY):
         score, threshold = error.get("score"), error.get("threshold")
+        modality = "clinical" if error.get("code") == NOT_DERMOSCOPY else "other"
+        advice = error.get("advice")
         return OutOfDistribution(str(error.get("message") or "out of distribution"),
-                                 None if score is None else float(score), None if threshold is None else float(threshold))
+                                 None if score is None else float(score), None if threshold is None else float(threshold),
+                                 modality, None if advice is None else str(advice))
     return DemoError(error_message(status, body, text))
 
 

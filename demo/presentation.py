@@ -141,13 +141,25 @@ def error_html(message: str) -> str:
             f'padding:8px 12px;border-radius:6px"><b>Could not analyse the image.</b> {html.escape(message)}</div>')
 
 
-def out_of_distribution_html(score: float | None, threshold: float | None) -> str:
+def out_of_distribution_html(score: float | None, threshold: float | None, modality: str = "other",
+                             advice: str | None = None) -> str:
     """The page's answer for an image the model's input gate refused: what it means and what to do, no probabilities.
 
     Args:
         score: The gate's out-of-distribution score (higher = less like dermoscopy), or None.
         threshold: The score above which the gate refuses, or None.
+        modality: ``clinical`` for a photo of skin taken without a dermatoscope, else ``other``.
+        advice: The server's advice, or None.
     """
+    if modality == "clinical":
+        import html
+
+        todo = html.escape(advice or "take the photo through a dermatoscope and send that image")
+        return (f'<div id="out-of-distribution" data-modality="clinical" role="alert" style="border:2px solid #616161;'
+                f'background:#f5f5f5;color:#212121;padding:10px 14px;border-radius:6px;font-size:15px"><b>This looks '
+                f'like a photo of the skin taken without a dermatoscope</b> (a clinical photo), so the model gives no '
+                f'answer for it: it was trained on dermoscopic images only, and on clinical photos its answers are '
+                f'close to chance. <b>What to do: {todo[:1].upper() + todo[1:]}.</b></div>')
     if score is not None and threshold is not None:
         measured = (f" Its out-of-distribution score is <b>{score:.3g}</b>, above the {threshold:.3g} that dermoscopic "
                     "images of skin lesions stay under.")

@@ -20,9 +20,10 @@ import torch
 from handler.calibration import augmented_views, merge_views
 from handler.checkpoint import LoadedModel
 from handler.decision import decide
-from handler.errors import InternalError, OutOfDistributionError, RequestError
+from handler.errors import (GateOverrideNotAllowedError, InternalError, NotDermoscopyError, OutOfDistributionError,
+                            RequestError)
 from handler.gradcam import gradcam_from_features, normalize_maps
-from handler.input_gate import InputGate
+from handler.input_gate import CLINICAL, GateAssessment, InputGate
 from handler.labels import CLASS_CODES
 from handler.overlay import encode_image, model_view_box, render_overlay
 from handler.preprocessing import decode_image, load_model_input, normalize_batch
@@ -139,14 +140,52 @@ def format_gradcam(request: ParsedRequest, heatmap: torch.Tensor, target: int, l
     )
 
 
+def input_checks(gate: InputGate, assessment: GateAssessment) -> list[InputCheck]:
+    """One :class:`InputCheck` per image of an assessed batch."""
+    not_dermoscopy = assessment.not_dermoscopy
+    checks = []
+    for i in range(len(assessment.score)):
+        reason = assessment.reason(i)
+        checks.append(InputCheck(
+            not bool(assessment.refused[i]), round(float(assessment.score[i]), 6), round(gate.threshold, 6), gate.method,
+            assessment.modality(i), None if not_dermoscopy is None else round(float(not_dermoscopy[i]), 6),
+            None if gate.head_threshold is None else round(gate.head_threshold, 6),
+            None if reason is None else NotDermoscopyError.code if reason == CLINICAL else OutOfDistributionError.code))
+    return checks
+
+
+def gate_refusal(check: InputCheck) -> RequestError:
+    """The 422 for an image the gate refused: ``not_dermoscopy`` (a clinical photo) or ``out_of_distribution``.
+
+    It says what the image looks like and what to send instead; the gate's figures go along
+    for the client's log. How to bypass the gate is the operator's business, not the client's.
+    """
+    figures = {"modality": check.modality if check.refusal == NotDermoscopyError.code else "other",
+               "score": check.score, "threshold": check.threshold}
+    if check.modality_score is not None:
+        figures.update(modality_score=check.modality_score, modality_threshold=check.modality_threshold)
+    if check.refusal == NotDermoscopyError.code:
+        advice = "take the photo through a dermatoscope and send that image"
+        return NotDermoscopyError(
+            "this looks like a photo of the skin taken without a dermatoscope (a clinical photo); the model judges "
+            f"only dermoscopic images, and on clinical photos its answers are close to chance: {advice}",
+            advice=advice, **figures)
+    advice = "send a dermoscopic photo (taken through a dermatoscope) of one skin lesion"
+    return OutOfDistributionError(
+        f"this does not look like a dermoscopic image of a skin lesion, so the model cannot judge it: {advice}",
+        advice=advice, **figures)
+
+
 def _forward(loaded: LoadedModel, inputs: list[torch.Tensor], settings: HandlerSettings
-             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """Features, calibrated probabilities and gate scores of a list of uint8 inputs, in one pass."""
+             ) -> tuple[torch.Tensor, torch.Tensor, list[InputCheck] | None]:
+    """Features, calibrated probabilities and the gate's checks of a list of uint8 inputs, in one pass."""
     batch = torch.stack(inputs)
     features, logits = run_model(loaded, batch, settings.tta)
     probabilities = loaded.calibration(settings.tta).apply(logits).cpu()
-    scores = loaded.gate.score(batch.to(features.device)).cpu() if loaded.gate is not None else None
-    return features, probabilities, scores
+    checks = None
+    if loaded.gate is not None:
+        checks = input_checks(loaded.gate, loaded.gate.assess(batch.to(features.device)))
+    return features, probabilities, checks
 
 
 @torch.inference_mode()
@@ -212,6 +251,10 @@ def _serve_images(loaded: LoadedModel, settings: HandlerSettings, items: Sequenc
             continue
 
         def prepare(parsed: ParsedRequest = item) -> tuple[ParsedRequest, torch.Tensor]:
+            if parsed.allow_out_of_distribution and not settings.allow_gate_override:
+                raise GateOverrideNotAllowedError(
+                    "this service does not let clients override its input gate (\"allow_out_of_distribution\"); "
+                    "send the request without it")
             tensor, _ = load_model_input(parsed.image, loaded.preprocess, settings.decode_limits)
             return parsed, tensor
 
@@ -227,10 +270,10 @@ def _serve_images(loaded: LoadedModel, settings: HandlerSettings, items: Sequenc
 
     started = time.perf_counter()
     try:
-        features, probabilities, scores = _forward(loaded, inputs, settings)
+        features, probabilities, checks = _forward(loaded, inputs, settings)
     except Exception:  # noqa: BLE001 - find the one input that breaks the batch: each runs alone
         logger.exception("batch forward pass failed; running its %d requests one by one", len(inputs))
-        features, probabilities, scores = None, None, None
+        features, probabilities, checks = None, None, None
     if features is None:
         per_request = [guarded(index, total, "running the model", lambda t=tensor: _forward(loaded, [t], settings))
                        for (index, _), tensor in zip(accepted, inputs)]
@@ -244,7 +287,7 @@ def _serve_images(loaded: LoadedModel, settings: HandlerSettings, items: Sequenc
         accepted = [request for request, _ in kept]
         features = torch.cat([result[0] for _, result in kept])
         probabilities = torch.cat([result[1] for _, result in kept])
-        scores = None if kept[0][1][2] is None else torch.cat([result[2] for _, result in kept])
+        checks = None if kept[0][1][2] is None else [check for _, result in kept for check in result[2]]
     calibration = loaded.calibration(settings.tta)
     predicted = decide(probabilities, settings.decision_rule, calibration.class_prior)
     timings.inference = time.perf_counter() - started
@@ -252,18 +295,13 @@ def _serve_images(loaded: LoadedModel, settings: HandlerSettings, items: Sequenc
     started = time.perf_counter()
     answered: list[tuple[int, int, ParsedRequest, InputCheck | None]] = []  # (position, index, request, check)
     for position, (index, parsed) in enumerate(accepted):
-        check = None
-        if scores is not None:
-            score = float(scores[position])
-            check = InputCheck(score <= loaded.gate.threshold, round(score, 6), round(loaded.gate.threshold, 6),
-                               loaded.gate.method)
-            if not check.in_distribution and not parsed.allow_out_of_distribution:
-                responses[index] = error_response(OutOfDistributionError(
-                    "this does not look like a dermoscopic image of a skin lesion, so the model cannot judge it "
-                    f"(out-of-distribution score {check.score:.4g} above the threshold {check.threshold:.4g}); send a "
-                    "dermoscopic photo, or set \"allow_out_of_distribution\": true to get an answer marked as such",
-                    score=check.score, threshold=check.threshold))
+        check = checks[position] if checks is not None else None
+        if check is not None and not check.in_distribution:
+            if not parsed.allow_out_of_distribution:  # (an override reaches here only where the operator allows it)
+                responses[index] = error_response(gate_refusal(check))
                 continue
+            logger.warning("input gate overridden by the client for request %d of %d (%s: score %s, modality %s %s)",
+                           index + 1, total, check.refusal, check.score, check.modality, check.modality_score)
         answered.append((position, index, parsed, check))
 
     explained = [(position, parsed) for position, _, parsed, _ in answered if parsed.gradcam]

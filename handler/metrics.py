@@ -16,6 +16,7 @@ REQUESTS = "skin_lesion_requests_total"
 PREDICTIONS = "skin_lesion_predictions_total"
 REFERRALS = "skin_lesion_referrals_total"
 REFUSALS = "skin_lesion_refusals_total"
+GATE_OVERRIDES = "skin_lesion_gate_overrides_total"
 CONFIDENCE = "skin_lesion_top_confidence_tenths"
 BATCH_SIZE = "skin_lesion_batch_size"
 PREPROCESS_SECONDS = "skin_lesion_preprocess_seconds"
@@ -58,6 +59,12 @@ def batch_metric_updates(model_name: str, responses: Sequence[Response], explain
             # (a 5xx is not a refusal but a failure, counted in REQUESTS only).
             if body.status < 500:
                 updates.append((REFUSALS, "counter", 1.0, [model_name, body.code]))
+            continue
+        if body.gate_overridden:
+            # An image the gate refused, answered because the operator lets clients override it: not
+            # an ok prediction (no class, no referral), counted by the refusal it bypassed.
+            updates.append((REQUESTS, "counter", 1.0, [model_name, endpoint, "gate_overridden"]))
+            updates.append((GATE_OVERRIDES, "counter", 1.0, [model_name, str(body.input_check.refusal)]))
             continue
         updates.append((REQUESTS, "counter", 1.0, [model_name, endpoint, "ok"]))
         updates.append((PREDICTIONS, "counter", 1.0, [model_name, body.prediction]))

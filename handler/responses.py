@@ -16,24 +16,52 @@ from handler.labels import CLASS_CODES, REFERRAL_CLASSES, Risk, class_index, les
 
 NOTICE = ("Research and screening aid only, not a diagnosis. A dermatologist must assess any lesion of concern; "
           "a low-risk result does not rule out melanoma or skin cancer.")
+# The answer on an image the input gate refused, given only because the operator allows clients to
+# override the gate (handler.allow_gate_override): no class, no risk, no referral decision.
+OVERRIDE_NOTICE = ("The input gate judged this image not to be a dermoscopic photo of a skin lesion; these "
+                   "probabilities were returned only because the gate was overridden. They are not a screening "
+                   "result: the model was never trained on such images.")
 
 
 @dataclass(frozen=True)
 class Referral:
-    """Whether the malignant probability reached the referral threshold."""
+    """Whether the malignant probability reached the referral threshold (None: no decision, the
+    image was refused by the input gate and answered only because the gate was overridden)."""
 
-    refer: bool
+    refer: bool | None
     threshold: float
 
 
 @dataclass(frozen=True)
 class InputCheck:
-    """The out-of-distribution gate's verdict on one image (higher score = less like dermoscopy)."""
+    """The out-of-distribution gate's verdict on one image (higher score = less like dermoscopy).
+
+    Attributes:
+        in_distribution: Whether the gate accepts the image.
+        score: The distance to dermoscopic references; refused above ``threshold``.
+        threshold: The distance threshold.
+        method: The gate's method name.
+        modality: The modality head's most probable class (``dermoscopy``, ``clinical``,
+            ``other``), or from the distance alone for a gate without a head.
+        modality_score: ``1 - p(dermoscopy)`` of the head; refused above ``modality_threshold``
+            (both None without a head).
+        refusal: The error code the gate refuses the image with (``not_dermoscopy`` or
+            ``out_of_distribution``), None when it accepts it.
+    """
 
     in_distribution: bool
     score: float
     threshold: float
     method: str
+    modality: str | None = None
+    modality_score: float | None = None
+    modality_threshold: float | None = None
+    refusal: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        """The ``input_check`` object (fields that do not apply are left out)."""
+        return {name: value for name, value in dataclasses.asdict(self).items()
+                if value is not None or name == "refusal"}
 
 
 @dataclass(frozen=True)
@@ -71,12 +99,18 @@ class GradcamResult:
                    values["heatmap"], bool(values["has_evidence"]), tuple(values["heatmap_box"]))
 
 
+# The fields of a Prediction that name a class: absent from an overridden answer.
+CLASS_FIELDS = ("prediction", "label", "confidence", "most_probable")
+
+
 @dataclass(frozen=True)
 class Prediction:
     """The answer for one image.
 
     Attributes:
-        prediction: The class the decision rule names.
+        prediction: The class the decision rule names (None, and left out of the JSON with
+            ``label``, ``confidence`` and ``most_probable``, for an image the input gate refused
+            that is answered only because the gate was overridden).
         label: Its name.
         confidence: Its calibrated probability.
         most_probable: The most probable class (may differ under the ``balanced`` rule).
@@ -91,10 +125,10 @@ class Prediction:
         gradcam: The explanation, when asked for.
     """
 
-    prediction: str
-    label: str
-    confidence: float
-    most_probable: str
+    prediction: str | None
+    label: str | None
+    confidence: float | None
+    most_probable: str | None
     decision_rule: str
     probabilities: dict[str, float]
     malignant_probability: float
@@ -108,19 +142,26 @@ class Prediction:
     def to_json(self) -> dict[str, Any]:
         """The response body."""
         body = {field.name: getattr(self, field.name) for field in dataclasses.fields(self)
-                if field.name not in ("referral", "input_check", "gradcam")}
+                if field.name not in ("referral", "input_check", "gradcam")
+                and not (field.name in CLASS_FIELDS and getattr(self, field.name) is None)}
         body["referral"] = dataclasses.asdict(self.referral)
         if self.input_check is not None:
-            body["input_check"] = dataclasses.asdict(self.input_check)
+            body["input_check"] = self.input_check.to_json()
         if self.gradcam is not None:
             body["gradcam"] = self.gradcam.to_json()
         return body
+
+    @property
+    def gate_overridden(self) -> bool:
+        """Whether this answers an image the input gate refused (the client overrode the gate)."""
+        return self.input_check is not None and not self.input_check.in_distribution
 
     @classmethod
     def from_json(cls, values: Mapping[str, Any]) -> "Prediction":
         """A response body turned back into a :class:`Prediction`."""
         plain = {field.name: values[field.name] for field in dataclasses.fields(cls)
                  if field.name not in ("referral", "input_check", "gradcam") and field.name in values}
+        plain.update({name: values.get(name) for name in CLASS_FIELDS})
         return cls(**plain, referral=Referral(**values["referral"]),
                    input_check=InputCheck(**values["input_check"]) if values.get("input_check") else None,
                    gradcam=GradcamResult.from_json(values["gradcam"]) if values.get("gradcam") else None)
@@ -202,7 +243,9 @@ def make_prediction(probabilities: Sequence[float], model_version: str, referral
         referral_threshold: Malignant probability that raises the referral flag.
         predicted: Index of the class the decision rule names; None names the most probable.
         decision_rule: The rule that chose ``predicted``.
-        input_check: The input gate's verdict; an image out of distribution gets risk ``unknown``.
+        input_check: The input gate's verdict. An image it refused (answered only because the
+            gate was overridden) gets probabilities but no class, risk ``unknown`` and no
+            referral decision.
     """
     probs = {code: round(float(p), 6) for code, p in zip(CLASS_CODES, probabilities)}
     most_probable = max(probs, key=probs.get)
@@ -210,8 +253,11 @@ def make_prediction(probabilities: Sequence[float], model_version: str, referral
     malignant = float(sum(probabilities[class_index(code)] for code in REFERRAL_CLASSES))
     refer = malignant >= referral_threshold
     risk = Risk.HIGH if refer else lesion_class(top).risk
-    # No risk level is honest for an image the gate does not recognise as dermoscopy, even if asked for.
-    risk_value = "unknown" if input_check is not None and not input_check.in_distribution else risk.value
+    if input_check is not None and not input_check.in_distribution:
+        # No class, risk level or referral decision is honest for an image the gate does not
+        # recognise as dermoscopy, even when the gate was overridden.
+        return Prediction(None, None, None, None, decision_rule, probs, round(malignant, 6), "unknown",
+                          Referral(None, referral_threshold), model_version, OVERRIDE_NOTICE, input_check)
     return Prediction(top, lesion_class(top).name, probs[top], most_probable, decision_rule, probs,
-                      round(malignant, 6), risk_value, Referral(refer, referral_threshold), model_version,
+                      round(malignant, 6), risk.value, Referral(refer, referral_threshold), model_version,
                       input_check=input_check)

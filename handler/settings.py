@@ -46,6 +46,11 @@ class HandlerSettings:
         heatmap_decimals: Rounding of the raw heatmap values in the response.
         require_input_gate: Refuse to load a checkpoint without an out-of-distribution gate
             (``meta.input_gate``). The served config sets it; unit tests of tiny models do not.
+        allow_gate_override: Whether a client may ask for an answer on an image the input gate
+            refuses (``allow_out_of_distribution``). Off by default: the gate is the operator's,
+            and a request asking for the override gets a 403 ``gate_override_not_allowed``. When
+            on, the overridden answer carries probabilities but no class, risk ``unknown`` and
+            ``referral.refer`` null, and is counted in ``skin_lesion_gate_overrides_total``.
     """
 
     max_body_bytes: int = 16 * 1024 * 1024
@@ -66,6 +71,7 @@ class HandlerSettings:
     gradcam_max_side: int = 1600
     heatmap_decimals: int = 3
     require_input_gate: bool = False
+    allow_gate_override: bool = False
 
     def __post_init__(self) -> None:
         check_tta_mode(self.tta)

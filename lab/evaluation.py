@@ -256,18 +256,24 @@ class ServedImages:
         probabilities: (N, 7) calibrated probabilities, in the order of the files.
         gate_scores: (N,) out-of-distribution scores of the model's input gate, or None
             when the checkpoint has no gate.
-        gate_threshold: The gate's threshold (a score above it is refused), or None.
+        gate_threshold: The gate's distance threshold (a score above it is refused), or None.
         gate_method: The gate's method name, or None.
+        gate_refused: (N,) bool: the gate's verdict (distance or modality head), or None.
+        gate_reasons: Per image, why the gate refuses it (``clinical``, ``other``) or None.
     """
 
     probabilities: torch.Tensor
     gate_scores: torch.Tensor | None = None
     gate_threshold: float | None = None
     gate_method: str | None = None
+    gate_refused: torch.Tensor | None = None
+    gate_reasons: list[str | None] | None = None
 
     @property
     def refused(self) -> torch.Tensor:
-        """(N,) bool: which images the service would refuse as out of distribution (none without a gate)."""
+        """(N,) bool: which images the service's input gate would refuse (none without a gate)."""
+        if self.gate_refused is not None:
+            return self.gate_refused
         if self.gate_scores is None:
             return torch.zeros(len(self.probabilities), dtype=torch.bool)
         return self.gate_scores > self.gate_threshold
@@ -288,25 +294,29 @@ def serve_files(loaded: LoadedModel, paths: Sequence[str | Path], tta: str = "no
         batch_size: Images per forward pass.
         limits: The served decode limits.
     """
-    chunks, scores = [], []
+    chunks, scores, refused, reasons = [], [], [], []
     for batch in input_batches(paths, loaded, batch_size, limits):
         chunks.append(predict_probabilities(loaded, batch, tta))
         if loaded.gate is not None:
-            scores.append(loaded.gate.score(batch).cpu())
+            assessment = loaded.gate.assess(batch)
+            scores.append(assessment.score.cpu())
+            refused.append(assessment.refused.cpu())
+            reasons += [assessment.reason(i) for i in range(len(batch))]
     probabilities = torch.cat(chunks) if chunks else torch.empty(0, len(CLASS_CODES))
     if loaded.gate is None:
         return ServedImages(probabilities)
     return ServedImages(probabilities, torch.cat(scores) if scores else torch.empty(0), float(loaded.gate.threshold),
-                        loaded.gate.method)
+                        loaded.gate.method, torch.cat(refused) if refused else torch.empty(0, dtype=torch.bool), reasons)
 
 
 def gate_scores_of_files(loaded: LoadedModel, paths: Sequence[str | Path], batch_size: int = 32,
-                         limits: DecodeLimits = DecodeLimits()) -> tuple[torch.Tensor, list[str]]:
-    """The input gate's scores of image files of any kind, as served; files the service refuses
+                         limits: DecodeLimits = DecodeLimits()) -> tuple[torch.Tensor, list[str], torch.Tensor, list[str | None]]:
+    """The input gate's verdicts on image files of any kind, as served; files the service refuses
     before the gate (undecodable, bad dimensions) are listed apart by name.
 
     Returns:
-        ``(scores of the decodable files, names of the files refused before the gate)``.
+        ``(distance scores of the decodable files, names of the files refused before the gate,
+        refused (bool) per decodable file, reason per decodable file: clinical, other or None)``.
     """
     from handler.errors import RequestError
 
@@ -316,9 +326,14 @@ def gate_scores_of_files(loaded: LoadedModel, paths: Sequence[str | Path], batch
             kept.append(load_model_input(Path(path).read_bytes(), loaded.preprocess, limits)[0])
         except RequestError:
             refused_early.append(Path(path).name)
-    scores = [loaded.gate.score(torch.stack(kept[start:start + batch_size])).cpu()
-              for start in range(0, len(kept), batch_size)]
-    return (torch.cat(scores) if scores else torch.empty(0)), refused_early
+    scores, refused, reasons = [], [], []
+    for start in range(0, len(kept), batch_size):
+        assessment = loaded.gate.assess(torch.stack(kept[start:start + batch_size]))
+        scores.append(assessment.score.cpu())
+        refused.append(assessment.refused.cpu())
+        reasons += [assessment.reason(i) for i in range(len(assessment.score))]
+    return ((torch.cat(scores) if scores else torch.empty(0)), refused_early,
+            (torch.cat(refused) if refused else torch.empty(0, dtype=torch.bool)), reasons)
 
 
 @torch.inference_mode()

@@ -71,8 +71,9 @@ def render_panel(image_bytes: bytes, prediction: Prediction) -> Image.Image:
     top3 = sorted(prediction.probabilities.items(), key=lambda item: item[1], reverse=True)[:3]
     lines = [
         "top 3: " + "   ".join(f"{code} {p:.2f} ({lesion_class(code).name})" for code, p in top3),
-        f"prediction {prediction.prediction} ({prediction.decision_rule} rule)   "
-        f"Grad-CAM for '{prediction.gradcam.class_code}'   risk {prediction.risk}   "
+        (f"prediction {prediction.prediction} ({prediction.decision_rule} rule)   " if prediction.prediction is not None
+         else "no prediction (input gate overridden)   ")
+        + f"Grad-CAM for '{prediction.gradcam.class_code}'   risk {prediction.risk}   "
         f"malignant p {prediction.malignant_probability:.2f}",
         NOTICE.split(".")[0] + f".   model {prediction.model_version}",
     ]

@@ -134,6 +134,84 @@ def folder_items(folder: Path) -> list[Item]:
     return [file_item(p) for p in sorted(folder.iterdir()) if p.suffix.lower() in IMAGE_SUFFIXES]
 
 
+# PAD-UFES-20 diagnoses as HAM10000 classes (its README): SCC has no HAM10000 class of its own.
+PAD_TO_HAM = {"NEV": "nv", "BCC": "bcc", "ACK": "akiec", "SEK": "bkl", "MEL": "mel"}
+
+
+def clinical_items(folder: Path) -> list[Item]:
+    """The PAD-UFES-20 clinical photos of ``folder`` (``metadata.csv`` + ``images/``), grouped by patient.
+
+    Each item's ``group`` is its ``patient_id`` (photos of one patient stay on one side of any
+    split) and its ``label`` the PAD diagnosis (``NEV``, ``BCC``, ...).
+    """
+    rows = read_csv(folder / "metadata.csv")
+    return [file_item(folder / "images" / row["image"], row["patient_id"], row["diagnostic"]) for row in rows]
+
+
+def downscaled_item(item: Item, side: int, quality: int) -> Item:
+    """``item`` resized to ``side`` x ``side`` and saved as JPEG at ``quality`` (a softer, smaller copy).
+
+    The clinical photos are 300 px and sharp, the 4:3 dermoscopy 200x150 and soft: copies like
+    these keep the modality head from learning sharpness instead of modality.
+    """
+    from PIL import Image
+
+    def read() -> bytes:
+        image = Image.open(io.BytesIO(item.read())).convert("RGB").resize((side, side), Image.BILINEAR)
+        buffer = io.BytesIO()
+        image.save(buffer, "JPEG", quality=quality)
+        return buffer.getvalue()
+
+    return Item(f"{item.name}@{side}q{quality}", item.group, read, item.label)
+
+
+def square_split(metadata: Path, images: Path, val_split: Path) -> DermoscopySplit:
+    """The one-image-per-lesion square set (``ham10000-224``) on each side of the release's split:
+    ``val_image_ids`` are the validation images, every other image is a training lesion's."""
+    val_ids = set(json.loads(val_split.read_text())["val_image_ids"])
+    train, val = [], []
+    for row in read_csv(metadata):
+        item = file_item(images / f"{row['image_id']}.jpg", row["lesion_id"], row["dx"])
+        (val if row["image_id"] in val_ids else train).append(item)
+    return DermoscopySplit(train, val)
+
+
+def group_folds(groups: Sequence[str], folds: int, seed: int = 0) -> np.ndarray:
+    """A fold number in ``0..folds-1`` per item, all items of one group (patient) in one fold.
+
+    Groups are dealt in a seeded random order, largest first, each to the fold with the fewest
+    items so far, so that folds have about the same number of images.
+    """
+    rng = np.random.default_rng(seed)
+    names, counts = np.unique(np.asarray(groups), return_counts=True)
+    order = sorted(rng.permutation(len(names)).tolist(), key=lambda i: -counts[i])
+    sizes = np.zeros(folds, dtype=int)
+    fold_of: dict[str, int] = {}
+    for i in order:
+        fold = int(np.argmin(sizes))
+        fold_of[str(names[i])] = fold
+        sizes[fold] += counts[i]
+    return np.array([fold_of[str(g)] for g in groups])
+
+
+def wilson_interval(successes: float, total: int, z: float = 1.959964) -> tuple[float, float]:
+    """The 95 % Wilson score interval of a proportion ``successes / total`` (``(nan, nan)`` for none)."""
+    if total <= 0:
+        return float("nan"), float("nan")
+    p = successes / total
+    centre = (p + z * z / (2 * total)) / (1 + z * z / total)
+    half = z * math.sqrt(p * (1 - p) / total + z * z / (4 * total * total)) / (1 + z * z / total)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def rate_with_interval(refused: Sequence[bool] | np.ndarray) -> dict[str, Any]:
+    """``{"rate", "count", "of", "interval95"}`` of a boolean array, the interval by :func:`wilson_interval`."""
+    values = np.asarray(refused, dtype=bool)
+    low, high = wilson_interval(float(values.sum()), len(values))
+    return {"rate": float(values.mean()) if len(values) else float("nan"), "count": int(values.sum()),
+            "of": int(len(values)), "interval95": [low, high]}
+
+
 # --------------------------------------------------------------------------- features
 
 
@@ -542,3 +620,257 @@ def batched(sequence: Sequence[Any], size: int) -> Iterable[Sequence[Any]]:
     """Consecutive slices of ``size``."""
     for start in range(0, len(sequence), size):
         yield sequence[start:start + size]
+
+
+# --------------------------------------------------------------------------- the modality head
+
+
+def fit_modality_head(features_by_class: Mapping[str, torch.Tensor], c: float = 1.0, seed: int = 0) -> dict[str, Any]:
+    """A multinomial logistic regression over unit-normalized pooled features, classes weighted equally.
+
+    Args:
+        features_by_class: ``{modality: (N_c, D) features}``, e.g. ``dermoscopy``, ``clinical``, ``other``.
+        c: Inverse L2 regularization strength (scikit-learn's ``C``).
+
+    Returns:
+        ``{"classes", "weight" (C, D), "bias" (C,)}`` as :func:`handler.input_gate.modality_probabilities` takes them.
+    """
+    from sklearn.linear_model import LogisticRegression
+
+    classes = list(features_by_class)
+    x = torch.cat([torch.nn.functional.normalize(features_by_class[name].float(), dim=1) for name in classes]).numpy()
+    y = np.concatenate([np.full(len(features_by_class[name]), i) for i, name in enumerate(classes)])
+    model = LogisticRegression(C=c, class_weight="balanced", max_iter=5000, random_state=seed).fit(x, y)
+    weight, bias = model.coef_, model.intercept_
+    if len(classes) == 2:  # scikit-learn keeps one row for two classes: logit(class 1) = w x + b
+        weight, bias = np.stack([-weight[0] / 2, weight[0] / 2]), np.array([-bias[0] / 2, bias[0] / 2])
+    return {"classes": classes, "weight": torch.from_numpy(np.asarray(weight)).float(),
+            "bias": torch.from_numpy(np.asarray(bias)).float()}
+
+
+def not_dermoscopy_scores(head: Mapping[str, Any], features: torch.Tensor) -> np.ndarray:
+    """``1 - p(dermoscopy)`` of a modality head for each row of ``features``."""
+    from handler.input_gate import DERMOSCOPY, modality_probabilities
+
+    probabilities = modality_probabilities(features, head["weight"], head["bias"])
+    return (1.0 - probabilities[:, list(head["classes"]).index(DERMOSCOPY)]).numpy().astype(np.float64)
+
+
+def union_thresholds(columns: Sequence[np.ndarray], budgets: Sequence[float]) -> list[float]:
+    """One conformal threshold per score column (:func:`select_threshold`), column ``i`` refusing at
+    most ``budgets[i]`` of new in-distribution images, so that the union refuses at most their sum."""
+    return [select_threshold(column, budget) for column, budget in zip(columns, budgets)]
+
+
+def union_refused(columns: Sequence[np.ndarray], thresholds: Sequence[float]) -> np.ndarray:
+    """Booleans: some column's score is strictly above its threshold."""
+    refused = np.zeros(len(columns[0]), dtype=bool)
+    for column, threshold in zip(columns, thresholds):
+        refused |= np.asarray(column, dtype=np.float64) > threshold
+    return refused
+
+
+def crossfit_union_false_refusal(columns: Sequence[np.ndarray], groups: Sequence[str], budgets: Sequence[float],
+                                 repeats: int = 50, seed: int = 0) -> dict[str, Any]:
+    """:func:`crossfit_false_refusal` for a union of scores, each with its own budget.
+
+    Returns the same summary, plus ``refused_mean`` (mean refused count on a measured half)
+    and ``interval95``: a Wilson interval of the pooled out-of-sample refusals, with the
+    mean refused count over the ``images`` (each repeat measures every image once).
+    """
+    group_array = np.asarray(groups)
+    lesions = np.unique(group_array)
+    rng = np.random.default_rng(seed)
+    rates, counts = [], []
+    for _ in range(repeats):
+        half = set(rng.permutation(lesions)[: len(lesions) // 2].tolist())
+        in_half = np.array([g in half for g in group_array])
+        refused_total = 0
+        for fit, measure in ((in_half, ~in_half), (~in_half, in_half)):
+            thresholds = union_thresholds([np.asarray(c)[fit] for c in columns], budgets)
+            refused = union_refused([np.asarray(c)[measure] for c in columns], thresholds)
+            rates.append(float(refused.mean()))
+            refused_total += int(refused.sum())
+        counts.append(refused_total)
+    rates_array = np.array(rates)
+    images = len(group_array)
+    mean_count = float(np.mean(counts))
+    return {"mean": float(rates_array.mean()), "std": float(rates_array.std()),
+            "p90": float(np.quantile(rates_array, 0.9)), "max": float(rates_array.max()),
+            "splits": len(rates), "lesions": int(len(lesions)), "images": images,
+            "refused_mean": mean_count / 2, "interval95": list(wilson_interval(mean_count, images))}
+
+
+@dataclass
+class ModalityRule:
+    """One way of refusing with the gate's features, for the comparison in :func:`compare_modality_rules`.
+
+    Attributes:
+        name: What it is.
+        knn_budget: Share of the false-refusal budget of the kNN distance (0: not used).
+        head_budget: Share of the head's ``1 - p(dermoscopy)`` (0: no head).
+        head_classes: The head's classes (``dermoscopy`` first).
+        c: The head's inverse regularization.
+        negatives: Use negative references: the kNN score becomes the distance to dermoscopy
+            minus the distance to the non-dermoscopy references.
+        dermoscopy_sets: Feature sets of training-lesion dermoscopy the head learns from.
+        clinical_sets: Feature sets of the clinical photos (the photos, then copies of them in
+            the same order, e.g. downscaled), all split by the same patient folds.
+    """
+
+    name: str
+    knn_budget: float
+    head_budget: float = 0.0
+    head_classes: tuple[str, ...] = ()
+    c: float = 1.0
+    negatives: bool = False
+    dermoscopy_sets: tuple[str, ...] = ("reference",)
+    clinical_sets: tuple[str, ...] = ("clinical",)
+
+
+def rule_columns(rule: ModalityRule, knn_reference: torch.Tensor, k: int, head: Mapping[str, Any] | None,
+                 negatives: torch.Tensor | None, features: torch.Tensor) -> list[np.ndarray]:
+    """The score columns ``rule`` thresholds, for ``features``."""
+    columns = []
+    if rule.knn_budget > 0:
+        unit = torch.nn.functional.normalize(knn_reference.float(), dim=1).half().float()
+        score = cosine_knn_scores(features, unit, k)
+        if rule.negatives and negatives is not None:
+            negative_unit = torch.nn.functional.normalize(negatives.float(), dim=1)
+            score = score - cosine_knn_scores(features, negative_unit, k)
+        columns.append(score.numpy().astype(np.float64))
+    if rule.head_budget > 0 and head is not None:
+        columns.append(not_dermoscopy_scores(head, features))
+    return columns
+
+
+def training_features(features: Mapping[str, Mapping[str, Any]], size: int, clinical_mask: np.ndarray,
+                      classes: Sequence[str], dermoscopy_sets: Sequence[str] = ("reference",),
+                      clinical_sets: Sequence[str] = ("clinical",)) -> dict[str, torch.Tensor]:
+    """The head's training features per class: dermoscopy of training lesions (``dermoscopy_sets``), the
+    clinical photos in ``clinical_mask`` (of each of ``clinical_sets``), and the choose-on everyday half
+    with the choose-on synthetic frames."""
+    mask = torch.from_numpy(clinical_mask)
+    by_class = {"dermoscopy": torch.cat([features[name]["features"][size] for name in dermoscopy_sets]),
+                "clinical": torch.cat([features[name]["features"][size][mask] for name in clinical_sets]),
+                "other": torch.cat([features["everyday_choose"]["features"][size],
+                                    features["synthetic_choose"]["features"][size]])}
+    return {name: by_class[name] for name in classes}
+
+
+def evaluate_modality_rule(rule: ModalityRule, features: Mapping[str, Mapping[str, Any]], size: int, k: int,
+                           references: int, folds: np.ndarray, repeats: int = 50,
+                           report_sets: Sequence[str] = ("everyday_heldout", "synthetic_report", "samples")
+                           ) -> dict[str, Any]:
+    """Out-of-sample figures of one rule on cached features.
+
+    The clinical photos are cross-fitted over patient folds: for each fold the head (and the
+    negative references) come from the other folds, the thresholds from the validation
+    dermoscopy, and the fold is measured. Everything else is measured with the rule fitted on
+    all clinical photos: the held-out everyday half and report-seed synthetic frames (never
+    fitted on), the 70 samples, and the validation lesions' false refusal cross-fitted over
+    lesion halves (:func:`crossfit_union_false_refusal`).
+    """
+    budgets = [b for b in (rule.knn_budget, rule.head_budget) if b > 0]
+    reference = features["reference"]["features"][size][:references]
+    val = features["val"]["features"][size]
+
+    def fitted(clinical_mask: np.ndarray) -> tuple[dict[str, Any] | None, torch.Tensor | None]:
+        head = None
+        if rule.head_budget > 0:
+            head = fit_modality_head(training_features(features, size, clinical_mask, rule.head_classes,
+                                                       rule.dermoscopy_sets, rule.clinical_sets), rule.c)
+        negatives = None
+        if rule.negatives:
+            negatives = torch.cat([features["clinical"]["features"][size][torch.from_numpy(clinical_mask)],
+                                   features["everyday_choose"]["features"][size],
+                                   features["synthetic_choose"]["features"][size]])
+        return head, negatives
+
+    clinical = features["clinical"]["features"][size]
+    clinical_refused = np.zeros(len(clinical), dtype=bool)
+    clinical_reason = np.empty(len(clinical), dtype=object)
+    for fold in np.unique(folds):
+        head, negatives = fitted(folds != fold)
+        thresholds = union_thresholds(rule_columns(rule, reference, k, head, negatives, val), budgets)
+        held = torch.from_numpy(folds == fold)
+        clinical_refused[folds == fold] = union_refused(rule_columns(rule, reference, k, head, negatives, clinical[held]),
+                                                        thresholds)
+        if head is not None and "clinical" in head["classes"]:
+            from handler.input_gate import modality_probabilities
+
+            probabilities = modality_probabilities(clinical[held], head["weight"], head["bias"])
+            i_clin, i_other = head["classes"].index("clinical"), (head["classes"].index("other")
+                                                                  if "other" in head["classes"] else None)
+            clinical_reason[folds == fold] = [
+                "clinical" if i_other is None or p[i_clin] >= p[i_other] else "other" for p in probabilities.tolist()]
+        else:
+            clinical_reason[folds == fold] = "other"
+    head, negatives = fitted(np.ones(len(clinical), dtype=bool))
+    val_columns = rule_columns(rule, reference, k, head, negatives, val)
+    thresholds = union_thresholds(val_columns, budgets)
+    row: dict[str, Any] = {"name": rule.name, "knn_budget": rule.knn_budget, "head_budget": rule.head_budget,
+                           "head_classes": list(rule.head_classes), "c": rule.c, "negatives": rule.negatives,
+                           "thresholds": thresholds,
+                           "refusal_clinical_crossfit": rate_with_interval(clinical_refused),
+                           "clinical_refused_named_clinical": float(np.mean(clinical_reason[clinical_refused] == "clinical"))
+                           if clinical_refused.any() else float("nan")}
+    for name in report_sets:
+        refused = union_refused(rule_columns(rule, reference, k, head, negatives, features[name]["features"][size]),
+                                thresholds)
+        row[f"refusal_{name}"] = rate_with_interval(refused)
+    row["false_refusal_val_oos"] = crossfit_union_false_refusal(val_columns, features["val"]["groups"], budgets, repeats)
+    return row
+
+
+def assess_served(gate: InputGate, items: Sequence[Item], preprocess: PreprocessConfig, batch_size: int = 32
+                  ) -> dict[str, Any]:
+    """The served gate's verdicts on every decodable item (served decode, ``gate.assess``).
+
+    Returns:
+        ``{"names", "groups", "labels", "score" (N,), "not_dermoscopy" (N,) or None, "refused" (N,) bool,
+        "reason" [clinical/other/None]}``.
+    """
+    names, groups, labels, scores, not_derm, refused, reasons = [], [], [], [], [], [], []
+    for kept, batch, _ in uint8_batches(items, preprocess, batch_size):
+        if not kept:
+            continue
+        assessment = gate.assess(batch)
+        names += [items[i].name for i in kept]
+        groups += [items[i].group for i in kept]
+        labels += [items[i].label for i in kept]
+        scores.append(assessment.score.cpu().numpy())
+        if assessment.not_dermoscopy is not None:
+            not_derm.append(assessment.not_dermoscopy.cpu().numpy())
+        refused.append(assessment.refused.cpu().numpy())
+        reasons += [assessment.reason(i) for i in range(len(kept))]
+    return {"names": names, "groups": groups, "labels": labels,
+            "score": np.concatenate(scores).astype(np.float64) if scores else np.empty(0),
+            "not_dermoscopy": np.concatenate(not_derm).astype(np.float64) if not_derm else None,
+            "refused": np.concatenate(refused).astype(bool) if refused else np.empty(0, dtype=bool),
+            "reason": reasons}
+
+
+def choose_modality_rule(rows: Sequence[Mapping[str, Any]], max_false_refusal: float) -> Mapping[str, Any]:
+    """The rule to serve: no full-size sample refused and the validation false refusal within budget
+    (cross-fitted mean), then the most clinical photos refused out of sample (cross-fitted over patients,
+    to 3 decimals), then the most everyday photos and synthetic frames (worst of the two), then a smaller C."""
+    def key(row: Mapping[str, Any]) -> tuple:
+        within = row["refusal_samples"]["count"] == 0 and row["false_refusal_val_oos"]["mean"] <= max_false_refusal
+        others = min(row["refusal_everyday_heldout"]["rate"], row["refusal_synthetic_report"]["rate"])
+        return (not within, -round(row["refusal_clinical_crossfit"]["rate"], 3), -round(others, 3), row["c"])
+
+    return min(rows, key=key)
+
+
+def assess_cached(gate: InputGate, data: Mapping[str, Any]) -> dict[str, Any]:
+    """:func:`assess_served`'s result from cached :func:`extract_features` output, through the served
+    scoring (:meth:`InputGate.assess_features`): the features are those the served gate computes
+    (same weights, decode and resize), so only the backbone pass is saved, not any decision."""
+    assessment = gate.assess_features(data["features"][gate.input_size])
+    not_derm = assessment.not_dermoscopy
+    return {"names": list(data["names"]), "groups": list(data["groups"]), "labels": list(data["labels"]),
+            "score": assessment.score.numpy().astype(np.float64),
+            "not_dermoscopy": None if not_derm is None else not_derm.numpy().astype(np.float64),
+            "refused": assessment.refused.numpy().astype(bool),
+            "reason": [assessment.reason(i) for i in range(len(assessment.score))]}

@@ -14,9 +14,14 @@ class), since a few rare-class images move balanced accuracy by whole points.
 
 With an input gate in the checkpoint, ``metrics.json`` also says how many labelled images the
 gate refuses (``input_gate``) and gives the figures on the accepted images alone
-(``accepted``); the headline figures stay those of all images. ``--ood DIR`` adds the gate's
-refusal rate on a folder of non-dermoscopic images and its AUROC against the labelled set
-(``make evaluate-ood OOD=dir``).
+(``accepted``); the headline figures stay those of all images. ``make evaluate-ood`` reports the
+gate on every kind of input, each refusal rate with its 95 % Wilson interval: ``--ood DIR`` (folders
+of non-dermoscopic images, with the AUROC of the distance against the labelled set), ``--synthetic
+N`` (synthetic frames of :mod:`lab.synthetic_images`), ``--clinical DIR`` (clinical photos of lesions
+in the PAD-UFES-20 layout: refusals by reason, and the classifier's answers if it were forced to
+answer them, balanced accuracy over the five classes PAD-UFES-20 shares with HAM10000) and
+``--samples DIR`` (full-size dermoscopy, falsely refused). The labelled set's refusals are the
+dermoscopy false-refusal rate.
 
 Example:
     python scripts/evaluate.py --images ../shared/data/ham10000-224/images \
@@ -29,6 +34,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +49,8 @@ from handler.settings import load_handler_settings
 from lab.data import read_labelled_images
 from lab.evaluation import (bootstrap_intervals, classification_report, format_report, gate_scores_of_files,
                             reliability_bins, serve_files)
-from lab.ood import auroc
+from lab.ood import PAD_TO_HAM, auroc, clinical_items, wilson_interval
+from lab.synthetic_images import generate
 from lab.plots import plot_confusion_matrix, plot_reliability
 from ops.paths import CHECKPOINT, MODEL_CONFIG
 
@@ -67,6 +74,13 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--ood", nargs="+", metavar="DIR",
                         help="folders of non-dermoscopic images: report the input gate's refusal rate on them and "
                              "its AUROC against the labelled images")
+    parser.add_argument("--clinical", metavar="DIR",
+                        help="clinical photos of lesions (metadata.csv with image and diagnostic, images/): the gate's "
+                             "refusals by reason, and balanced accuracy of the forced answers over the shared classes")
+    parser.add_argument("--synthetic", type=int, default=0, metavar="N", help="also measure N synthetic frames")
+    parser.add_argument("--synthetic-seed", type=int, default=1,
+                        help="seed of the synthetic frames (1: the gate's report seed, never fitted on)")
+    parser.add_argument("--samples", metavar="DIR", help="full-size dermoscopy images: the gate's false refusals")
     parser.add_argument("--referral-threshold", type=float,
                         help="melanoma sensitivity/specificity are measured for the referral flag "
                              "malignant_probability >= this; default: the serving config's")
@@ -127,10 +141,21 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
               f"{gate['images']} labelled images ({gate['refusal_rate']:.2%}); on the accepted images balanced accuracy "
               f"{report.get('accepted', {}).get('balanced_accuracy', float('nan')):.4f} (all images "
               f"{report['balanced_accuracy']:.4f})")
+        low, high = gate["interval95"]
+        print(f"  labelled dermoscopy falsely refused {gate['refusal_rate']:.2%} (95 % {low:.2%}-{high:.2%})")
         for folder in gate.get("ood", []):
-            print(f"  {folder['folder']}: refuses {folder['refused']} of {folder['images']} ({folder['refusal_rate']:.2%}), "
-                  f"{len(folder['refused_before_gate'])} refused before the gate; AUROC against the labelled images "
-                  f"{folder['auroc']:.5f}")
+            low, high = folder["interval95"]
+            print(f"  {folder['folder']}: refuses {folder['refused']} of {folder['images']} ({folder['refusal_rate']:.2%}, "
+                  f"95 % {low:.2%}-{high:.2%}; reasons {folder['reasons']}), {len(folder['refused_before_gate'])} refused "
+                  f"before the gate; AUROC of the distance against the labelled images {folder['auroc']:.5f}")
+        if "clinical" in gate:
+            clinical = gate["clinical"]
+            low, high = clinical["interval95"]
+            forced = clinical["forced_answers"]
+            print(f"  clinical photos {clinical['folder']}: refuses {clinical['refused']} of {clinical['images']} "
+                  f"({clinical['refusal_rate']:.2%}, 95 % {low:.2%}-{high:.2%}; reasons {clinical['reasons']}); forced "
+                  f"to answer, balanced accuracy over {forced['classes']} {forced['balanced_accuracy']:.3f} "
+                  f"(95 % {forced['interval95'][0]:.3f}-{forced['interval95'][1]:.3f}, {forced['images']} photos)")
     print(f"wrote {out / 'metrics.json'}, predictions.csv, confusion_matrix.png and reliability.png")
     return report
 
@@ -147,19 +172,84 @@ def gate_report(served_images: Any, records: list[Any], loaded: Any, settings: A
                              for index, code in enumerate(CLASS_CODES)},
         "refused_images": [r.image_id for r, out in zip(records, refused) if out],
     }
+    report["interval95"] = list(wilson_interval(int(refused.sum()), len(records)))
     folders = []
-    for folder in args.ood or []:
-        paths = [item_path for item_path in sorted(Path(folder).iterdir()) if item_path.is_file()]
-        ood_scores, early = gate_scores_of_files(loaded, paths, args.batch_size, settings.decode_limits)
+    ood_folders = [(str(folder), [p for p in sorted(Path(folder).iterdir()) if p.is_file()]) for folder in args.ood or []]
+    temporary = None
+    if args.synthetic:
+        temporary = tempfile.TemporaryDirectory()
+        for frame in generate(args.synthetic, args.synthetic_seed):
+            (Path(temporary.name) / frame.name).write_bytes(frame.data)
+        ood_folders.append((f"synthetic frames (seed {args.synthetic_seed})", sorted(Path(temporary.name).iterdir())))
+    if args.samples:
+        ood_folders.append((str(args.samples), sorted(p for p in Path(args.samples).iterdir() if p.suffix.lower() == ".jpg")))
+    for name, paths in ood_folders:
+        ood_scores, early, gate_refused, reasons = gate_scores_of_files(loaded, paths, args.batch_size, settings.decode_limits)
         ood_scores = ood_scores.numpy()
-        refused_here = int((ood_scores > served_images.gate_threshold).sum()) + len(early)
-        folders.append({"folder": str(folder), "images": len(paths), "refused": refused_here,
-                        "refusal_rate": refused_here / len(paths) if paths else 0.0, "refused_before_gate": early,
+        refused_here = int(gate_refused.sum()) + len(early)
+        folders.append({"folder": name, "images": len(paths), "refused": refused_here,
+                        "refusal_rate": refused_here / len(paths) if paths else 0.0,
+                        "interval95": list(wilson_interval(refused_here, len(paths))),
+                        "reasons": {str(r): reasons.count(r) for r in sorted(set(reasons) - {None})},
+                        "refused_before_gate": early,
+                        "refused_images": [p.name for p, out in zip([p for p in paths if p.name not in early], gate_refused)
+                                           if out] if args.samples and name == str(args.samples) else None,
                         "auroc": auroc(scores, ood_scores) if len(ood_scores) else float("nan"),
                         "score_median": float(np.median(ood_scores)) if len(ood_scores) else None})
+    if temporary is not None:
+        temporary.cleanup()
     if folders:
         report["ood"] = folders
+    if args.clinical:
+        report["clinical"] = clinical_report(Path(args.clinical), loaded, settings, args)
     return report
+
+
+def clinical_report(folder: Path, loaded: Any, settings: Any, args: argparse.Namespace) -> dict[str, Any]:
+    """The gate on clinical photos of lesions (refusals by reason), and the classifier's answers had it been forced.
+
+    The forced answers are scored over the classes PAD-UFES-20 shares with HAM10000 (its ``SCC``
+    has none): balanced accuracy is the mean recall of those classes, with a bootstrap interval
+    (photos resampled within each class).
+    """
+    items = clinical_items(folder)
+    served_images = serve_files(loaded, [str(folder / "images" / item.name) for item in items], settings.tta,
+                                args.batch_size, settings.decode_limits)
+    refused = served_images.refused.numpy()
+    reasons = served_images.gate_reasons or []
+    calibration = loaded.calibration(settings.tta)
+    called = decide(served_images.probabilities, settings.decision_rule, calibration.class_prior).numpy()
+    shared = sorted(set(PAD_TO_HAM.values()), key=CLASS_CODES.index)
+    truth = np.array([CLASS_CODES.index(PAD_TO_HAM[item.label]) if item.label in PAD_TO_HAM else -1 for item in items])
+
+    def balanced(mask: np.ndarray) -> float:
+        recalls = [float((called[mask & (truth == c)] == c).mean()) for c in map(CLASS_CODES.index, shared)
+                   if (mask & (truth == c)).any()]
+        return float(np.mean(recalls)) if recalls else float("nan")
+
+    kept = truth >= 0
+    present = [c for c in map(CLASS_CODES.index, shared) if (truth == c).any()]
+    rng = np.random.default_rng(0)
+    resamples = []
+    for _ in range(1000):  # cheap: a few hundred photos
+        index = np.concatenate([rng.choice(np.flatnonzero(truth == c), int((truth == c).sum())) for c in present])
+        resamples.append(np.mean([float((called[index][truth[index] == c] == c).mean()) for c in present]))
+    low, high = (np.quantile(resamples, [0.025, 0.975]).tolist() if resamples else [float("nan")] * 2)
+    return {
+        "folder": str(folder), "images": len(items), "refused": int(refused.sum()),
+        "refusal_rate": float(refused.mean()) if len(items) else float("nan"),
+        "interval95": list(wilson_interval(int(refused.sum()), len(items))),
+        "reasons": {str(r): reasons.count(r) for r in sorted(set(reasons) - {None})},
+        "forced_answers": {
+            "classes": shared, "images": int(kept.sum()), "decision_rule": settings.decision_rule,
+            "balanced_accuracy": balanced(kept), "interval95": [low, high],
+            "recall": {code: float((called[truth == CLASS_CODES.index(code)] == CLASS_CODES.index(code)).mean())
+                       for code in shared if (truth == CLASS_CODES.index(code)).any()},
+            "called": {code: int((called[kept] == i).sum()) for i, code in enumerate(CLASS_CODES)},
+            "balanced_accuracy_of_accepted": balanced(kept & ~refused),
+            "accepted": int((kept & ~refused).sum()),
+        },
+    }
 
 
 if __name__ == "__main__":

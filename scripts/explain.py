@@ -52,8 +52,10 @@ def main(args: argparse.Namespace) -> list[tuple[Path, Response, Path | None]]:
     # All cores, since this is one process; PNG overlays for lossless panels. The input gate is used
     # when the checkpoint has one (refusals included) but not required, so that candidates not yet
     # gated can be explained; the service refuses to load those.
+    # --allow-out-of-distribution is the operator's own override here, whatever the served config allows clients.
     settings = dataclasses.replace(served, gradcam_format="png", torch_threads=0, require_input_gate=False,
-                                   gradcam_alpha=served.gradcam_alpha if args.alpha is None else args.alpha)
+                                   gradcam_alpha=served.gradcam_alpha if args.alpha is None else args.alpha,
+                                   allow_gate_override=served.allow_gate_override or args.allow_out_of_distribution)
     loaded = load_checkpoint(args.checkpoint)
     prepare_for_serving(loaded, settings)
     out = Path(args.out)
@@ -68,7 +70,9 @@ def main(args: argparse.Namespace) -> list[tuple[Path, Response, Path | None]]:
         body = response.body
         target = out / f"{path.stem}_gradcam.png"
         render_panel(path.read_bytes(), body).save(target)
-        print(f"{path}: {body.prediction} {body.confidence:.2f} ({body.decision_rule} rule), risk {body.risk}, "
+        called = (f"{body.prediction} {body.confidence:.2f} ({body.decision_rule} rule)" if body.prediction is not None
+                  else "no class (refused by the input gate, overridden)")
+        print(f"{path}: {called}, risk {body.risk}, "
               f"Grad-CAM of {body.gradcam.class_code} -> {target}")
         results.append((path, response, target))
     return results

@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from handler.input_gate import (InputGate, build_gate_backbone, cosine_knn_scores, mahalanobis_scores,
-                                make_gate_dict)
+from handler.input_gate import (GATE_FORMAT, MODALITIES, InputGate, build_gate_backbone, cosine_knn_scores,
+                                mahalanobis_scores, make_gate_dict)
 from handler.preprocessing import decode_image
 from handler.storage import unpack_state_dict
 from lab import ood
@@ -245,3 +245,102 @@ def test_frozen_gate_scores_like_the_eager_one(backbone_state: dict) -> None:
     frozen = gate.freeze().score(batch)
     assert gate._frozen is not None
     assert torch.allclose(frozen, eager, atol=1e-5)
+
+
+def head_gate_dict(state: dict[str, torch.Tensor], head_threshold: float = 0.5) -> dict:
+    """A format-2 gate: the tiny kNN gate plus a random modality head over dermoscopy, clinical, other."""
+    generator = torch.Generator().manual_seed(7)
+    head = {"classes": list(MODALITIES), "weight": torch.randn(3, 1280, generator=generator) * 3,
+            "bias": torch.tensor([0.2, -0.1, 0.0]), "threshold": head_threshold}
+    stored = tiny_gate_dict(state)
+    return make_gate_dict(state, method="test-32-cosine_knn-head", input_size=32, scorer="cosine_knn", threshold=0.5,
+                          k=3, reference=stored["reference"].float(), modality_head=head)
+
+
+def test_modality_head_matches_an_independent_computation(backbone_state: dict) -> None:
+    """p = softmax(W f/|f| + b) over the gate's pooled features; refused = distance or 1 - p(dermoscopy) above its threshold."""
+    stored = head_gate_dict(backbone_state)
+    gate = InputGate.from_dict(stored)
+    batch = torch.randint(0, 256, (5, 3, 48, 40), dtype=torch.uint8, generator=torch.Generator().manual_seed(8))
+    features = gate.features(batch).double()
+    logits = (features / features.norm(dim=1, keepdim=True)) @ stored["modality_head"]["weight"].double().T \
+        + stored["modality_head"]["bias"].double()
+    expected = torch.exp(logits) / torch.exp(logits).sum(dim=1, keepdim=True)
+    assessment = gate.assess(batch)
+    assert torch.allclose(assessment.probabilities.double(), expected, atol=1e-5)
+    assert torch.allclose(assessment.not_dermoscopy.double(), 1 - expected[:, 0], atol=1e-5)
+    for threshold in (0.0, float(assessment.not_dermoscopy.median()), 1.0):
+        stored["modality_head"]["threshold"] = threshold
+        again = InputGate.from_dict(stored).assess(batch)
+        assert again.refused.tolist() == ((again.score > 0.5) | (again.not_dermoscopy > threshold)).tolist()
+        for i in range(len(batch)):
+            if not again.refused[i]:
+                assert again.reason(i) is None
+            else:  # the more probable of the head's two non-dermoscopy classes
+                assert again.reason(i) == ("clinical" if expected[i, 1] >= expected[i, 2] else "other")
+            assert again.modality(i) == MODALITIES[int(expected[i].argmax())]
+    assert torch.equal(InputGate.from_dict(stored).refuses(batch), again.refused)
+
+
+def test_format_2_gate_round_trips_weights_only_and_format_1_still_loads(backbone_state: dict) -> None:
+    stored = head_gate_dict(backbone_state)
+    assert stored["format"] == GATE_FORMAT == 2 and _plain(stored)
+    buffer = io.BytesIO()
+    torch.save({"meta": {"input_gate": stored}}, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, map_location="cpu", weights_only=True)["meta"]["input_gate"]
+    batch = torch.randint(0, 256, (2, 3, 40, 40), dtype=torch.uint8, generator=torch.Generator().manual_seed(9))
+    first, again = InputGate.from_dict(stored).assess(batch), InputGate.from_dict(loaded).assess(batch)
+    assert torch.equal(first.probabilities, again.probabilities) and torch.equal(first.refused, again.refused)
+    # A gate stored by release 1.6.0 (format 1, distance only) is served as it was: no head, reason "other".
+    old = {key: value for key, value in tiny_gate_dict(backbone_state).items() if key != "modality_head"}
+    old["format"] = 1
+    old_gate = InputGate.from_dict(old)
+    assessment = old_gate.assess(batch)
+    assert old_gate.head is None and assessment.probabilities is None and assessment.not_dermoscopy is None
+    assert assessment.refused.tolist() == (assessment.score > 0.5).tolist()
+    assert all(assessment.reason(i) in (None, "other") for i in range(2))
+
+
+def test_gate_takes_any_model_input_shape(backbone_state: dict) -> None:
+    """A rectangular model input (e.g. 150x200, release 1.7.0) is resized to the gate's square input like a square one."""
+    gate = InputGate.from_dict(head_gate_dict(backbone_state))
+    wide = torch.randint(0, 256, (2, 3, 150, 200), dtype=torch.uint8, generator=torch.Generator().manual_seed(10))
+    x = F.interpolate(wide.float(), size=(32, 32), mode="bilinear", antialias=True, align_corners=False)
+    square = x.round().clamp(0, 255).to(torch.uint8)
+    assert gate.assess(wide).score.shape == (2,)
+    assert torch.allclose(gate.assess(wide).score, gate.assess(square).score, atol=0.05)
+    frozen = InputGate.from_dict(head_gate_dict(backbone_state)).freeze()
+    assert torch.allclose(frozen.assess(wide).probabilities, gate.assess(wide).probabilities, atol=1e-4)
+
+
+def test_bad_modality_heads_are_refused(backbone_state: dict) -> None:
+    stored = head_gate_dict(backbone_state)
+    with pytest.raises(ValueError, match="dermoscopy"):
+        InputGate.from_dict({**stored, "modality_head": {**stored["modality_head"], "classes": ["clinical", "other", "x"]}})
+    with pytest.raises(ValueError, match="do not match"):
+        InputGate.from_dict({**stored, "modality_head": {**stored["modality_head"], "bias": torch.zeros(2)}})
+    with pytest.raises(ValueError, match="refit"):
+        InputGate.from_dict({**stored, "format": 3})
+
+
+def test_group_folds_keep_patients_together_and_wilson_interval() -> None:
+    groups = [f"p{i // 3}" if i < 60 else f"q{i}" for i in range(100)]
+    folds = ood.group_folds(groups, 5, seed=0)
+    for group in set(groups):
+        assert len({int(f) for f, g in zip(folds, groups) if g == group}) == 1
+    assert sorted(np.bincount(folds).tolist()) == [20] * 5
+    low, high = ood.wilson_interval(0, 70)
+    assert low == 0.0 and high == pytest.approx(0.0520, abs=2e-4)  # 0 of 70: the rule-of-three region
+    low, high = ood.wilson_interval(90, 100)
+    assert (round(low, 4), round(high, 4)) == (0.8256, 0.9448)
+
+
+def test_union_thresholds_bound_the_union_refusal() -> None:
+    rng = np.random.default_rng(2)
+    columns = [rng.normal(size=2000), rng.normal(size=2000)]
+    thresholds = ood.union_thresholds(columns, [0.002, 0.008])
+    refused = ood.union_refused(columns, thresholds)
+    assert refused.mean() <= 0.01 and (columns[0] > thresholds[0]).sum() <= 4
+    result = ood.crossfit_union_false_refusal(columns, [str(i) for i in range(2000)], [0.002, 0.008], repeats=5)
+    assert 0.003 < result["mean"] < 0.02 and result["interval95"][0] < result["mean"] < result["interval95"][1]
