@@ -39,6 +39,17 @@ def as_json(image: bytes, **options) -> dict:
 
 
 @pytest.fixture(scope="module")
+def modality_head():
+    """Skip, saying why, while the release checkpoint's gate has no modality head (a format-1 gate
+    judges by the distance alone and names every refusal out_of_distribution)."""
+    from handler.checkpoint import read_checkpoint
+
+    gate = read_checkpoint(RELEASED_CHECKPOINT).meta.input_gate or {}
+    if gate.get("modality_head") is None:
+        pytest.skip(f"{RELEASED_CHECKPOINT.name}'s input gate has no modality head yet: run `make fit-gate`")
+
+
+@pytest.fixture(scope="module")
 def clinical_photos():
     folder = DATA / "pad-ufes-20-clinical"
     if not (folder / "metadata.csv").is_file():
@@ -65,8 +76,8 @@ def assert_clinical_refusal(response, name):
     assert "allow_out_of_distribution" not in error["message"], name  # the 422 no longer teaches the override
 
 
-def test_clinical_photos_are_refused_with_their_reason_in_batches_mixed_with_dermoscopy(torchserve, clinical_photos,
-                                                                                       dermoscopy):
+def test_clinical_photos_are_refused_with_their_reason_in_batches_mixed_with_dermoscopy(modality_head, torchserve,
+                                                                                       clinical_photos, dermoscopy):
     jobs = [(name, data, "clinical") for name, data in clinical_photos] + [(n, d, "dermoscopy") for n, d in dermoscopy]
     jobs = [job for pair in zip(jobs[:8], jobs[8:]) for job in pair] + jobs[16:]  # alternate, so batches mix them
     with ThreadPoolExecutor(max_workers=8) as pool:
@@ -113,7 +124,8 @@ def override_server(tmp_path_factory):
         yield server
 
 
-def test_an_allowed_override_answers_without_a_class_and_is_counted(override_server, clinical_photos, dermoscopy):
+def test_an_allowed_override_answers_without_a_class_and_is_counted(modality_head, override_server, clinical_photos,
+                                                                    dermoscopy):
     name, photo = next((n, p) for n, p in clinical_photos if post(override_server, p).status_code == 422)
     plain = post(override_server, photo)
     assert_clinical_refusal(plain, name)
