@@ -4,8 +4,9 @@ On the shared release server: clinical (smartphone) photos of lesions get a 422
 ``not_dermoscopy`` with ``modality: "clinical"`` and advice, dermoscopy is answered, and a
 concurrent mix of both is answered request by request; a client asking to override the gate
 gets a 403 (``allow_gate_override`` is off in the shipped config). On one short private server
-whose config allows the override: the overridden answer carries probabilities but no class,
-risk ``unknown``, ``referral.refer`` null, and the metrics count it as an override.
+whose config allows the override: the overridden answer (on a synthetic frame, which any gate
+refuses) carries probabilities but no class, risk ``unknown``, ``referral.refer`` null, and the
+metrics count it as an override.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import pytest
 import requests
 
 from lab.ood import clinical_items
+from lab.synthetic_images import generate
 from ops.archive import ArchiveSpec, build_archive
 from tests.conftest import DATA, MODEL_CONFIG, RELEASED_CHECKPOINT, served
 
@@ -124,21 +126,21 @@ def override_server(tmp_path_factory):
         yield server
 
 
-def test_an_allowed_override_answers_without_a_class_and_is_counted(modality_head, override_server, clinical_photos,
-                                                                    dermoscopy):
-    name, photo = next((n, p) for n, p in clinical_photos if post(override_server, p).status_code == 422)
-    plain = post(override_server, photo)
-    assert_clinical_refusal(plain, name)
-    answered = post(override_server, as_json(photo, allow_out_of_distribution=True))
+def test_an_allowed_override_answers_without_a_class_and_is_counted(override_server, dermoscopy):
+    frame = generate(count=1, seed=1)[0].data  # a synthetic frame: refused by any gate, head or not
+    plain = post(override_server, frame)
+    assert plain.status_code == 422 and plain.json()["error"]["code"] == "out_of_distribution", plain.text[:300]
+    assert "allow_out_of_distribution" not in plain.json()["error"]["message"]
+    answered = post(override_server, as_json(frame, allow_out_of_distribution=True))
     assert answered.status_code == 200, answered.text[:300]
     body = answered.json()
     assert not {"prediction", "label", "confidence", "most_probable"} & set(body), body.keys()
     assert body["risk"] == "unknown" and body["referral"]["refer"] is None
     assert len(body["probabilities"]) == 7 and abs(sum(body["probabilities"].values()) - 1) < 1e-3
     check = body["input_check"]
-    assert check["in_distribution"] is False and check["refusal"] == "not_dermoscopy" and check["modality"] == "clinical"
+    assert check["in_distribution"] is False and check["refusal"] == "out_of_distribution"
     assert "overridden" in body["notice"]
-    explained = post(override_server, as_json(photo, allow_out_of_distribution=True), explain=True)
+    explained = post(override_server, as_json(frame, allow_out_of_distribution=True), explain=True)
     assert explained.status_code == 200 and "gradcam" in explained.json() and "prediction" not in explained.json()
     # Allowing the override changes nothing for an image the gate accepts.
     lesion = dermoscopy[0][1]
@@ -151,6 +153,6 @@ def test_an_allowed_override_answers_without_a_class_and_is_counted(modality_hea
     def counted(metric: str, label: str) -> float:
         return sum(float(value) for value in re.findall(rf'^{metric}{{[^}}]*{label}[^}}]*}} ([0-9.e+]+)$', metrics, re.M))
 
-    assert counted("skin_lesion_gate_overrides_total", 'Reason="not_dermoscopy"') == 2
+    assert counted("skin_lesion_gate_overrides_total", 'Reason="out_of_distribution"') == 2
     assert counted("skin_lesion_requests_total", 'Outcome="gate_overridden"') == 2
-    assert counted("skin_lesion_refusals_total", 'Reason="not_dermoscopy"') >= 2
+    assert counted("skin_lesion_refusals_total", 'Reason="out_of_distribution"') == 1
