@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import base64
 import re
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -148,11 +149,15 @@ def test_an_allowed_override_answers_without_a_class_and_is_counted(override_ser
     assert allowed["prediction"] == normal["prediction"] and allowed["referral"] == normal["referral"]
     assert allowed["input_check"]["in_distribution"] is True
 
-    metrics = requests.get(f"{override_server.url('metrics')}/metrics", timeout=10).text
-
     def counted(metric: str, label: str) -> float:
         return sum(float(value) for value in re.findall(rf'^{metric}{{[^}}]*{label}[^}}]*}} ([0-9.e+]+)$', metrics, re.M))
 
+    deadline = time.monotonic() + 30  # the frontend takes the worker's metric lines a little after the answers
+    while True:
+        metrics = requests.get(f"{override_server.url('metrics')}/metrics", timeout=10).text
+        if counted("skin_lesion_gate_overrides_total", "Reason") >= 2 or time.monotonic() > deadline:
+            break
+        time.sleep(1)
     assert counted("skin_lesion_gate_overrides_total", 'Reason="out_of_distribution"') == 2
     assert counted("skin_lesion_requests_total", 'Outcome="gate_overridden"') == 2
     assert counted("skin_lesion_refusals_total", 'Reason="out_of_distribution"') == 1
