@@ -8,6 +8,7 @@ served settings (:func:`handler.settings.load_handler_settings`) and a model pre
 from __future__ import annotations
 
 import base64
+import dataclasses
 import io
 import os
 from pathlib import Path
@@ -34,7 +35,8 @@ def explain_files(loaded: LoadedModel, settings: HandlerSettings, paths: Sequenc
         settings: The served handler settings.
         paths: Image files.
         target_class: Explain this class code instead of the one the decision rule names.
-        allow_out_of_distribution: Answer images the input gate refuses (marked as such).
+        allow_out_of_distribution: Answer images the input gate refuses (marked as such: no class,
+            risk ``unknown``), whatever ``settings.allow_gate_override`` says.
 
     Returns:
         One response per file, in order: a :class:`Prediction` with its Grad-CAM, or the error
@@ -43,6 +45,8 @@ def explain_files(loaded: LoadedModel, settings: HandlerSettings, paths: Sequenc
     options = {"target_class": target_class} if target_class else {}
     if allow_out_of_distribution:
         options["allow_out_of_distribution"] = True
+        # Offline, whoever runs this is the operator: the override is theirs to allow.
+        settings = dataclasses.replace(settings, allow_gate_override=True)
     rows = [{"body": {"image": base64.b64encode(Path(path).read_bytes()).decode(), **options}} for path in paths]
     return handle_batch(loaded, settings, rows, loaded.version, explain=[True] * len(rows))
 
