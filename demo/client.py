@@ -66,14 +66,16 @@ class Backend(Protocol):
 
     description: str
 
-    def predict(self, image: bytes, target_class: str | None = None) -> dict[str, Any]:
-        """The response body for one image, with a Grad-CAM of ``target_class`` (the predicted class if None)."""
+    def predict(self, image: bytes, target_class: str | None = None, explanation: str = "fast") -> dict[str, Any]:
+        """The response body for one image, with a map of ``target_class`` (the predicted class if None) of the
+        kind ``explanation`` names (``fast`` Grad-CAM or ``faithful`` RISE)."""
         ...
 
 
-def prediction_request(image: bytes, target_class: str | None) -> dict[str, Any]:
-    """The JSON body the demo sends: the image in base64, always with a Grad-CAM."""
-    body: dict[str, Any] = {"image": base64.b64encode(image).decode("ascii"), "gradcam": True}
+def prediction_request(image: bytes, target_class: str | None, explanation: str = "fast") -> dict[str, Any]:
+    """The JSON body the demo sends: the image in base64, always with an explanation of the asked kind."""
+    body: dict[str, Any] = {"image": base64.b64encode(image).decode("ascii"), "gradcam": True,
+                            "explanation": explanation}
     if target_class:
         body["target_class"] = target_class
     return body
@@ -133,7 +135,7 @@ class RemoteBackend:
         """Where predictions come from, for the page."""
         return f"TorchServe at {self.url}"
 
-    def predict(self, image: bytes, target_class: str | None = None) -> dict[str, Any]:
+    def predict(self, image: bytes, target_class: str | None = None, explanation: str = "fast") -> dict[str, Any]:
         """Send one image to ``/predictions/skin_lesion``.
 
         Raises:
@@ -142,7 +144,7 @@ class RemoteBackend:
         """
         endpoint = f"{self.url}/predictions/{MODEL_NAME}"
         try:
-            response = self.client.predict(json=prediction_request(image, target_class))
+            response = self.client.predict(json=prediction_request(image, target_class, explanation))
         except requests.ConnectionError as exc:
             logger.warning("TorchServe unreachable at %s: %s", endpoint, exc)
             raise DemoError(f"TorchServe is not answering at {self.url}. Start it with `make serve` "
@@ -183,14 +185,14 @@ class LocalBackend:
         """Where predictions come from, for the page."""
         return f"in-process handler ({self.checkpoint.name})"
 
-    def predict(self, image: bytes, target_class: str | None = None) -> dict[str, Any]:
+    def predict(self, image: bytes, target_class: str | None = None, explanation: str = "fast") -> dict[str, Any]:
         """Run one image through the handler code.
 
         Raises:
             OutOfDistribution: If the input gate refuses the image (the server's 422).
             DemoError: If the handler refuses the image (the same 4xx the server would send).
         """
-        response = handle_batch(self.loaded, self.settings, [{"body": prediction_request(image, target_class)}],
+        response = handle_batch(self.loaded, self.settings, [{"body": prediction_request(image, target_class, explanation)}],
                                 self.loaded.version)[0]
         body = response.to_json()
         if response.status != 200:

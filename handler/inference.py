@@ -22,7 +22,7 @@ from handler.checkpoint import LoadedModel
 from handler.decision import decide
 from handler.errors import (GateOverrideNotAllowedError, InternalError, NotDermoscopyError, OutOfDistributionError,
                             RequestError)
-from handler.gradcam import gradcam_from_features, normalize_maps
+from handler.explainers import FAST, METHOD_NAMES, explanation_maps
 from handler.input_gate import CLINICAL, GateAssessment, InputGate
 from handler.labels import CLASS_CODES
 from handler.overlay import encode_image, model_view_box, render_overlay
@@ -119,7 +119,7 @@ def predict_probabilities(loaded: LoadedModel, batch: torch.Tensor, tta: str = "
 
 
 def format_gradcam(request: ParsedRequest, heatmap: torch.Tensor, target: int, loaded: LoadedModel,
-                   settings: HandlerSettings) -> GradcamResult:
+                   settings: HandlerSettings, method: str = METHOD_NAMES[FAST]) -> GradcamResult:
     """The explanation of one request: overlay on the full-resolution original, plus the raw map."""
     original = decode_image(request.image, settings.decode_limits).image
     style = settings.overlay_style
@@ -137,6 +137,7 @@ def format_gradcam(request: ParsedRequest, heatmap: torch.Tensor, target: int, l
         # of a clear nevus): say so rather than leave a blank overlay to interpretation.
         has_evidence=bool(heatmap.max() > 0),
         heatmap_box=model_view_box((overlay.shape[1], overlay.shape[0]), loaded.preprocess),
+        method=method,
     )
 
 
@@ -269,6 +270,7 @@ def _serve_images(loaded: LoadedModel, settings: HandlerSettings, items: Sequenc
         return responses  # type: ignore[return-value]
 
     started = time.perf_counter()
+    input_of = {index: tensor for (index, _), tensor in zip(accepted, inputs)}  # for maps that perturb the image
     try:
         features, probabilities, checks = _forward(loaded, inputs, settings)
     except Exception:  # noqa: BLE001 - find the one input that breaks the batch: each runs alone
@@ -305,20 +307,23 @@ def _serve_images(loaded: LoadedModel, settings: HandlerSettings, items: Sequenc
         answered.append((position, index, parsed, check))
 
     explained = [(position, parsed) for position, _, parsed, _ in answered if parsed.gradcam]
-    heatmaps: dict[int, tuple[torch.Tensor, int]] = {}
+    heatmaps: dict[int, tuple[torch.Tensor, int, str]] = {}
     if explained:
-        rows_at = torch.tensor([position for position, _ in explained], device=features.device)
-        targets = torch.tensor([parsed.target_class if parsed.target_class is not None else int(predicted[position])
-                                for position, parsed in explained], device=features.device)
-        maps = normalize_maps(gradcam_from_features(loaded.model, features[rows_at], targets)).cpu()
-        heatmaps = {position: (maps[i], int(targets[i])) for i, (position, _) in enumerate(explained)}
+        targets = [parsed.target_class if parsed.target_class is not None else int(predicted[position])
+                   for position, parsed in explained]
+        maps = explanation_maps(loaded, features, [input_of[index] for index, _ in accepted],
+                                [position for position, _ in explained], targets,
+                                [parsed.explanation for _, parsed in explained], settings.tta)
+        heatmaps = {position: (maps[i], targets[i], METHOD_NAMES[parsed.explanation])
+                    for i, (position, parsed) in enumerate(explained)}
     for position, index, parsed, check in answered:
         def answer(position: int = position, parsed: ParsedRequest = parsed, check: InputCheck | None = check) -> Response:
             prediction = make_prediction(probabilities[position].tolist(), model_version, settings.referral_threshold,
                                          int(predicted[position]), settings.decision_rule, check)
             if position in heatmaps:
-                heatmap, target = heatmaps[position]
-                prediction = replace(prediction, gradcam=format_gradcam(parsed, heatmap, target, loaded, settings))
+                heatmap, target, method = heatmaps[position]
+                prediction = replace(prediction, gradcam=format_gradcam(parsed, heatmap, target, loaded, settings,
+                                                                        method))
             return Response(200, prediction)
 
         responses[index] = guarded(index, total, "writing the answer", answer)

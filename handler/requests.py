@@ -15,12 +15,13 @@ from typing import Any, Mapping
 
 from handler.errors import (
     EmptyBodyError, InvalidBase64Error, InvalidOptionError, MalformedJSONError, MissingImageError, PayloadTooLargeError)
+from handler.explainers import EXPLANATIONS, FAST
 from handler.labels import CLASS_CODES, class_index
 from handler.overlay import FORMATS
 
 _TRUE = {"true", "1", "yes"}
 _FALSE = {"false", "0", "no", ""}
-OPTION_FIELDS = frozenset({"gradcam", "target_class", "overlay_format", "allow_out_of_distribution"})
+OPTION_FIELDS = frozenset({"gradcam", "target_class", "overlay_format", "allow_out_of_distribution", "explanation"})
 # Echoed values are cut to this many characters: a multi-megabyte option must not come back in
 # the reply, nor go into the log on every request.
 ECHO_LIMIT = 64
@@ -37,6 +38,8 @@ class ParsedRequest:
         overlay_format: The overlay encoding asked for, or None for the served default.
         allow_out_of_distribution: Answer even when the input gate judges the image out of
             distribution (the answer then says so and its risk is ``unknown``).
+        explanation: Which map explains it (:data:`handler.explainers.EXPLANATIONS`): ``fast``
+            (Grad-CAM, the default) or ``faithful`` (RISE, several predictions' cost).
     """
 
     image: bytes
@@ -44,6 +47,7 @@ class ParsedRequest:
     target_class: int | None = None
     overlay_format: str | None = None
     allow_out_of_distribution: bool = False
+    explanation: str = FAST
 
 
 def echo(value: Any) -> str:
@@ -133,9 +137,12 @@ def parse_options(image: bytes, options: Mapping[str, Any], explain: bool = Fals
     """
     target = _parse_target_class(options.get("target_class"))
     overlay_format = _parse_overlay_format(options.get("overlay_format"))
-    gradcam = explain or _parse_flag(options.get("gradcam"), "gradcam") or target is not None
+    explanation = _parse_explanation(options.get("explanation"))
+    # Naming the class or the kind of explanation asks for one.
+    gradcam = (explain or _parse_flag(options.get("gradcam"), "gradcam") or target is not None
+               or options.get("explanation") is not None)
     allow = _parse_flag(options.get("allow_out_of_distribution"), "allow_out_of_distribution")
-    return ParsedRequest(image, gradcam, target, overlay_format, allow)
+    return ParsedRequest(image, gradcam, target, overlay_format, allow, explanation or FAST)
 
 
 def _looks_like_json(payload: bytes | bytearray) -> bool:
@@ -218,4 +225,14 @@ def _parse_overlay_format(value: Any) -> str | None:
     normalized = {"jpg": "jpeg"}.get(str(value).strip().lower(), str(value).strip().lower()) if isinstance(value, str) else None
     if normalized not in FORMATS:
         raise InvalidOptionError(f"unknown overlay_format {echo(value)}; expected one of {list(FORMATS)}")
+    return normalized
+
+
+def _parse_explanation(value: Any) -> str | None:
+    value = _as_text(value)
+    if value is None:
+        return None
+    normalized = value.strip().lower() if isinstance(value, str) else None
+    if normalized not in EXPLANATIONS:
+        raise InvalidOptionError(f"unknown explanation {echo(value)}; expected one of {list(EXPLANATIONS)}")
     return normalized

@@ -77,6 +77,8 @@ class GradcamResult:
         heatmap: The raw map over the model's input, rows of values in [0, 1].
         has_evidence: False when no region raises the class's score (an all-zero map).
         heatmap_box: ``(left, top, right, bottom)`` of the model's view in the overlay.
+        method: The map's method (:data:`handler.explainers.METHOD_NAMES`): ``grad-cam`` for the
+            fast explanation, the RISE variant for the faithful one.
     """
 
     class_code: str
@@ -87,16 +89,18 @@ class GradcamResult:
     heatmap: list[list[float]]
     has_evidence: bool
     heatmap_box: tuple[int, int, int, int]
+    method: str = "grad-cam"
 
     def to_json(self) -> dict[str, Any]:
         return {"class": self.class_code, "overlay": self.overlay, "format": self.format, "width": self.width,
                 "height": self.height, "heatmap": self.heatmap, "has_evidence": self.has_evidence,
-                "heatmap_box": list(self.heatmap_box)}
+                "heatmap_box": list(self.heatmap_box), "method": self.method}
 
     @classmethod
     def from_json(cls, values: Mapping[str, Any]) -> "GradcamResult":
         return cls(values["class"], values["overlay"], values["format"], int(values["width"]), int(values["height"]),
-                   values["heatmap"], bool(values["has_evidence"]), tuple(values["heatmap_box"]))
+                   values["heatmap"], bool(values["has_evidence"]), tuple(values["heatmap_box"]),
+                   str(values.get("method", "grad-cam")))
 
 
 # The fields of a Prediction that name a class: absent from an overridden answer.

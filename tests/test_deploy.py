@@ -218,6 +218,7 @@ def test_kserve_requests_need_a_valid_jwt_except_knatives_probes_and_prometheus(
                           and all(operation.get("ports") == ["8082"] for operation in operations))
             assert knative_probes or prometheus, rule
     assert "/v1/models/skin_lesion:predict" in inference_paths and "/predictions/skin_lesion" in inference_paths
+    assert "/v2/models/skin_lesion/infer" in inference_paths  # the Open Inference Protocol (protocolVersion v2)
     assert not any(path.startswith(("/models", "/token")) or path == "/*" for path in inference_paths)
 
 

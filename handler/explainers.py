@@ -1,0 +1,53 @@
+"""Which map each request's ``explanation`` option gets, and the method named in its response.
+
+``fast`` (the default) is the closed-form Grad-CAM of the last stage (:mod:`handler.gradcam`),
+free with the forward pass that also predicts. ``faithful`` is RISE at stride 16 with a blur
+baseline (:mod:`handler.rise`): twice as fine, measured by construction as "what lowers the
+probability when removed", and several predictions' worth of compute
+(``make evaluate-explanations`` has the figures).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from handler.checkpoint import LoadedModel
+from handler.gradcam import gradcam_from_features, normalize_maps
+from handler.preprocessing import normalize_batch
+from handler.rise import MASKS, rise
+
+FAST = "fast"
+FAITHFUL = "faithful"
+EXPLANATIONS = (FAST, FAITHFUL)
+METHOD_NAMES = {FAST: "grad-cam", FAITHFUL: f"rise-s16-blur-{MASKS}"}
+
+
+def explanation_maps(loaded: LoadedModel, features: torch.Tensor, inputs: list[torch.Tensor], rows: list[int],
+                     targets: list[int], kinds: list[str], tta: str = "none") -> list[torch.Tensor]:
+    """Each requested map, scaled to peak 1, on the CPU.
+
+    Args:
+        loaded: The served model.
+        features: The batch's last feature maps (from the forward pass that predicted).
+        inputs: The batch's uint8 model inputs, in the order of ``features``.
+        rows: For each map, its image's row in ``features`` and ``inputs``.
+        targets: For each map, the class to explain.
+        kinds: For each map, one of :data:`EXPLANATIONS`.
+        tta: The served test-time augmentation mode, whose calibration gives RISE its probabilities.
+    """
+    maps: list[torch.Tensor | None] = [None] * len(rows)
+    fast = [i for i, kind in enumerate(kinds) if kind == FAST]
+    if fast:
+        at = torch.tensor([rows[i] for i in fast], device=features.device)
+        cams = normalize_maps(gradcam_from_features(loaded.model, features[at],
+                                                    torch.tensor([targets[i] for i in fast], device=features.device)))
+        for i, cam in zip(fast, cams.cpu()):
+            maps[i] = cam
+    faithful = [i for i, kind in enumerate(kinds) if kind == FAITHFUL]
+    if faithful:
+        device = next(loaded.model.parameters()).device
+        batch = normalize_batch(torch.stack([inputs[rows[i]] for i in faithful]).to(device), loaded.preprocess)
+        found = rise(loaded.model, batch, torch.tensor([targets[i] for i in faithful]), loaded.calibration(tta).apply)
+        for i, found_map in zip(faithful, found.cpu()):
+            maps[i] = found_map
+    return maps  # type: ignore[return-value]
