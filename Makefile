@@ -16,6 +16,8 @@ IMAGES ?= $(DATA)/images
 LABELS ?= $(DATA)/metadata.csv
 OUT ?= runs/eval
 OUT_EXPLAIN ?= runs/explain
+OUT_EXPLANATIONS ?= runs/explanations
+EXPLANATIONS_ARGS ?=
 TARGET ?=
 VERSION ?=
 CHECKPOINT ?=
@@ -41,7 +43,7 @@ FOLDS_DATA ?= ../shared/data/ham10000-200x150
 FOLDS_ARGS ?=
 DISTILL_ARGS ?=
 
-.PHONY: train-bench train-student compare-releases fit-gate evaluate-ood help install java train compare ensemble calibrate evaluate archive serve stop status release rollout rollback predict explain bench soak demo test clean kserve-bundle cluster-up cluster-down cluster-rollout
+.PHONY: evaluate-explanations train-bench train-student compare-releases fit-gate evaluate-ood help install java train compare ensemble calibrate evaluate archive serve stop status release rollout rollback predict explain bench soak demo test clean kserve-bundle cluster-up cluster-down cluster-rollout
 
 help:
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | sort
@@ -150,6 +152,10 @@ rollback: ## Make the previous default the default again
 
 predict: ## Send one image to the running server: make predict IMAGE=path.jpg
 	$(PY) scripts/serve.py predict --run-dir $(RUN_DIR) --image $(IMAGE)
+
+evaluate-explanations: install ## Score the served Grad-CAM and the candidate maps on the validation lesions' masks (pointing game, mass in lesion, deletion/insertion, top-20 % vs random, randomization sanity, cost), table + figure into OUT_EXPLANATIONS [CHECKPOINT=file] [EXPLANATIONS_ARGS="--all" or "--lesions N"]
+	nice -n 10 $(PY) scripts/evaluate_explanations.py --data $(DATA_43) --split models/provenance/val_split.json \
+	  --out $(OUT_EXPLANATIONS) $(if $(CHECKPOINT),--checkpoint $(CHECKPOINT)) $(EXPLANATIONS_ARGS)
 
 explain: install ## Grad-CAM panels for IMAGE (space-separated list) into OUT_EXPLAIN, answered as the service answers [TARGET=mel] [CHECKPOINT=file]
 	$(PY) scripts/explain.py $(IMAGE) --out $(OUT_EXPLAIN) $(if $(TARGET),--target-class $(TARGET)) $(if $(CHECKPOINT),--checkpoint $(CHECKPOINT))
