@@ -145,7 +145,7 @@ def test_explanations_api_serves_fast_and_faithful_maps(torchserve, samples_dir)
         assert heat.max() == pytest.approx(1.0) and gradcam["has_evidence"]
     target = torch.tensor([class_index(bodies["faithful"]["gradcam"]["class"])])
     expected = rise(loaded.model, inputs, target, loaded.calibration().apply)[0]
-    assert np.abs(np.array(bodies["faithful"]["gradcam"]["heatmap"]) - expected.numpy()).max() <= 1e-3
+    assert np.abs(np.array(bodies["faithful"]["gradcam"]["heatmap"]) - expected.numpy()).max() <= 2e-3  # 3 decimals served
 
 
 def test_benchmark_scores_a_map_that_points_at_the_lesion(tiny_checkpoint, tmp_path):
