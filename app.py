@@ -55,6 +55,10 @@ SHOWN_IMAGE_LIFETIME_S = 300
 CACHE_SWEEP_S = 60
 # How long a page that is left open keeps its last image in memory (for opacity and class changes).
 SESSION_IMAGE_TTL_S = 900
+# The two kinds of map the service offers (handler.explainers); "faithful" costs several predictions.
+EXPLANATION_CHOICES = [("Fast: Grad-CAM (coarse, free with the prediction)", "fast"),
+                       ("Faithful: RISE (finer, tested by deletion, a few seconds)", "faithful")]
+METHOD_TITLES = {"grad-cam": "Grad-CAM"}
 
 
 @dataclass(frozen=True)
@@ -113,7 +117,7 @@ def digests(paths: list[Path]) -> frozenset[str]:
 
 
 def analyse(backend: Backend, renderer: OverlayRenderer, image: bytes | None, target_class: str,
-            opacity: float) -> tuple[Any, ...]:
+            opacity: float, explanation: str = "fast") -> tuple[Any, ...]:
     """Predict one image and build every output of the page.
 
     Args:
@@ -122,6 +126,7 @@ def analyse(backend: Backend, renderer: OverlayRenderer, image: bytes | None, ta
         image: The image's bytes, or None when the upload was cleared.
         target_class: Class code to explain, or ``""`` for the suggested (predicted) class.
         opacity: Heatmap opacity, 0..1.
+        explanation: ``fast`` (Grad-CAM) or ``faithful`` (RISE); the overlay is labelled with the method.
 
     Returns:
         ``(message, summary, chart, original, overlay, state)``; on failure only the message is
@@ -132,7 +137,7 @@ def analyse(backend: Backend, renderer: OverlayRenderer, image: bytes | None, ta
         return cleared
     kept = {"image": image}
     try:
-        body = backend.predict(image, target_class or None)
+        body = backend.predict(image, target_class or None, explanation=explanation)
         gradcam = body["gradcam"]
         if not renderer.check_matches(gradcam):
             raise DemoError("the served model crops images differently from the demo's --checkpoint, so its "
@@ -148,17 +153,23 @@ def analyse(backend: Backend, renderer: OverlayRenderer, image: bytes | None, ta
         return (error_html(str(exc)), "", None, None, None, kept)
     explained = lesion_class(gradcam["class"])
     overlay = gr.Image(value=renderer.render(original, gradcam["heatmap"], opacity),
-                       label=f"Grad-CAM of {explained.name} ({explained.code})")
+                       label=f"{method_title(gradcam)} of {explained.name} ({explained.code})")
     state = {**kept, "heatmap": gradcam["heatmap"]}
     return ("", summary_html(body, backend.description), probability_figure(body["probabilities"]), original,
             overlay, state)
 
 
+def method_title(gradcam: dict[str, Any]) -> str:
+    """The map's method as the page names it (``grad-cam`` -> Grad-CAM, ``rise-s16-blur-64`` -> RISE (...))."""
+    method = str(gradcam.get("method", "grad-cam"))
+    return METHOD_TITLES.get(method, f"RISE ({method})" if method.startswith("rise") else method)
+
+
 def analyse_upload(backend: Backend, renderer: OverlayRenderer, uploads: Uploads, path: str | None, target_class: str,
-                   opacity: float) -> tuple[Any, ...]:
+                   opacity: float, explanation: str = "fast") -> tuple[Any, ...]:
     """:func:`analyse` an uploaded file, then delete the upload whatever the outcome."""
     if not path:
-        return analyse(backend, renderer, None, target_class, opacity)
+        return analyse(backend, renderer, None, target_class, opacity, explanation)
     try:
         image = uploads.read(path)
     except (DemoError, OSError) as exc:
@@ -166,7 +177,7 @@ def analyse_upload(backend: Backend, renderer: OverlayRenderer, uploads: Uploads
         return (error_html(str(exc)), "", None, None, None, None)
     finally:
         uploads.discard(path)
-    return analyse(backend, renderer, image, target_class, opacity)
+    return analyse(backend, renderer, image, target_class, opacity, explanation)
 
 
 def redraw_overlay(renderer: OverlayRenderer, state: dict[str, Any] | None, opacity: float) -> Any:
@@ -204,6 +215,8 @@ def build_demo(backend: Backend, renderer: OverlayRenderer, examples: list[tuple
                     gr.Markdown("No example images: the HAM10000 samples folder was not found. Upload an image.")
                 target = gr.Dropdown(choices=class_choices(), value="", label="Explain which class (Grad-CAM)",
                                      elem_id="target-class")
+                explanation = gr.Radio(choices=EXPLANATION_CHOICES, value="fast", label="Explanation map",
+                                       elem_id="explanation")
                 opacity = gr.Slider(0.0, 1.0, value=renderer.settings.gradcam_alpha, step=0.05,
                                     label="Heatmap opacity", elem_id="opacity")
             with gr.Column(scale=3):
@@ -219,20 +232,21 @@ def build_demo(backend: Backend, renderer: OverlayRenderer, examples: list[tuple
         # The image stays in this page's memory (never on disk) so that another class or opacity needs no new upload.
         state = gr.State(None, time_to_live=SESSION_IMAGE_TTL_S)
 
-        def run_upload(path: str | None, target_class: str, alpha: float) -> tuple[Any, ...]:
-            return analyse_upload(backend, renderer, uploads, path, target_class, alpha)
+        def run_upload(path: str | None, target_class: str, alpha: float, kind: str) -> tuple[Any, ...]:
+            return analyse_upload(backend, renderer, uploads, path, target_class, alpha, kind)
 
-        def run_again(current: dict[str, Any] | None, target_class: str, alpha: float) -> tuple[Any, ...]:
+        def run_again(current: dict[str, Any] | None, target_class: str, alpha: float, kind: str) -> tuple[Any, ...]:
             if not current:
                 return tuple(gr.skip() for _ in range(6))
-            return analyse(backend, renderer, current["image"], target_class, alpha)
+            return analyse(backend, renderer, current["image"], target_class, alpha, kind)
 
         def redraw(current: dict[str, Any] | None, alpha: float) -> Any:
             return redraw_overlay(renderer, current, alpha)
 
         outputs = [error, summary, chart, original, overlay, state]
-        upload.change(run_upload, inputs=[upload, target, opacity], outputs=outputs)
-        target.change(run_again, inputs=[state, target, opacity], outputs=outputs)
+        upload.change(run_upload, inputs=[upload, target, opacity, explanation], outputs=outputs)
+        target.change(run_again, inputs=[state, target, opacity, explanation], outputs=outputs)
+        explanation.change(run_again, inputs=[state, target, opacity, explanation], outputs=outputs)
         opacity.change(redraw, inputs=[state, opacity], outputs=[overlay], trigger_mode="always_last",
                        show_progress="hidden")
     return page

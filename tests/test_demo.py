@@ -109,7 +109,7 @@ class FakeBackend:
     def __init__(self, error=None):
         self.error, self.calls = error, []
 
-    def predict(self, image, target_class=None):
+    def predict(self, image, target_class=None, explanation="fast"):
         self.calls.append((image, target_class))
         raise self.error
 
