@@ -180,3 +180,15 @@ def test_stratified_subset_keeps_every_class(tmp_path):
     assert counts == {"nv": 16, "mel": 3, "df": 2, "vasc": 2}
     assert len({lesion.image_id for lesion in subset}) == len(subset)
     assert bench.stratified_subset(lesions, None) == lesions
+
+
+def test_demo_names_each_method_and_asks_for_it():
+    import app
+    from demo.client import prediction_request
+
+    assert app.method_title({"method": METHOD_NAMES["fast"]}) == "Grad-CAM"
+    assert app.method_title({"method": METHOD_NAMES["faithful"]}).startswith("RISE")
+    assert app.method_title({}) == "Grad-CAM"  # a server from before the method field
+    assert [value for _, value in app.EXPLANATION_CHOICES] == ["fast", "faithful"]
+    assert prediction_request(b"x", None, "faithful")["explanation"] == "faithful"
+    assert parse_options(b"x", prediction_request(b"x", "mel", "faithful")).explanation == "faithful"
