@@ -4,8 +4,11 @@ By default the page is a client of the running TorchServe (``make serve``); if n
 it starts one from the run folder, as ``make serve`` would, and stops it on exit. ``--local``
 runs the same handler code in this process instead.
 
-Exposure: it binds to 127.0.0.1. A public ``--share`` link or any other ``--host`` is refused
-unless ``--auth user:password`` (or ``--auth @file`` holding that line) puts a login in front.
+Exposure: it binds to 127.0.0.1. Any other ``--host``, a TorchServe ``--url`` off this machine
+(``http://0.0.0.0:8080`` would also start TorchServe on every interface) or a public ``--share``
+link is refused unless ``--auth user:password`` (or ``--auth @file`` holding that line) puts a
+login in front; ``--share`` relays every uploaded image through Gradio's share servers (a third
+party) and also needs ``--allow-third-party-relay``.
 
 Patient images: uploads are limited to ``--max-upload-mb``, land in a private temporary folder
 made for this run, and each upload is deleted as soon as its request has been answered (the
@@ -29,6 +32,7 @@ import shutil
 import signal
 import sys
 import tempfile
+import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -266,7 +270,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--host", default="127.0.0.1",
                         help="address to bind; anything but loopback exposes the page and needs --auth")
     parser.add_argument("--port", type=int, default=7860)
-    parser.add_argument("--share", action="store_true", help="also make a temporary public gradio.live link (needs --auth)")
+    parser.add_argument("--share", action="store_true",
+                        help="also make a temporary public gradio.live link; it relays patient images through Gradio's "
+                             "servers (a third party): needs --auth and --allow-third-party-relay")
+    parser.add_argument("--allow-third-party-relay", action="store_true",
+                        help="accept that --share sends every uploaded image through Gradio's share servers")
     parser.add_argument("--auth", help="user:password required to open the page, or @FILE holding that line "
                                        "(a command line is visible to other users of this machine; prefer @FILE)")
     parser.add_argument("--max-upload-mb", type=float, default=16.0, help="largest image accepted, in MiB")
@@ -289,9 +297,13 @@ def login(args: argparse.Namespace) -> tuple[str, str] | None:
     Raises:
         DemoError: ``--share`` or a non-loopback ``--host`` without ``--auth``, or a malformed ``--auth``.
     """
+    url_host = urllib.parse.urlsplit(args.url).hostname or ""
     exposed = [reason for reason, on in (("--share makes a public link", args.share),
                                          (f"--host {args.host} is reachable from other machines",
-                                          not is_loopback(args.host))) if on]
+                                          not is_loopback(args.host)),
+                                         (f"--url {args.url} is not on this machine (images would cross the network, "
+                                          "and a TorchServe started for it would listen there)",
+                                          not args.local and not is_loopback(url_host))) if on]
     if not args.auth:
         if exposed:
             raise DemoError(f"{' and '.join(exposed)}, and patient images would be open to anyone who finds it: "
@@ -301,6 +313,12 @@ def login(args: argparse.Namespace) -> tuple[str, str] | None:
     user, _, password = text.partition(":")
     if not user or not password:
         raise DemoError("--auth takes user:password (or @FILE holding that line), both non-empty")
+    if args.share:
+        if not args.allow_third_party_relay:
+            raise DemoError("--share relays every uploaded patient image through Gradio's share servers, a third party: "
+                            "serve the page behind your own TLS proxy instead, or add --allow-third-party-relay if "
+                            "your data-protection rules allow that relay")
+        logger.warning("--share: uploaded images travel through Gradio's share servers (a third party)")
     return user, password
 
 

@@ -63,20 +63,28 @@ def test_defaults_bind_loopback_without_share_link():
     assert app.login(args) is None and args.max_upload_mb == 16
 
 
-@pytest.mark.parametrize("argv", [["--share"], ["--host", "0.0.0.0"], ["--host", "192.168.1.20"], ["--host", "demo.example"]])
+@pytest.mark.parametrize("argv", [["--share"], ["--host", "0.0.0.0"], ["--host", "192.168.1.20"], ["--host", "demo.example"],
+                                  ["--url", "http://0.0.0.0:8080"], ["--url", "http://10.1.2.3:8080"]])
 def test_an_exposed_page_is_refused_without_a_login(argv, tmp_path, capsys, monkeypatch):
     args = app.get_args_parser().parse_args(argv + ["--examples", str(tmp_path)])
     with pytest.raises(DemoError, match="add --auth user:password"):
         app.login(args)
     monkeypatch.setattr(app.signal, "signal", lambda *args: None)  # keep pytest's own SIGTERM handling
     # main refuses before connecting to or starting anything (nothing answers at this URL).
-    assert app.main(app.get_args_parser().parse_args(argv + ["--url", closed_url(), "--no-start"])) == 1
+    url = [] if "--url" in argv else ["--url", closed_url()]
+    assert app.main(app.get_args_parser().parse_args(argv + url + ["--no-start"])) == 1
     assert "--auth" in capsys.readouterr().err
 
 
 def test_a_login_allows_exposure_and_loopback_needs_none(tmp_path):
     parse = app.get_args_parser().parse_args
-    assert app.login(parse(["--share", "--auth", "ana:s3cret:with:colons"])) == ("ana", "s3cret:with:colons")
+    assert app.login(parse(["--share", "--auth", "ana:s3cret:with:colons", "--allow-third-party-relay"])) == \
+        ("ana", "s3cret:with:colons")
+    # --share relays patient images through a third party: a login is not enough, it must be accepted explicitly.
+    with pytest.raises(DemoError, match="third party"):
+        app.login(parse(["--share", "--auth", "ana:pw"]))
+    assert app.login(parse(["--url", "http://10.1.2.3:8080", "--auth", "ana:pw"])) == ("ana", "pw")
+    assert app.login(parse(["--url", "http://localhost:8080"])) is None
     secret = tmp_path / "auth"
     secret.write_text("ana:from-file\n")
     assert app.login(parse(["--host", "0.0.0.0", "--auth", f"@{secret}"])) == ("ana", "from-file")
@@ -84,7 +92,7 @@ def test_a_login_allows_exposure_and_loopback_needs_none(tmp_path):
         assert app.login(parse(["--host", host])) is None
     for bad in ("ana", "ana:", ":pw"):
         with pytest.raises(DemoError, match="user:password"):
-            app.login(parse(["--share", "--auth", bad]))
+            app.login(parse(["--host", "0.0.0.0", "--auth", bad]))
 
 
 def test_launch_options_carry_the_upload_limit_and_the_login(tmp_path):

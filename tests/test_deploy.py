@@ -53,7 +53,7 @@ def test_every_expected_manifest_is_there():
     kinds = sorted(doc["kind"] for _, doc in ALL)
     assert kinds == sorted(["Deployment", "Service", "HorizontalPodAutoscaler", "PodDisruptionBudget", "NetworkPolicy",
                             "PodMonitor", "PrometheusRule", "InferenceService", "ServingRuntime", "NetworkPolicy",
-                            "RequestAuthentication", "AuthorizationPolicy"])
+                            "RequestAuthentication", "AuthorizationPolicy", "PodMonitor"])
     for path, doc in ALL:
         assert doc["metadata"].get("namespace") == "skin-lesion", path
 
@@ -257,7 +257,7 @@ def test_config_snapshots_are_off_wherever_torchserve_starts():
 
 
 def test_podmonitor_scrapes_every_pod_as_the_torchserve_job_with_a_replica_label():
-    monitor = by_kind("PodMonitor")
+    monitor = by_kind("PodMonitor", K8S)
     assert monitor["apiVersion"] == "monitoring.coreos.com/v1"
     assert monitor["spec"]["selector"]["matchLabels"] == APP
     [endpoint] = monitor["spec"]["podMetricsEndpoints"]
@@ -266,6 +266,19 @@ def test_podmonitor_scrapes_every_pod_as_the_torchserve_job_with_a_replica_label
     relabel = {r["targetLabel"]: r for r in endpoint["relabelings"]}
     assert relabel["job"]["replacement"] == "torchserve"  # the job alerts.yml selects
     assert relabel["replica"]["sourceLabels"] == ["__meta_kubernetes_pod_name"]
+
+
+def test_kserve_predictor_pods_are_scraped_as_the_job_the_alerts_select():
+    monitor = by_kind("PodMonitor", KSERVE)
+    assert monitor["spec"]["selector"]["matchLabels"] == predictor_labels()
+    [endpoint] = monitor["spec"]["podMetricsEndpoints"]
+    relabel = {r["targetLabel"]: r for r in endpoint["relabelings"]}
+    assert relabel["job"]["replacement"] == "torchserve"
+    assert relabel["__address__"]["sourceLabels"] == ["__meta_kubernetes_pod_ip"]
+    assert relabel["__address__"]["replacement"].endswith(":8082") and endpoint["path"] == "/metrics"
+    assert relabel["replica"]["sourceLabels"] == ["__meta_kubernetes_pod_name"]
+    alerts = (ROOT / "config" / "prometheus" / "alerts.yml").read_text()
+    assert 'up{job="torchserve"}' in alerts
 
 
 def test_prometheusrule_carries_the_tested_alert_rules(tmp_path):
