@@ -84,3 +84,23 @@ def test_management_api_refuses_registration_and_everything_needs_a_token(torchs
     assert requests.get(f"{management}/models", timeout=10).status_code in (400, 401)
     assert requests.get(f"{torchserve.url('inference')}/ping", timeout=10).status_code in (400, 401)
     assert "skin_lesion" in requests.get(f"{management}/models", headers=torchserve.headers("management"), timeout=10).text
+
+
+def test_the_security_document_says_where_authorization_is_off_and_nowhere_else():
+    """Token authorization is off in exactly one configuration (the KServe / Kubernetes pod, fenced
+    by the mesh and NetworkPolicies); the documents say so instead of "no configuration turns it off"."""
+    from ops.cluster import Replica
+
+    configs = [SERVER_CONFIG, ROOT / "deploy" / "kserve" / "config.properties"]
+    off = [path for path in configs if read_properties(path).get("disable_token_authorization") == "true"]
+    assert off == [ROOT / "deploy" / "kserve" / "config.properties"]
+    replica = Replica("r0", ROOT / "run" / "x", 1, 2, 3, 4, 5)
+    assert "disable_token_authorization" not in replica.overrides()  # the cluster's replicas keep it on
+    security = (ROOT / "SECURITY.md").read_text()
+    operations = (ROOT / "docs" / "OPERATIONS.md").read_text()
+    for text in (security, operations):
+        assert "no configuration that turns authorization off" not in text.lower()
+        assert "no configuration turns it off" not in text.lower()
+        assert "tls proxy or `--share`" not in text.lower()  # --share relays images through a third party
+    assert "deploy/kserve/config.properties" in security and "authorizationpolicy.yaml" in security
+    assert "--allow-third-party-relay" in security and "--ncs" in security
