@@ -19,7 +19,7 @@ import shutil
 from pathlib import Path
 
 from ops.paths import METRICS_CONFIG, MODEL_NAME, ROOT
-from ops.rollout import archive_version
+from ops.rollout import archive_version, check_digest
 from ops.torchserve import read_properties, render_properties
 
 MOUNT = "/mnt/models"
@@ -46,6 +46,7 @@ def write_bundle(archive: Path, out: Path, config: Path = BUNDLE_CONFIG, metrics
     Raises:
         ValueError: If the config does not load ``skin_lesion.mar`` from ``/mnt/models`` or the
             archive is not a readable model archive.
+        RolloutError: If the archive does not match its recorded SHA-256 (or has none).
     """
     properties = read_properties(config)
     expected = {"model_store": f"{MOUNT}/model-store", "load_models": f"{MODEL_NAME}={MODEL_NAME}.mar",
@@ -54,6 +55,8 @@ def write_bundle(archive: Path, out: Path, config: Path = BUNDLE_CONFIG, metrics
     if wrong:
         raise ValueError(f"{config} must set {expected}; it has {wrong}")
     version = archive_version(archive)
+    # Only an archive that matches the SHA-256 recorded when it was built goes into a bundle.
+    check_digest(archive)
     if out.exists():
         shutil.rmtree(out)
     (out / "config").mkdir(parents=True)

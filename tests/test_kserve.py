@@ -83,6 +83,10 @@ def test_bundle_refuses_a_config_that_does_not_load_from_mnt_models(tmp_path, re
         kserve.write_bundle(release_archive, tmp_path / "out", config)
     args = kserve_bundle.get_args_parser().parse_args(["--archive", str(tmp_path / "missing.mar"), "--out", str(tmp_path / "o")])
     assert kserve_bundle.main(args) == 1
+    # An archive without its recorded SHA-256 (copied away from it, or changed) is never bundled.
+    copied = Path(shutil.copy(release_archive, tmp_path / "copied.mar"))
+    args = kserve_bundle.get_args_parser().parse_args(["--archive", str(copied), "--out", str(tmp_path / "o")])
+    assert kserve_bundle.main(args) == 1 and not (tmp_path / "o").exists()
 
 
 def test_runtime_command_is_kserves_with_the_mount_replaced(tmp_path):
