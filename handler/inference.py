@@ -121,7 +121,10 @@ def predict_probabilities(loaded: LoadedModel, batch: torch.Tensor, tta: str = "
 def format_gradcam(request: ParsedRequest, heatmap: torch.Tensor, target: int, loaded: LoadedModel,
                    settings: HandlerSettings, method: str = METHOD_NAMES[FAST]) -> GradcamResult:
     """The explanation of one request: overlay on the full-resolution original, plus the raw map."""
-    original = decode_image(request.image, settings.decode_limits).image
+    # Decoded no larger than the overlay needs (its longer side is cut to gradcam_max_side): a
+    # 40 MP JPEG drafted, a huge PNG box-reduced, within the decode budget's memory.
+    original = decode_image(request.image, settings.decode_limits, draft_size=settings.gradcam_max_side,
+                            reduce_gap=1).image
     style = settings.overlay_style
     if request.overlay_format:
         style = replace(style, image_format=request.overlay_format)

@@ -15,8 +15,9 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
+from PIL import ExifTags, Image, UnidentifiedImageError
 
+from handler.decode_budget import DecodeBudget, has_alpha, reduce_to_rgb, reduction_factor, to_8bit_grey
 from handler.errors import ImageDimensionError, ImageTooLargeError, InvalidImageError, UnsupportedFormatError
 
 _INTERPOLATIONS = {
@@ -26,6 +27,10 @@ _INTERPOLATIONS = {
 }
 # EXIF orientations that rotate the stored image by 90 or 270 degrees.
 _ORIENTATIONS_ON_SIDE = frozenset({5, 6, 7, 8})
+# The transpose that turns each EXIF orientation upright (as ImageOps.exif_transpose does).
+_UPRIGHT = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
+            5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+            8: Image.Transpose.ROTATE_90}
 
 
 # How an image becomes the square model input (``PreprocessConfig.resize_mode``).
@@ -133,11 +138,14 @@ class DecodeLimits:
         max_aspect_ratio: Largest long side / short side accepted. Dermoscopy is 4:3; a
             300000x8 strip would otherwise be resized to over a million pixels on its long
             side (the short side is scaled up to the model's input) and tie up a worker.
+        budget: What decoding may cost (scans, segments, frames, memory, pixels per byte):
+            :class:`handler.decode_budget.DecodeBudget`.
     """
 
     max_pixels: int = 40_000_000
     min_side: int = 8
     max_aspect_ratio: float = 4.0
+    budget: DecodeBudget = DecodeBudget()
 
     def check(self, width: int, height: int) -> None:
         """Refuse a geometry from the header, before any pixel is decoded.
@@ -165,7 +173,8 @@ class DecodedImage:
     original_size: tuple[int, int]
 
 
-def decode_image(data: bytes, limits: DecodeLimits = DecodeLimits(), draft_size: int | None = None) -> DecodedImage:
+def decode_image(data: bytes, limits: DecodeLimits = DecodeLimits(), draft_size: int | None = None,
+                 reduce_gap: int = 3) -> DecodedImage:
     """Decode image bytes safely into an upright RGB PIL image.
 
     Args:
@@ -174,7 +183,9 @@ def decode_image(data: bytes, limits: DecodeLimits = DecodeLimits(), draft_size:
         limits: Pixel limits checked from the header, before pixel decoding.
         draft_size: If given, JPEGs are decoded with DCT scaling straight to the smallest
             size whose sides are all at least this many pixels, which is much cheaper
-            than a full decode followed by a resize.
+            than a full decode followed by a resize; other formats are box-reduced right
+            after decoding while their shorter side stays at least ``reduce_gap`` times it.
+        reduce_gap: See ``draft_size``; 3 keeps the later resize as fair as one from full size.
 
     Returns:
         The decoded image and its original (upright) size.
@@ -183,7 +194,11 @@ def decode_image(data: bytes, limits: DecodeLimits = DecodeLimits(), draft_size:
         InvalidImageError: The bytes are not a decodable image.
         ImageTooLargeError: More pixels than ``limits.max_pixels``.
         ImageDimensionError: A side smaller than ``limits.min_side``.
+        DecodeBudgetError: Decoding would cost more than ``limits.budget`` (413 or 422).
     """
+    # Counted from the bytes before any Pillow plugin parses them (Pillow reads markers and
+    # chunks in Python, and decodes every scan of a progressive JPEG).
+    limits.budget.check_structure(data)
     # Pillow's own bomb guard at the service's limit: an image it finds above twice this raises
     # before decoding (below that, DecodeLimits.check refuses it from the header).
     Image.MAX_IMAGE_PIXELS = limits.max_pixels
@@ -207,11 +222,15 @@ def decode_image(data: bytes, limits: DecodeLimits = DecodeLimits(), draft_size:
         raise InvalidImageError(f"image header declares {width}x{height} pixels")
     limits.check(width, height)
     try:
-        orientation = _exif_orientation(image)
         if draft_size is not None and image.format == "JPEG":
             image.draft("RGB", (draft_size, draft_size))
-        # exif_transpose copies the image even when there is nothing to turn; most images are upright.
-        rgb = to_rgb(ImageOps.exif_transpose(image) if orientation != 1 else image)
+        # Before EXIF is read: a PNG's getexif() decodes the pixels.
+        limits.budget.check_raster(image, len(data), (width, height))
+        orientation = _exif_orientation(image)
+        # Turned upright after the reduction and conversion, on the smaller RGB image.
+        rgb = to_rgb(image, draft_size, reduce_gap)
+        if orientation != 1:
+            rgb = rgb.transpose(_UPRIGHT[orientation])
     except Image.DecompressionBombError as exc:
         raise ImageTooLargeError(f"image refused while decoding: more than {limits.max_pixels} pixels") from exc
     except (OSError, ValueError, SyntaxError, struct.error, EOFError, IndexError, KeyError, TypeError) as exc:
@@ -252,27 +271,27 @@ def _exif_orientation(image: Image.Image) -> int:
     return orientation if orientation in range(1, 9) else 1
 
 
-def to_rgb(image: Image.Image) -> Image.Image:
+def to_rgb(image: Image.Image, reduce_to: int | None = None, reduce_gap: int = 3) -> Image.Image:
     """Convert any PIL mode to 8-bit RGB and force the pixel decode.
 
     Transparent pixels are composited onto black, the background of dermoscopic images;
-    16-bit and 32-bit greyscale are rescaled to 8 bits rather than clipped.
+    16-bit and 32-bit greyscale are rescaled to 8 bits rather than clipped. Neither makes a
+    full-size float64 or RGBA copy (:mod:`handler.decode_budget`).
 
     Args:
         image: An opened PIL image in any mode.
+        reduce_to: If given, an image whose shorter side is at least ``reduce_gap`` times this
+            is box-reduced by an integer factor while being converted.
+        reduce_gap: See ``reduce_to``.
 
     Returns:
         A loaded RGB image.
     """
-    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-        array = np.asarray(image, dtype=np.float64)
-        scale = 65535.0 if image.mode.startswith("I;16") or array.max() > 255 else 255.0
-        array = np.clip(np.rint(array / scale * 255.0), 0, 255).astype(np.uint8)
-        image = Image.fromarray(array)
-    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
-        rgba = image.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
-        image = Image.alpha_composite(background, rgba)
+    if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        image = to_8bit_grey(image)
+    factor = reduction_factor(image.size, reduce_to, reduce_gap)
+    if factor > 1 or has_alpha(image):
+        return reduce_to_rgb(image, factor)
     if image.mode == "RGB":
         image.load()  # decodes in place; convert() would add a full copy
         return image

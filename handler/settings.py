@@ -9,6 +9,7 @@ from typing import Any, Mapping
 from handler.calibration import check_tta_mode
 from handler.decision import check_decision_rule
 from handler.overlay import OverlayStyle
+from handler.decode_budget import DecodeBudget
 from handler.preprocessing import DecodeLimits
 from handler.runtime import check_runtime
 
@@ -27,6 +28,9 @@ class HandlerSettings:
         max_pixels: Decompression-bomb guard: largest width x height decoded.
         min_side: Smallest accepted image side, in pixels.
         max_aspect_ratio: Largest accepted long side / short side, checked before any resize.
+        max_decoded_bytes, max_jpeg_scans, max_segments, max_frames, max_pixels_per_byte,
+        ratio_check_min_pixels: The decode budget, what one image may cost a worker
+            (:class:`handler.decode_budget.DecodeBudget`, which documents each).
         referral_threshold: ``malignant_probability`` at or above which the response
             raises the referral flag and the risk becomes ``high``.
         decision_rule: Which class ``prediction`` names, one of
@@ -58,6 +62,12 @@ class HandlerSettings:
     max_pixels: int = 40_000_000
     min_side: int = 8
     max_aspect_ratio: float = 4.0
+    max_decoded_bytes: int = DecodeBudget.max_decoded_bytes
+    max_jpeg_scans: int = DecodeBudget.max_jpeg_scans
+    max_segments: int = DecodeBudget.max_segments
+    max_frames: int = DecodeBudget.max_frames
+    max_pixels_per_byte: float = DecodeBudget.max_pixels_per_byte
+    ratio_check_min_pixels: int = DecodeBudget.ratio_check_min_pixels
     referral_threshold: float = 0.5
     decision_rule: str = "most_probable"
     tta: str = "none"
@@ -92,7 +102,10 @@ class HandlerSettings:
     @property
     def decode_limits(self) -> DecodeLimits:
         """The decode limits these settings imply."""
-        return DecodeLimits(max_pixels=self.max_pixels, min_side=self.min_side, max_aspect_ratio=self.max_aspect_ratio)
+        budget = DecodeBudget(self.max_decoded_bytes, self.max_jpeg_scans, self.max_segments, self.max_frames,
+                              self.max_pixels_per_byte, self.ratio_check_min_pixels)
+        return DecodeLimits(max_pixels=self.max_pixels, min_side=self.min_side, max_aspect_ratio=self.max_aspect_ratio,
+                            budget=budget)
 
     @property
     def overlay_style(self) -> OverlayStyle:

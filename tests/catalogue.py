@@ -156,3 +156,151 @@ def build_catalogue(lesion_jpeg: bytes) -> list[Case]:
         Case("JPEG 2000", encode(lesion.resize((64, 48)), "JPEG2000"), 415, "unsupported_format"),
         Case("PPM", encode(lesion.resize((64, 48)), "PPM"), 415, "unsupported_format"),
     ]
+
+
+# Decoder amplification (issue 27): small files whose decoding costs seconds or hundreds of MB.
+# Generated here (each in well under a second), never committed as binaries.
+
+def png_chunk(kind: bytes, data: bytes) -> bytes:
+    """One PNG chunk with its CRC."""
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+
+def flat_png(width: int, height: int, bit_depth: int = 8, colour_type: int = 2, value: int = 0x80,
+             pixels_per_byte: float | None = None) -> bytes:
+    """A PNG of one flat colour: tens of millions of pixels in tens of kilobytes.
+
+    With ``pixels_per_byte``, rows of noise are spread through it until the file is about that
+    dense, so that it passes the compression-ratio check and its pixels really are decoded.
+    """
+    channels = {0: 1, 2: 3, 4: 2, 6: 4}[colour_type]
+    row = b"\x00" + bytes([value]) * (width * channels * bit_depth // 8)
+    noisy = 0 if pixels_per_byte is None else int(width * height / pixels_per_byte) // len(row) + 1
+    every = height // noisy if noisy else height + 1
+    noise = np.random.default_rng(0).integers(0, 256, len(row) - 1, dtype=np.uint8).tobytes()
+    compressor = zlib.compressobj(6)
+    parts = []
+    for top in range(0, height, every):
+        rows = min(every, height - top)
+        if noisy:
+            parts.append(compressor.compress(b"\x00" + noise))
+            rows -= 1
+        parts.append(compressor.compress(row * rows))
+    idat = b"".join(parts) + compressor.flush()
+    header = struct.pack(">IIBBBBB", width, height, bit_depth, colour_type, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", header) + png_chunk(b"IDAT", idat) + png_chunk(b"IEND", b"")
+
+
+def progressive_jpeg_with_repeated_scan(width: int, height: int, repeats: int) -> bytes:
+    """A progressive JPEG whose last scan (an AC refinement, decoded over every block) is repeated.
+
+    libjpeg decodes each repeat over the whole image, so the cost grows with ``repeats`` while
+    the file grows by a few bytes per repeat (a flat image's refinement scan is all end-of-band runs).
+    """
+    jpeg = encode(Image.new("RGB", (width, height), (150, 110, 100)), "JPEG", quality=90, progressive=True)
+    last_scan = jpeg.rindex(b"\xff\xda")
+    return jpeg[:-2] + jpeg[last_scan:-2] * repeats + b"\xff\xd9"
+
+
+def apng(width: int, height: int, frames: int) -> bytes:
+    """An animated PNG declaring and holding ``frames`` flat frames."""
+    idat = zlib.compress((b"\x00" + b"\x80" * width * 3) * height, 9)
+    def frame_control(sequence: int) -> bytes:
+        return png_chunk(b"fcTL", struct.pack(">IIIIIHHBB", sequence, width, height, 0, 0, 1, 10, 0, 0))
+
+    chunks = [frame_control(0), png_chunk(b"IDAT", idat)]
+    for frame in range(1, frames):
+        chunks += [frame_control(2 * frame - 1), png_chunk(b"fdAT", struct.pack(">I", 2 * frame) + idat)]
+    body = b"".join(chunks)
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", header) + png_chunk(b"acTL", struct.pack(">II", frames, 0))
+            + body + png_chunk(b"IEND", b""))
+
+
+def many_frame_gif(width: int, height: int, frames: int) -> bytes:
+    """A GIF whose one flat frame is repeated ``frames`` times."""
+    single = encode(Image.new("P", (width, height), 1), "GIF")
+    start = single.index(b"\x2c", 13 + (3 << ((single[10] & 7) + 1) if single[10] & 0x80 else 0))
+    return single[:start] + single[start:-1] * frames + b"\x3b"
+
+
+def many_page_tiff(width: int, height: int, pages: int) -> bytes:
+    """A TIFF of ``pages`` pages: one flat page's directory, chained ``pages`` times to the same pixels."""
+    single = encode(Image.new("RGB", (width, height), (150, 110, 100)), "TIFF")
+    first = int.from_bytes(single[4:8], "little")
+    entries = int.from_bytes(single[first:first + 2], "little")
+    directory = single[first:first + 2 + 12 * entries]
+    copies, offset = [], len(single)
+    for page in range(1, pages):
+        offset += len(directory) + 4
+        copies.append(directory + (offset if page < pages - 1 else 0).to_bytes(4, "little"))
+    next_at = first + 2 + 12 * entries
+    return single[:next_at] + len(single).to_bytes(4, "little") + single[next_at + 4:] + b"".join(copies)
+
+
+def many_frame_webp(width: int, height: int, frames: int) -> bytes:
+    """An animated WebP of ``frames`` alternating flat frames (identical ones would be merged)."""
+    images = [Image.new("RGB", (width, height), (150, 110, 100 + i % 2)) for i in range(frames)]
+    return encode(images[0], "WEBP", lossless=True, save_all=True, append_images=images[1:])
+
+
+def jpeg_with_comment_segments(lesion_jpeg: bytes, count: int) -> bytes:
+    """A real JPEG with ``count`` empty comment segments before its image: Pillow reads each in Python."""
+    return lesion_jpeg[:2] + b"\xff\xfe\x00\x02" * count + lesion_jpeg[2:]
+
+
+def png_with_empty_chunks(lesion: Image.Image, count: int) -> bytes:
+    """A real PNG with ``count`` empty ancillary chunks after its header."""
+    png = encode(lesion, "PNG")
+    end_of_ihdr = 8 + 8 + 13 + 4
+    return png[:end_of_ihdr] + png_chunk(b"zzZz", b"") * count + png[end_of_ihdr:]
+
+
+@dataclass(frozen=True)
+class Attack:
+    """A small file whose decoding used to cost a worker seconds or hundreds of MB.
+
+    Attributes:
+        name: What it is.
+        make: Builds the bytes (a few MB at most, in well under a second).
+        status: The answer the service must give now.
+        error_code: Its ``error.code``, None for a 200.
+        limit: The budget setting a refusal names (``error.details.limit``), if any.
+    """
+
+    name: str
+    make: Any
+    status: int
+    error_code: str | None = None
+    limit: str | None = None
+
+
+def amplification_catalogue(lesion_jpeg: bytes) -> list[Attack]:
+    """The decoder-amplification attacks of issue 27 and their multi-frame and segment variants."""
+    lesion = Image.open(io.BytesIO(lesion_jpeg)).convert("RGB")
+    budget = memory = "decode_budget_exceeded"
+    return [
+        Attack("progressive JPEG 4000x3000, last scan x1000", lambda: progressive_jpeg_with_repeated_scan(4000, 3000, 1000),
+               422, budget, "max_jpeg_scans"),
+        Attack("progressive JPEG 7296x5472, last scan x3000", lambda: progressive_jpeg_with_repeated_scan(7296, 5472, 3000),
+               422, budget, "max_jpeg_scans"),
+        Attack("16-bit greyscale PNG 6000x4500", lambda: flat_png(6000, 4500, 16, 0), 422, budget, "max_pixels_per_byte"),
+        Attack("16-bit greyscale PNG 6300x6300", lambda: flat_png(6300, 6300, 16, 0), 422, budget, "max_pixels_per_byte"),
+        Attack("RGBA PNG 6300x6300", lambda: flat_png(6300, 6300, 8, 6), 422, budget, "max_pixels_per_byte"),
+        # Dense enough to pass the compression-ratio check: decoded, within the memory budget.
+        Attack("16-bit greyscale PNG 6300x6300, 150 pixels per byte", lambda: flat_png(6300, 6300, 16, 0, pixels_per_byte=150),
+               200),
+        Attack("RGBA PNG 5600x4200, 150 pixels per byte", lambda: flat_png(5600, 4200, 8, 6, pixels_per_byte=150), 200),
+        Attack("RGBA PNG 6300x6300, 150 pixels per byte", lambda: flat_png(6300, 6300, 8, 6, pixels_per_byte=150),
+               413, memory, "max_decoded_bytes"),
+        Attack("progressive JPEG 7296x5472, 32 scans (the limit)", lambda: progressive_jpeg_with_repeated_scan(7296, 5472, 22),
+               200),
+        Attack("APNG 600x450, 2000 frames", lambda: apng(600, 450, 2000), 422, budget, "max_frames"),
+        Attack("GIF 600x450, 10000 frames", lambda: many_frame_gif(600, 450, 10_000), 422, budget, "max_frames"),
+        Attack("TIFF 64x48, 2000 pages", lambda: many_page_tiff(64, 48, 2000), 422, budget, "max_frames"),
+        Attack("WebP 600x450, 100 frames", lambda: many_frame_webp(600, 450, 100), 422, budget, "max_frames"),
+        Attack("JPEG with 1 million comment segments", lambda: jpeg_with_comment_segments(lesion_jpeg, 1_000_000),
+               422, budget, "max_segments"),
+        Attack("PNG with 1 million empty chunks", lambda: png_with_empty_chunks(lesion, 1_000_000), 422, budget,
+               "max_segments"),
+    ]
