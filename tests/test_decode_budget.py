@@ -139,6 +139,13 @@ def proc_status(pid: int, key: str) -> float:
     raise KeyError(key)
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time the process has used (/proc/<pid>/stat), in seconds."""
+    with open(f"/proc/{pid}/stat") as stat:
+        fields = stat.read().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def reset_peak(pid: int) -> float:
     """Reset the worker's peak RSS (VmHWM) to its current RSS, which is returned (MB)."""
     with open(f"/proc/{pid}/clear_refs", "w") as clear_refs:
@@ -156,8 +163,11 @@ def post(server, data: bytes, timeout: float = 300) -> tuple[requests.Response, 
 @pytest.mark.slow
 @pytest.mark.data
 def test_amplification_catalogue_costs_a_worker_little_next_to_valid_traffic(torchserve, samples_dir):
-    """Each attack alone: answered as the catalogue says, in <= 2 s and <= 200 MB above the worker's
-    resident memory (its VmHWM reset before). Then all of them at once among valid requests, which all succeed."""
+    """Each attack alone: answered as the catalogue says, for <= 2 s of the worker's CPU and <= 200 MB above
+    its resident memory (its VmHWM reset before). Then all of them at once among valid requests, which all succeed.
+
+    The time bound is on the worker's CPU time: wall time is printed, but on a loaded CI machine it
+    measures the machine's other work as much as the request's."""
     valid = [(samples_dir / name).read_bytes() for name in sorted(os.listdir(samples_dir)) if name.endswith(".jpg")][:12]
     attacks = [(attack, attack.make()) for attack in amplification_catalogue(valid[0])]
     pids = worker_pids(torchserve)
@@ -170,18 +180,21 @@ def test_amplification_catalogue_costs_a_worker_little_next_to_valid_traffic(tor
     rows = []
     for attack, data in attacks:
         resident = {pid: reset_peak(pid) for pid in pids}
+        cpu = {pid: cpu_seconds(pid) for pid in pids}
         response, seconds = post(torchserve, data)
         peak = max(proc_status(pid, "VmHWM") - resident[pid] for pid in pids)
+        cpu_used = max(cpu_seconds(pid) - cpu[pid] for pid in pids)
         body = response.json()
         rows.append(f"{attack.name:55s} {len(data) / 1024:8.0f} KB  {response.status_code} "
-                    f"{body.get('error', {}).get('details', {}).get('limit', '')!s:20s} {seconds:6.2f} s {peak:7.1f} MB")
+                    f"{body.get('error', {}).get('details', {}).get('limit', '')!s:20s} cpu {cpu_used:6.2f} s wall {seconds:6.2f} s "
+                    f"{peak:7.1f} MB")
         gate_refused = response.status_code == 422 and body.get("error", {}).get("code") == "out_of_distribution"
         if attack.status == 200:
             assert response.status_code == 200 or gate_refused, (attack.name, body)
         else:
             assert response.status_code == attack.status, (attack.name, body)
             assert body["error"]["code"] == attack.error_code and body["error"]["details"]["limit"] == attack.limit
-        assert seconds <= 2.0, (attack.name, seconds)
+        assert cpu_used <= 2.0, (attack.name, cpu_used)
         assert peak <= 200, (attack.name, peak)
     print("\n" + "\n".join(rows))
 
