@@ -117,12 +117,14 @@ def test_resize_mode_is_stored_and_old_metadata_reads_as_center_crop(tmp_path):
     assert torch.load(path, weights_only=True)["meta"]["preprocessing"]["resize_mode"] == FULL_VIEW
 
 
-def test_released_checkpoint_keeps_its_center_crop():
+def test_released_checkpoint_serves_the_whole_view():
+    """Release 1.6.1 serves 1.6.0's networks, trained on squashed 224x224 copies, with the whole 4:3 photo
+    squashed the same way (full_view) instead of 1.6.0's centre crop, which cut an eighth off each side."""
     if not RELEASED_CHECKPOINT.exists():
         pytest.skip(f"no released checkpoint at {RELEASED_CHECKPOINT}")
     stored = torch.load(RELEASED_CHECKPOINT, map_location="cpu", weights_only=True)["meta"]["preprocessing"]
-    assert "resize_mode" not in stored
-    assert read_checkpoint(RELEASED_CHECKPOINT).meta.preprocessing.resize_mode == CENTER_CROP
+    assert stored["resize_mode"] == FULL_VIEW
+    assert read_checkpoint(RELEASED_CHECKPOINT).meta.preprocessing.resize_mode == FULL_VIEW
 
 
 def test_invalid_geometries_are_refused():
