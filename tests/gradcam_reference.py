@@ -50,7 +50,7 @@ def autograd_layercam(model, inputs, targets):
     return torch.relu(sum((torch.relu(g) * a).sum(dim=1) for g, a in zip(grads, captured))).detach()
 
 
-def hooked_rise(model, image, target, masks, blurred):
+def hooked_rise(model, image, target, masks, blurred, to_scores=lambda logits: logits.softmax(dim=1)):
     """RISE's raw saliency by brute force: the full model run on the image once per mask, a forward hook
     replacing each network's first stride-16 map with blurred + mask * (image - blurred)."""
     layers = [stride16_layers(net)[0] for net in networks_of(model)]
@@ -64,7 +64,7 @@ def hooked_rise(model, image, target, masks, blurred):
             lambda m, a, out, layer=layer: maps[layer][1:2] + masks[:, None] * (maps[layer][0:1] - maps[layer][1:2]))
             for layer in layers]
         try:
-            scores = model(image[None].expand(len(masks), -1, -1, -1)).softmax(dim=1)[:, target]
+            scores = to_scores(model(image[None].expand(len(masks), -1, -1, -1)))[:, target]
         finally:
             for handle in handles:
                 handle.remove()
