@@ -95,9 +95,15 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         print(f"TTA {tta}: {json.dumps(figures[tta])}", flush=True)
     serving = figures[args.serving_tta]
     point = OperatingPoint(args.serving_tta, serving["referral_threshold"], args.target_sensitivity, serving["out_of_fold"])
-    # The new calibrations replace all old ones; a legacy meta "temperature" is superseded by them.
+    # The refitted modes replace their old calibrations; a mode not refitted (--tta-modes) keeps its own,
+    # which is only right where the new geometry gives the calibration images the same pixels (square
+    # copies under full_view or the centre crop). A legacy meta "temperature" is superseded.
+    kept = sorted(set(checkpoint.meta.calibration) - set(calibrations))
+    if kept:
+        print(f"calibrations of {kept} kept as they were (not in --tta-modes)", flush=True)
     provenance = {key: value for key, value in checkpoint.meta.provenance.items() if key != "temperature"}
-    checkpoint.meta = dataclasses.replace(checkpoint.meta, calibration=calibrations, operating_point=point,
+    checkpoint.meta = dataclasses.replace(checkpoint.meta, calibration={**checkpoint.meta.calibration, **calibrations},
+                                          operating_point=point,
                                           provenance={**provenance, "calibration_command": command_line("scripts/calibrate.py")})
     checkpoint.save(args.output)
     if args.report:
