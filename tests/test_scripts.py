@@ -150,7 +150,10 @@ def test_calibrate_fits_every_tta_mode_and_an_operating_point(samples_dir, tiny_
          "--subset", str(subset), "--output", str(output), "--report", str(tmp_path / "cal.json"),
          "--tta-modes", "none", "hflip", "--folds", "2", "--repeats", "3", "--target-sensitivity", "0.9"]))
     loaded = load_checkpoint(output)
-    assert set(loaded.meta.calibration) == {"none", "hflip"}
+    # The modes refitted are new; flip4, not refitted, keeps the calibration it had.
+    assert set(loaded.meta.calibration) == {"none", "hflip", "flip4"}
+    before = load_checkpoint(tiny_checkpoint).meta.calibration
+    assert loaded.meta.calibration["flip4"] == before["flip4"] and loaded.meta.calibration["none"] != before["none"]
     point = loaded.meta.operating_point
     assert point.tta == "none" and point.target_melanoma_sensitivity == 0.9
     assert point.validation_out_of_fold == figures["none"]["out_of_fold"]
