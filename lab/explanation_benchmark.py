@@ -370,8 +370,10 @@ def run_benchmark(loaded: LoadedModel, lesions: Sequence[Lesion], methods: dict[
             scored.append(score_lesion(loaded, lesion, methods, fractions, decision_rule, seed=number))
             if (number + 1) % 10 == 0 or number + 1 == len(lesions):
                 log(f"{number + 1}/{len(lesions)} lesions scored ({time.perf_counter() - started:.0f} s)")
-        by_id = {lesion.image_id: lesion for lesion in lesions}
-        sanity = sanity_scores(loaded, scored[:sanity_count], by_id, methods) if sanity_count else {}
+    # Outside inference mode: a copy made inside it would hold inference tensors, which LayerCAM's
+    # backward pass cannot use.
+    by_id = {lesion.image_id: lesion for lesion in lesions}
+    sanity = sanity_scores(loaded, scored[:sanity_count], by_id, methods) if sanity_count else {}
     summary = summarize(scored, sanity, list(methods), resamples)
     report = {
         "checkpoint_version": loaded.version,
