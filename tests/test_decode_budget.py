@@ -195,7 +195,7 @@ def test_amplification_catalogue_costs_a_worker_little_next_to_valid_traffic(tor
             assert response.status_code == 200 or gate_refused, (attack.name, body)
         else:
             assert response.status_code == attack.status, (attack.name, body)
-            assert body["error"]["code"] == attack.error_code and body["error"]["details"]["limit"] == attack.limit
+            assert body["error"]["code"] == attack.error_code and body["error"]["limit"] == attack.limit
         assert cpu_used <= 2.0, (attack.name, cpu_used)
         assert peak <= 200, (attack.name, peak)
     print("\n" + "\n".join(rows))

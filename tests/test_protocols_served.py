@@ -65,11 +65,25 @@ def not_dermoscopy() -> bytes:
     return generate(count=1, seed=1)[0].data
 
 
+def same_answer(actual, expected, tolerance: float = 1e-4) -> bool:
+    """Equal answers, numbers to ``tolerance``: one image's probabilities move in the last digits with
+    the size of the batch it shares with other requests (oneDNN picks kernels by shape)."""
+    if isinstance(expected, dict):
+        return isinstance(actual, dict) and actual.keys() == expected.keys() and all(
+            same_answer(actual[key], value, tolerance) for key, value in expected.items())
+    if isinstance(expected, list):
+        return isinstance(actual, list) and len(actual) == len(expected) and all(
+            same_answer(a, e, tolerance) for a, e in zip(actual, expected))
+    if isinstance(expected, float) and not isinstance(expected, bool):
+        return isinstance(actual, (int, float)) and abs(actual - expected) <= tolerance
+    return actual == expected
+
+
 def assert_tensors_equal_plain(result, answers: list[dict]) -> None:
     probabilities = result.as_numpy("probabilities")
     assert probabilities.shape == (len(answers), len(CLASS_CODES)) and probabilities.dtype == np.float32
     expected = np.array([[answer["probabilities"][code] for code in CLASS_CODES] for answer in answers], np.float32)
-    assert np.array_equal(probabilities, expected)
+    assert np.allclose(probabilities, expected, atol=1e-4, rtol=0)  # batch-size digits: see same_answer
     assert [str(p) for p in result.as_numpy("prediction")] == [answer["prediction"] for answer in answers]
     assert result.as_numpy("malignant_probability").tolist() == pytest.approx(
         [answer["malignant_probability"] for answer in answers], abs=1e-6)
@@ -137,8 +151,8 @@ def test_kserve_v1_instances_in_every_shape_concurrently(torchserve, golden):
         responses = list(pool.map(post, bodies))
     for (_, answer), response in zip(encoded, responses):
         assert response.status_code == 200, response.text[:300]
-        assert response.json() == {"predictions": [answer]}
-    assert responses[-1].json() == {"predictions": [answer for _, answer in encoded[:5]]}
+        assert same_answer(response.json(), {"predictions": [answer]}), (response.json(), answer)
+    assert same_answer(responses[-1].json(), {"predictions": [answer for _, answer in encoded[:5]]})
     # A bad instance gets its own error entry; the others of its request are answered.
     mixed = post({"instances": [encoded[0][0], base64.b64encode(not_dermoscopy()).decode()]})
     assert mixed.status_code == 200
