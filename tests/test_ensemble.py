@@ -181,7 +181,7 @@ def test_torchscript_runner_traces_the_ensemble():
     x = torch.randn(2, 3, 64, 64).contiguous(memory_format=torch.channels_last)
     with torch.no_grad():
         eager_features, eager_logits = features_and_logits(ensemble, x)
-        features, logits = build_runner(ensemble, "torchscript", "fp32", 64)(x)
+        features, logits = build_runner(ensemble, "torchscript", "fp32", (64, 64))(x)
     assert torch.allclose(logits, eager_logits, atol=1e-4)
     assert torch.allclose(features, eager_features, atol=1e-4)
 
