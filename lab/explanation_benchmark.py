@@ -238,7 +238,7 @@ def spearman(first: torch.Tensor, second: torch.Tensor) -> float:
     """Rank correlation of two maps of one shape (0 when either is constant)."""
     from scipy.stats import spearmanr
 
-    a, b = first.flatten().numpy(), second.flatten().numpy()
+    a, b = first.detach().flatten().numpy(), second.detach().flatten().numpy()
     if np.ptp(a) == 0 or np.ptp(b) == 0:
         return 0.0
     return float(spearmanr(a, b).statistic)

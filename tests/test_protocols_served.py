@@ -24,6 +24,7 @@ from ops.paths import GOLDEN_SMOKE
 
 httpclient = pytest.importorskip("tritonclient.http", reason="tritonclient[http] is a dev requirement (requirements-dev.txt)")
 from tritonclient.utils import InferenceServerException  # noqa: E402
+from tests.conftest import same_answer
 
 pytestmark = [pytest.mark.slow, pytest.mark.data]
 MODEL = "skin_lesion"
@@ -63,20 +64,6 @@ def image_input(images: list[bytes]) -> "httpclient.InferInput":
 
 def not_dermoscopy() -> bytes:
     return generate(count=1, seed=1)[0].data
-
-
-def same_answer(actual, expected, tolerance: float = 1e-4) -> bool:
-    """Equal answers, numbers to ``tolerance``: one image's probabilities move in the last digits with
-    the size of the batch it shares with other requests (oneDNN picks kernels by shape)."""
-    if isinstance(expected, dict):
-        return isinstance(actual, dict) and actual.keys() == expected.keys() and all(
-            same_answer(actual[key], value, tolerance) for key, value in expected.items())
-    if isinstance(expected, list):
-        return isinstance(actual, list) and len(actual) == len(expected) and all(
-            same_answer(a, e, tolerance) for a, e in zip(actual, expected))
-    if isinstance(expected, float) and not isinstance(expected, bool):
-        return isinstance(actual, (int, float)) and abs(actual - expected) <= tolerance
-    return actual == expected
 
 
 def assert_tensors_equal_plain(result, answers: list[dict]) -> None:
