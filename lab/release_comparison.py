@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
+import torch
 from PIL import Image
 
 from handler.checkpoint import load_checkpoint
@@ -75,8 +76,6 @@ def release_report(checkpoint: str | os.PathLike, records: Sequence[LabelledImag
     threshold = point.referral_threshold if point is not None else settings.referral_threshold
     served = serve_files(loaded, [r.path for r in records], settings.tta, batch_size, settings.decode_limits)
     probabilities, labels, lesions = per_lesion(served.probabilities.numpy(), records)
-    import torch
-
     calls = decide(torch.from_numpy(probabilities), settings.decision_rule,
                    loaded.calibration(settings.tta).class_prior).numpy()
     report = classification_report(probabilities, labels, threshold, calls)
