@@ -1,7 +1,10 @@
 """Serve one batch: per-request parsing and errors, one forward pass, the input gate, Grad-CAM.
 
 The request walk is ``handler.skin_lesion_handler -> handle_batch -> preprocessing / model ->
-handler.responses``. Every stage guards each request on its own: a request error becomes that
+handler.responses``. ``handle_batch`` reads the requests, then serves their images in three named
+stages, like TorchServe's preprocess / inference / postprocess: :func:`read_images` (decode),
+:func:`forward_images` (one forward pass, the gate, the decision) and :func:`answer_images`
+(refusals, explanations, answers), each timed in :class:`BatchTimings`. Every stage guards each request on its own: a request error becomes that
 request's 4xx, a bug met while serving one request becomes that request's 500 with an id to
 find it in the log, and neither ever fails the other requests of the batch.
 """
@@ -121,6 +124,11 @@ def predict_probabilities(loaded: LoadedModel, batch: torch.Tensor, tta: str = "
 def format_gradcam(request: ParsedRequest, heatmap: torch.Tensor, target: int, loaded: LoadedModel,
                    settings: HandlerSettings, method: str = METHOD_NAMES[FAST]) -> GradcamResult:
     """The explanation of one request: overlay on the full-resolution original, plus the raw map."""
+    # The image is decoded a second time, on purpose: the read stage decoded it straight to the
+    # model's input size (JPEG draft, box reduction) and kept only that small tensor, while the
+    # overlay is drawn on the original at up to gradcam_max_side. Keeping every request's larger
+    # decode until the answer stage would hold that memory for the predictions too, which never
+    # use it; decoding again costs one decode per explanation, small next to its maps.
     # Decoded no larger than the overlay needs (its longer side is cut to gradcam_max_side): a
     # 40 MP JPEG drafted, a huge PNG box-reduced, within the decode budget's memory.
     original = decode_image(request.image, settings.decode_limits, draft_size=settings.gradcam_max_side,
@@ -238,69 +246,128 @@ def handle_batch(loaded: LoadedModel, settings: HandlerSettings, rows: Sequence[
     return responses
 
 
+@dataclass
+class Forwarded:
+    """The forward stage's result: the images it ran, in batch order, with what the model said of them.
+
+    Attributes:
+        accepted: ``(item index, request)`` of each image that went through the model.
+        inputs: Each image's uint8 model input (for the maps that perturb the image).
+        features: Their last feature maps (N, C, h, w), on the model's device.
+        probabilities: Their calibrated class probabilities (N, 7), on the CPU.
+        checks: Their input-gate checks, or None without a gate.
+        predicted: Their predicted class indices under the decision rule.
+    """
+
+    accepted: list[tuple[int, ParsedRequest]]
+    inputs: list[torch.Tensor]
+    features: torch.Tensor
+    probabilities: torch.Tensor
+    checks: list[InputCheck] | None
+    predicted: torch.Tensor
+
+
 def _serve_images(loaded: LoadedModel, settings: HandlerSettings, items: Sequence[ParsedRequest | Response],
                   model_version: str, timings: BatchTimings, started: float) -> list[Response]:
-    """One response per image of the batch, in order: decoding, one forward pass, the gate, Grad-CAM.
+    """One response per image of the batch, in order, in three stages timed by ``timings``.
 
-    An item that is a :class:`Response` already (an image refused while its request was read)
-    is passed through.
+    Like TorchServe's preprocess / inference / postprocess: :func:`read_images` decodes
+    (``timings.preprocess``, which includes reading the requests, from ``started``),
+    :func:`forward_images` runs the one forward pass and the gate (``timings.inference``), and
+    :func:`answer_images` refuses what the gate refused and writes the answers with their
+    explanations (``timings.gradcam``, 0 when no image asked for one). Each stage sets the
+    responses of the images it stops; an item that is a :class:`Response` already (an image
+    refused while its request was read) is passed through.
     """
-    total = len(items)
-    responses: list[Response | None] = [None] * total
-    accepted: list[tuple[int, ParsedRequest]] = []
-    inputs: list[torch.Tensor] = []
-    for index, item in enumerate(items):
-        if isinstance(item, Response):
-            responses[index] = item
-            continue
-
-        def prepare(parsed: ParsedRequest = item) -> tuple[ParsedRequest, torch.Tensor]:
-            if parsed.allow_out_of_distribution and not settings.allow_gate_override:
-                raise GateOverrideNotAllowedError(
-                    "this service does not let clients override its input gate (\"allow_out_of_distribution\"); "
-                    "send the request without it")
-            tensor, _ = load_model_input(parsed.image, loaded.preprocess, settings.decode_limits)
-            return parsed, tensor
-
-        outcome = guarded(index, total, "reading the image", prepare)
-        if isinstance(outcome, Response):
-            responses[index] = outcome
-            continue
-        accepted.append((index, outcome[0]))
-        inputs.append(outcome[1])
+    responses: list[Response | None] = [item if isinstance(item, Response) else None for item in items]
+    accepted, inputs = read_images(loaded, settings, items, responses)
     timings.preprocess = time.perf_counter() - started
     if not accepted:
         return responses  # type: ignore[return-value]
 
     started = time.perf_counter()
-    input_of = {index: tensor for (index, _), tensor in zip(accepted, inputs)}  # for maps that perturb the image
+    forwarded = forward_images(loaded, settings, accepted, inputs, responses)
+    timings.inference = time.perf_counter() - started
+    if forwarded is None:
+        return responses  # type: ignore[return-value]
+
+    started = time.perf_counter()
+    explained = answer_images(loaded, settings, forwarded, model_version, responses)
+    timings.gradcam = time.perf_counter() - started if explained else 0.0
+    return responses  # type: ignore[return-value]
+
+
+def read_images(loaded: LoadedModel, settings: HandlerSettings, items: Sequence[ParsedRequest | Response],
+                responses: list[Response | None]) -> tuple[list[tuple[int, ParsedRequest]], list[torch.Tensor]]:
+    """The read stage: each image decoded to its uint8 model input; a refusal becomes its response.
+
+    Returns:
+        ``(accepted, inputs)``: ``(item index, request)`` and the model input of each image read.
+    """
+    accepted: list[tuple[int, ParsedRequest]] = []
+    inputs: list[torch.Tensor] = []
+    for index, item in enumerate(items):
+        if isinstance(item, Response):
+            continue
+
+        def prepare(parsed: ParsedRequest = item) -> torch.Tensor:
+            if parsed.allow_out_of_distribution and not settings.allow_gate_override:
+                raise GateOverrideNotAllowedError(
+                    "this service does not let clients override its input gate (\"allow_out_of_distribution\"); "
+                    "send the request without it")
+            tensor, _ = load_model_input(parsed.image, loaded.preprocess, settings.decode_limits)
+            return tensor
+
+        outcome = guarded(index, len(items), "reading the image", prepare)
+        if isinstance(outcome, Response):
+            responses[index] = outcome
+            continue
+        accepted.append((index, item))
+        inputs.append(outcome)
+    return accepted, inputs
+
+
+def forward_images(loaded: LoadedModel, settings: HandlerSettings, accepted: list[tuple[int, ParsedRequest]],
+                   inputs: list[torch.Tensor], responses: list[Response | None]) -> Forwarded | None:
+    """The forward stage: one forward pass (and the gate) over every image read, and the decisions.
+
+    If the batched pass fails, each image runs alone so that only the one that breaks it gets an
+    error response. Returns None when no image came through.
+    """
+    total = len(responses)
     try:
         features, probabilities, checks = _forward(loaded, inputs, settings)
     except Exception:  # noqa: BLE001 - find the one input that breaks the batch: each runs alone
         logger.exception("batch forward pass failed; running its %d requests one by one", len(inputs))
-        features, probabilities, checks = None, None, None
-    if features is None:
         per_request = [guarded(index, total, "running the model", lambda t=tensor: _forward(loaded, [t], settings))
                        for (index, _), tensor in zip(accepted, inputs)]
-        kept = [(request, result) for request, result in zip(accepted, per_request) if not isinstance(result, Response)]
         for (index, _), result in zip(accepted, per_request):
             if isinstance(result, Response):
                 responses[index] = result
+        kept = [(request, tensor, result) for request, tensor, result in zip(accepted, inputs, per_request)
+                if not isinstance(result, Response)]
         if not kept:
-            timings.inference = time.perf_counter() - started
-            return responses  # type: ignore[return-value]
-        accepted = [request for request, _ in kept]
-        features = torch.cat([result[0] for _, result in kept])
-        probabilities = torch.cat([result[1] for _, result in kept])
-        checks = None if kept[0][1][2] is None else [check for _, result in kept for check in result[2]]
-    calibration = loaded.calibration(settings.tta)
-    predicted = decide(probabilities, settings.decision_rule, calibration.class_prior)
-    timings.inference = time.perf_counter() - started
+            return None
+        accepted = [request for request, _, _ in kept]
+        inputs = [tensor for _, tensor, _ in kept]
+        features = torch.cat([result[0] for _, _, result in kept])
+        probabilities = torch.cat([result[1] for _, _, result in kept])
+        checks = None if kept[0][2][2] is None else [check for _, _, result in kept for check in result[2]]
+    predicted = decide(probabilities, settings.decision_rule, loaded.calibration(settings.tta).class_prior)
+    return Forwarded(accepted, inputs, features, probabilities, checks, predicted)
 
-    started = time.perf_counter()
+
+def answer_images(loaded: LoadedModel, settings: HandlerSettings, forwarded: Forwarded, model_version: str,
+                  responses: list[Response | None]) -> bool:
+    """The answer stage: the gate's refusals, the explanation maps asked for, and each image's answer.
+
+    Returns:
+        Whether any image asked for an explanation.
+    """
+    total = len(responses)
     answered: list[tuple[int, int, ParsedRequest, InputCheck | None]] = []  # (position, index, request, check)
-    for position, (index, parsed) in enumerate(accepted):
-        check = checks[position] if checks is not None else None
+    for position, (index, parsed) in enumerate(forwarded.accepted):
+        check = forwarded.checks[position] if forwarded.checks is not None else None
         if check is not None and not check.in_distribution:
             if not parsed.allow_out_of_distribution:  # (an override reaches here only where the operator allows it)
                 responses[index] = error_response(gate_refusal(check))
@@ -312,17 +379,17 @@ def _serve_images(loaded: LoadedModel, settings: HandlerSettings, items: Sequenc
     explained = [(position, parsed) for position, _, parsed, _ in answered if parsed.gradcam]
     heatmaps: dict[int, tuple[torch.Tensor, int, str]] = {}
     if explained:
-        targets = [parsed.target_class if parsed.target_class is not None else int(predicted[position])
+        targets = [parsed.target_class if parsed.target_class is not None else int(forwarded.predicted[position])
                    for position, parsed in explained]
-        maps = explanation_maps(loaded, features, [input_of[index] for index, _ in accepted],
-                                [position for position, _ in explained], targets,
-                                [parsed.explanation for _, parsed in explained], settings.tta)
+        maps = explanation_maps(loaded, forwarded.features, forwarded.inputs, [position for position, _ in explained],
+                                targets, [parsed.explanation for _, parsed in explained], settings.tta)
         heatmaps = {position: (maps[i], targets[i], METHOD_NAMES[parsed.explanation])
                     for i, (position, parsed) in enumerate(explained)}
     for position, index, parsed, check in answered:
         def answer(position: int = position, parsed: ParsedRequest = parsed, check: InputCheck | None = check) -> Response:
-            prediction = make_prediction(probabilities[position].tolist(), model_version, settings.referral_threshold,
-                                         int(predicted[position]), settings.decision_rule, check)
+            prediction = make_prediction(forwarded.probabilities[position].tolist(), model_version,
+                                         settings.referral_threshold, int(forwarded.predicted[position]),
+                                         settings.decision_rule, check)
             if position in heatmaps:
                 heatmap, target, method = heatmaps[position]
                 prediction = replace(prediction, gradcam=format_gradcam(parsed, heatmap, target, loaded, settings,
@@ -330,5 +397,4 @@ def _serve_images(loaded: LoadedModel, settings: HandlerSettings, items: Sequenc
             return Response(200, prediction)
 
         responses[index] = guarded(index, total, "writing the answer", answer)
-    timings.gradcam = time.perf_counter() - started if explained else 0.0
-    return responses  # type: ignore[return-value]
+    return bool(explained)
