@@ -19,8 +19,9 @@ import torch
 from sklearn.metrics import balanced_accuracy_score
 from sklearn.model_selection import StratifiedKFold
 
-from handler.calibration import Calibration, fit_calibration
+from handler.calibration import Calibration
 from handler.decision import decide
+from lab.calibration import fit_calibration
 from lab.evaluation import (TARGET_MELANOMA_SENSITIVITY, bootstrap_intervals, classification_report, headline_figures,
                             referral_threshold_for_sensitivity)
 

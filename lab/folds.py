@@ -47,7 +47,7 @@ import torch
 from torch import nn
 
 from handler.architectures import build_model
-from handler.calibration import fit_calibration
+from lab.calibration import fit_calibration
 from handler.checkpoint import Checkpoint, Meta, make_checkpoint
 from handler.decision import decide
 from handler.labels import CLASS_CODES

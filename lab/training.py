@@ -26,7 +26,7 @@ from torch import nn
 from tqdm import tqdm
 
 from handler.architectures import family_of
-from handler.calibration import TTA_MODES, Calibration, augmented_views, fit_calibration, merge_views
+from handler.calibration import TTA_MODES, Calibration, augmented_views, merge_views
 from handler.checkpoint import Checkpoint, Meta, make_checkpoint, read_checkpoint, split_members
 from handler.decision import decide
 from handler.labels import CLASS_CODES
@@ -34,6 +34,7 @@ from handler.preprocessing import PreprocessConfig, normalize_batch
 from handler.storage import unpack_state_dict
 from lab.data import (LabelledImage, LesionDataset, attach_paths, build_eval_transform, build_train_transform, class_counts,
                       lesion_grouped_split, read_labels)
+from lab.calibration import fit_calibration
 from lab.evaluation import classification_report
 from lab.imagenet import imagenet_weights_path, load_imagenet_backbone
 from lab.provenance import checkpoint_provenance

@@ -2,7 +2,7 @@
 
 For every test-time augmentation mode, runs the validation images through the serving
 path (decode, preprocessing, forward pass), fits temperature scaling plus per-class
-biases (:func:`handler.calibration.fit_calibration`), and reports the calibration error
+biases (:func:`lab.calibration.fit_calibration`), and reports the calibration error
 both in-sample and out-of-fold (5-fold cross-fitting on the validation split, so the
 figure is not flattered by fitting and scoring on the same images). The cross-fitting is
 repeated over ``--repeats`` fold partitions and reported as mean and standard deviation:

@@ -33,10 +33,10 @@ import numpy as np
 import torch
 
 from handler.architectures import architecture, build_model
-from handler.calibration import fit_calibration
 from handler.checkpoint import Checkpoint, Meta, make_checkpoint, read_checkpoint
 from handler.labels import CLASS_CODES
 from handler.storage import STORAGE_DTYPES, pack_state_dict
+from lab.calibration import fit_calibration
 from lab.data import LesionDataset, attach_paths, build_eval_transform, class_counts
 from lab.distillation import cache_teacher_logits, distillation_loader, distillation_loss, distillation_record, soft_labels
 from lab.evaluation import TARGET_MELANOMA_SENSITIVITY

@@ -4,8 +4,9 @@ import numpy as np
 import pytest
 import torch
 
-from handler.calibration import Calibration, augmented_views, fit_calibration, merge_views
+from handler.calibration import Calibration, augmented_views, merge_views
 from handler.labels import class_index
+from lab.calibration import fit_calibration
 from lab.evaluation import expected_calibration_error, malignant_probability, referral_threshold_for_sensitivity
 
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from handler.calibration import fit_calibration
+from lab.calibration import fit_calibration
 from handler.decision import decide
 from tests.conftest import HAM10000_PRIOR
 

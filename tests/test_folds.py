@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from handler.calibration import fit_calibration
+from lab.calibration import fit_calibration
 from handler.checkpoint import read_checkpoint
 from handler.labels import CLASS_CODES
 from handler.preprocessing import FULL_VIEW
