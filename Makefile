@@ -90,12 +90,13 @@ train-bench: install ## Training images/s of each CPU lever on this machine (geo
 # release 1.6.1's first Lite0 member, stem + 3 stages frozen, distilled from 1.6.1 (its logits cached once), validated on
 # every 200x150 image of the validation lesions. Resumable per epoch: rerun to continue.
 TEACHER ?= models/skin_lesion.pt
-train-student: install ## Train release 1.7.0's student into runs/student-150x200 (resumable) [TEACHER=release checkpoint] [TRAIN_ARGS=...]
-	nice -n 10 $(PY) scripts/train.py --metadata $(DATA_43)/metadata.csv --images $(DATA_43)/images --output runs/student-150x200 \
-	  --val-split models/provenance/val_split.json --arch efficientnet_lite0 --image-size 150 --image-width 200 \
-	  --resize-mode full_view --init-checkpoint $(TEACHER) --init-member 0 --freeze-blocks 3 \
+train-student: install ## Train release 1.7.0: one Lite2 at 150x200, warm-started and distilled from TEACHER, into runs/student-lite2-150x200 (resumable) [TRAIN_ARGS=...]
+	nice -n 10 $(PY) scripts/train.py --metadata $(DATA_43)/metadata.csv --images $(DATA)/images $(DATA_43)/images \
+	  --output runs/student-lite2-150x200 --val-split models/provenance/val_split.json \
+	  --arch efficientnet_lite2 --image-size 150 --image-width 200 --resize-mode full_view \
+	  --init-checkpoint $(TEACHER) --init-member 3 --freeze-blocks 4 \
 	  --teacher $(TEACHER) --distill-alpha 0.5 --distill-temperature 2.0 \
-	  --epochs 3 --patience 3 --lr 3e-4 --batch-size 32 --ema-decay 0.995 --class-weight-power 1.0 --min-crop-scale 0.6 \
+	  --epochs 6 --patience 6 --lr 3e-4 --batch-size 32 --ema-decay 0.995 --class-weight-power 1.0 --min-crop-scale 0.6 \
 	  --workers 1 --threads 2 --model-version 1.7.0-student $(TRAIN_ARGS)
 
 compare-releases: install ## Releases side by side on the validation lesions at 4:3 (stretched 224 copies and 200x150 copies), lesion-level with intervals: make compare-releases RELEASES="1.6.1=a.pt 1.7.0=b.pt"

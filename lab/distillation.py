@@ -62,8 +62,12 @@ def view_logits(model: nn.Module, batch: torch.Tensor, preprocess: PreprocessCon
 
 
 def image_set_digest(records: Sequence[LabelledImage]) -> str:
-    """Names an ordered set of images in a cache."""
-    return hashlib.sha256("\n".join(r.image_id for r in records).encode()).hexdigest()
+    """Names an ordered set of image files in a cache.
+
+    The file counts, not only the image id: the same image id names a sharp ``ham10000-224`` copy
+    in one run and a soft ``ham10000-200x150`` copy in another, and their teacher logits differ.
+    """
+    return hashlib.sha256("\n".join(f"{r.image_id}\t{r.path}" for r in records).encode()).hexdigest()
 
 
 def cache_teacher_logits(teacher: str | os.PathLike, records: Sequence[LabelledImage], cache: str | os.PathLike,
@@ -71,7 +75,7 @@ def cache_teacher_logits(teacher: str | os.PathLike, records: Sequence[LabelledI
                          save_every: int = 2048, views: int = VIEWS) -> torch.Tensor:
     """One teacher's (N, views, C) logits of every record's first ``views`` dihedral views, read from or written to ``cache``.
 
-    The cache is named by the teacher file's SHA-256 and the ordered image ids; a cache of another
+    The cache is named by the teacher file's SHA-256 and the ordered image files; a cache of another
     teacher or image set is recomputed. Written every ``save_every`` images, so an interrupted run
     continues where it stopped.
 
