@@ -68,7 +68,7 @@ class Backend(Protocol):
 
     def predict(self, image: bytes, target_class: str | None = None, explanation: str = "fast") -> dict[str, Any]:
         """The response body for one image, with a map of ``target_class`` (the predicted class if None) of the
-        kind ``explanation`` names (``fast`` Grad-CAM or ``faithful`` RISE)."""
+        kind ``explanation`` names (``fast`` Grad-CAM or ``faithful`` LayerCAM x Grad-CAM)."""
         ...
 
 

@@ -39,7 +39,7 @@ class ParsedRequest:
         allow_out_of_distribution: Answer even when the input gate judges the image out of
             distribution (the answer then says so and its risk is ``unknown``).
         explanation: Which map explains it (:data:`handler.explainers.EXPLANATIONS`): ``fast``
-            (Grad-CAM, the default) or ``faithful`` (RISE, several predictions' cost).
+            (Grad-CAM, the default) or ``faithful`` (LayerCAM x Grad-CAM at stride 16, about two more predictions' cost).
     """
 
     image: bytes

@@ -3,7 +3,7 @@
 Both registered families are ``stem, stages 1..7, head conv`` (9 modules, applied in order,
 giving :func:`handler.architectures.forward_features`); stage ``i`` of both leaves the image at
 output stride 2, 2, 4, 8, 16, 16, 32, 32, 32 (stem first). Finer explanations need the map of an
-earlier, higher-resolution stage (:mod:`handler.layercam`) or to perturb it (:mod:`handler.rise`):
+earlier, higher-resolution stage (:mod:`handler.layercam`) or to perturb it (:mod:`lab.rise`):
 :func:`run_until` computes the trunk up to a stage once, :func:`logits_from` finishes it, and
 ``logits_from(model, run_until(model, x, k), k)`` equals ``model(x)``. A logit-averaging ensemble
 is run member by member; its members' maps have the same size, so they line up.

@@ -45,7 +45,7 @@ from handler.gradcam import gradcam_from_features, normalize_maps
 from handler.labels import CLASS_CODES, class_index
 from handler.layercam import layercam_fused
 from handler.preprocessing import load_model_input, normalize_batch, resize_to_model_input
-from handler.rise import gaussian_blur, rise
+from lab.rise import gaussian_blur, rise
 from handler.stages import members, trunk_stages
 
 MASK_THRESHOLD = 128
@@ -66,7 +66,7 @@ def fused_layercam(loaded: LoadedModel, inputs: torch.Tensor, targets: torch.Ten
 
 
 def feature_rise(loaded: LoadedModel, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """RISE at stride 16 on calibrated probabilities, blur baseline (:mod:`handler.rise`)."""
+    """RISE at stride 16 on calibrated probabilities, blur baseline (:mod:`lab.rise`)."""
     return rise(loaded.model, inputs, targets, loaded.calibration().apply)[0]
 
 

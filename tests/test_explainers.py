@@ -19,7 +19,7 @@ from handler.layercam import layercam, layercam_fused
 from handler.labels import class_index
 from handler.preprocessing import load_model_input, normalize_batch
 from handler.requests import parse_options
-from handler.rise import gaussian_blur, random_masks, rise
+from lab.rise import gaussian_blur, random_masks, rise
 from handler.settings import HandlerSettings
 from handler.stages import AFTER_FIRST_STRIDE_16, logits_from, run_until
 from lab import explanation_benchmark as bench
@@ -118,7 +118,7 @@ def test_batch_serves_each_request_its_kind_of_map(tiny_checkpoint, sample_jpeg)
         assert overlay.size == (600, 450) == (gradcam["width"], gradcam["height"])
     inputs = normalize_batch(load_model_input(sample_jpeg, loaded.preprocess)[0][None], loaded.preprocess)
     target = torch.tensor([class_index(faithful["class"])])
-    expected = rise(loaded.model, inputs, target, loaded.calibration().apply)[0]
+    expected = layercam_fused(loaded.model, inputs, target)[0]
     assert np.allclose(faithful["heatmap"], expected.numpy(), atol=1e-5)
 
 
@@ -148,7 +148,7 @@ def test_explanations_api_serves_fast_and_faithful_maps(torchserve, samples_dir)
         assert heat.shape == (-(-height // stride), -(-width // stride)) and heat.min() >= 0
         assert heat.max() == pytest.approx(1.0) and gradcam["has_evidence"]
     target = torch.tensor([class_index(bodies["faithful"]["gradcam"]["class"])])
-    expected = rise(loaded.model, inputs, target, loaded.calibration().apply)[0]
+    expected = layercam_fused(loaded.model, inputs, target)[0]
     assert np.abs(np.array(bodies["faithful"]["gradcam"]["heatmap"]) - expected.numpy()).max() <= 2e-3  # 3 decimals served
 
 
@@ -191,7 +191,7 @@ def test_demo_names_each_method_and_asks_for_it():
     from demo.client import prediction_request
 
     assert app.method_title({"method": METHOD_NAMES["fast"]}) == "Grad-CAM"
-    assert app.method_title({"method": METHOD_NAMES["faithful"]}).startswith("RISE")
+    assert app.method_title({"method": METHOD_NAMES["faithful"]}).startswith("LayerCAM")
     assert app.method_title({}) == "Grad-CAM"  # a server from before the method field
     assert [value for _, value in app.EXPLANATION_CHOICES] == ["fast", "faithful"]
     assert prediction_request(b"x", None, "faithful")["explanation"] == "faithful"
