@@ -13,6 +13,7 @@ A logit-averaging ensemble (:class:`LogitAverage`) keeps that form over its conc
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -23,7 +24,7 @@ from timm.models.efficientnet import EfficientNet as TimmEfficientNet
 from torch import nn
 
 from handler.labels import NUM_CLASSES
-from handler.preprocessing import PreprocessConfig
+from handler.preprocessing import FULL_VIEW, RESIZE_MODES, PreprocessConfig
 
 ENSEMBLE_ARCH = "logit_average"  # config["arch"] of a LogitAverage checkpoint
 
@@ -94,6 +95,10 @@ class Architecture:
         weights: Where its ImageNet weights are.
         mean: Per-channel normalization mean of those weights (0..1 scale).
         std: Per-channel normalization standard deviation.
+        image_size: The side of the input this project trains it at, unless told otherwise.
+        resize_mode: The geometry this project trains (and so serves) it in, unless told
+            otherwise (:data:`handler.preprocessing.RESIZE_MODES`): the one default of every
+            training script's ``--resize-mode``, like the input size of timm's pretrained cfg.
     """
 
     name: str
@@ -102,10 +107,26 @@ class Architecture:
     weights: ImageNetWeights
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
+    image_size: int = 224
+    resize_mode: str = FULL_VIEW
 
-    def default_preprocess(self, image_size: int = 224) -> PreprocessConfig:
-        """The preprocessing the ImageNet weights expect, at ``image_size``."""
-        return PreprocessConfig(image_size=image_size, resize_size=image_size, mean=self.mean, std=self.std)
+    def __post_init__(self) -> None:
+        if self.resize_mode not in RESIZE_MODES:
+            raise ValueError(f"{self.name}: resize_mode must be one of {list(RESIZE_MODES)}, got {self.resize_mode!r}")
+
+    def default_preprocess(self, image_size: int | None = None) -> PreprocessConfig:
+        """The normalization the ImageNet weights expect, at ``image_size`` (default: the entry's), in
+        :class:`~handler.preprocessing.PreprocessConfig`'s own geometry (the centre crop that a
+        checkpoint without ``resize_mode`` is served with). Training uses :meth:`training_preprocess`."""
+        size = image_size or self.image_size
+        return PreprocessConfig(image_size=size, resize_size=size, mean=self.mean, std=self.std)
+
+    def training_preprocess(self, image_size: int | None = None, resize_mode: str | None = None,
+                            image_width: int | None = None) -> PreprocessConfig:
+        """The preprocessing a network of this architecture is trained (and then served) with: the
+        weights' normalization at ``image_size`` in ``resize_mode``, each defaulting to the entry's."""
+        return dataclasses.replace(self.default_preprocess(image_size), resize_mode=resize_mode or self.resize_mode,
+                                   image_width=image_width)
 
 
 def _lite(n: int) -> Architecture:
@@ -149,8 +170,8 @@ def build_model(arch: str, num_classes: int = NUM_CLASSES, dropout: float = 0.2)
     return architecture(arch).build(num_classes, dropout)
 
 
-def default_preprocess_config(arch: str, image_size: int = 224) -> PreprocessConfig:
-    """The normalization each architecture's ImageNet weights were trained with."""
+def default_preprocess_config(arch: str, image_size: int | None = None) -> PreprocessConfig:
+    """The normalization each architecture's ImageNet weights were trained with (:meth:`Architecture.default_preprocess`)."""
     return architecture(arch).default_preprocess(image_size)
 
 

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from handler.architectures import family_of
+from handler.architectures import architecture, family_of
 from handler.calibration import TTA_MODES, Calibration, augmented_views, merge_views
 from handler.checkpoint import Checkpoint, Meta, make_checkpoint, read_checkpoint, split_members
 from handler.decision import decide
@@ -68,7 +68,7 @@ class Recipe:
     """
 
     arch: str = "efficientnet_lite0"
-    image_size: int = 224
+    image_size: int = architecture("efficientnet_lite0").image_size  # the input size is the architecture entry's
     epochs: int = 30
     batch_size: int = 32
     lr: float = 1e-3

@@ -21,7 +21,6 @@ Example:
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import time
@@ -30,10 +29,10 @@ from typing import Any
 
 import torch
 
-from handler.architectures import build_model, default_preprocess_config
+from handler.architectures import architecture, build_model
 from handler.checkpoint import read_checkpoint
 from handler.labels import CLASS_CODES
-from handler.preprocessing import CENTER_CROP, RESIZE_MODES
+from handler.preprocessing import RESIZE_MODES
 from lab.data import class_counts
 from lab.distillation import cache_teacher_logits, distillation_loss
 from lab.evaluation import format_report
@@ -60,8 +59,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--image-width", type=int,
                         help="width of a rectangular model input (--image-size is then its height; needs "
                              "--resize-mode full_view): 150x200 is HAM10000's own 4:3 shape")
-    parser.add_argument("--resize-mode", choices=RESIZE_MODES, default=CENTER_CROP,
-                        help="the geometry: centre crop of the shorter side, or the whole image resized to the input")
+    parser.add_argument("--resize-mode", choices=RESIZE_MODES,
+                        help="the geometry: centre crop of the shorter side, or the whole image resized to the input "
+                             "(default: the --arch entry's, handler.architectures)")
     parser.add_argument("--val-split",
                         help="a recorded validation split (JSON with val_image_ids, e.g. models/provenance/val_split.json): "
                              "every image of those lesions validates, the rest trains (instead of --val-fraction)")
@@ -117,8 +117,7 @@ def main(args: argparse.Namespace) -> dict[str, Any] | None:
           f"{dict(zip(CLASS_CODES, class_counts(val)))}; device {device}, autocast {amp}", flush=True)
     write_split(output / "split.json", val, split_seed, args.val_fraction)
 
-    preprocess = dataclasses.replace(default_preprocess_config(recipe.arch, recipe.image_size),
-                                     resize_mode=args.resize_mode, image_width=args.image_width)
+    preprocess = architecture(recipe.arch).training_preprocess(recipe.image_size, args.resize_mode, args.image_width)
     model = build_model(recipe.arch, dropout=recipe.dropout)
     try:
         weights_source = initialize(model, recipe.arch, preprocess, args.init_checkpoint, args.pretrained, args.init_member)

@@ -5,6 +5,7 @@ import torch
 
 from handler.architectures import ARCHITECTURES, ENSEMBLE_ARCH, architecture, build_model, default_preprocess_config, family_of
 from handler.checkpoint import load_checkpoint
+from handler.preprocessing import CENTER_CROP
 from handler.settings import load_handler_settings
 from lab.imagenet import imagenet_weights_path, load_imagenet_backbone
 from lab.training import freeze_early_layers
@@ -19,6 +20,23 @@ def test_builder_has_a_seven_class_head(arch):
         assert model(torch.randn(2, 3, 64, 64)).shape == (2, 7)
     assert architecture(arch).name == arch
     assert default_preprocess_config(arch, 96).image_size == 96
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_every_training_script_takes_its_geometry_from_the_architecture_entry(arch):
+    from lab.training import Recipe
+    from scripts import train, train_folds
+
+    entry = architecture(arch)
+    trained = entry.training_preprocess()
+    assert (trained.image_size, trained.resize_mode, trained.mean, trained.std) == (
+        entry.image_size, entry.resize_mode, entry.mean, entry.std)
+    assert entry.training_preprocess(96, CENTER_CROP).resize_mode == CENTER_CROP  # told otherwise
+    assert Recipe().image_size == architecture(Recipe().arch).image_size
+    # No script spells a geometry of its own: an unset --resize-mode is the entry's.
+    required = ["--metadata", "m.csv", "--images", "i", "--output", "o"]
+    assert train.get_args_parser().parse_args(required).resize_mode is None
+    assert train_folds.get_args_parser().parse_args([]).resize_mode is None
 
 
 def test_unknown_architecture_is_rejected():
