@@ -11,7 +11,11 @@ member-picking procedure itself by nested cross-validation (:func:`selection_awa
 from __future__ import annotations
 
 import collections
-from collections.abc import Iterator
+import dataclasses
+import itertools
+import json
+import time
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -20,10 +24,11 @@ from sklearn.metrics import balanced_accuracy_score
 from sklearn.model_selection import StratifiedKFold
 
 from handler.calibration import Calibration
+from handler.checkpoint import Checkpoint, OperatingPoint, model_from_checkpoint
 from handler.decision import decide
 from lab.calibration import fit_calibration
 from lab.evaluation import (TARGET_MELANOMA_SENSITIVITY, bootstrap_intervals, classification_report, headline_figures,
-                            referral_threshold_for_sensitivity)
+                            logits_for_files, referral_threshold_for_sensitivity)
 
 REPEATED_KEYS = ("balanced_accuracy", "macro_auc", "ece", "melanoma_sensitivity", "melanoma_specificity", "referral_rate")
 
@@ -174,3 +179,106 @@ def selection_aware_balanced_accuracy(averaged: dict[tuple[str, ...], torch.Tens
         scores.append(balanced_accuracy_score(labels, calls))
     return {"repeats": len(seeds), "folds": folds, "mean": float(np.mean(scores)), "sd": float(np.std(scores)),
             "picks": dict(picks.most_common())}
+
+
+# --- scripts/calibrate.py and scripts/compare_members.py -------------------------------------------------------------
+
+def recalibrate(checkpoint: Checkpoint, paths: list[str], labels: np.ndarray, tta_modes: Sequence[str],
+                serving_tta: str = "none", *, name: str = "checkpoint", batch_size: int = 32, folds: int = 5, seed: int = 0,
+                repeats: int = 10, target_sensitivity: float = TARGET_MELANOMA_SENSITIVITY, bootstrap: int = 1000,
+                command: str = "") -> dict[str, Any]:
+    """Refit ``checkpoint``'s calibration of each of ``tta_modes`` on labelled image files and its operating point.
+
+    Each mode's logits come through the serving decode, preprocessing and forward pass
+    (:func:`lab.evaluation.logits_for_files`) and are measured by :func:`measure_calibration`; the
+    operating point is ``serving_tta``'s out-of-fold referral threshold. ``checkpoint.meta`` is
+    updated in place (the weights are untouched): the refitted modes replace their calibrations, a
+    mode not refitted keeps its own (which is only right where its geometry gives the calibration
+    images the same pixels: square copies under ``full_view`` or the centre crop), and a legacy meta
+    ``temperature`` is superseded.
+
+    Returns:
+        Each mode's figures (with the seconds it took).
+    """
+    loaded = model_from_checkpoint(checkpoint, name=name)
+    calibrations: dict[str, Calibration] = {}
+    figures: dict[str, Any] = {}
+    for tta in tta_modes:
+        started = time.perf_counter()
+        logits = logits_for_files(loaded, paths, tta, batch_size)
+        calibrations[tta], measured = measure_calibration(logits, labels, folds=folds, seed=seed, repeats=repeats,
+                                                          target_sensitivity=target_sensitivity, bootstrap=bootstrap)
+        figures[tta] = {**measured, "seconds": time.perf_counter() - started}
+        print(f"TTA {tta}: {json.dumps(figures[tta])}", flush=True)
+    serving = figures[serving_tta]
+    point = OperatingPoint(serving_tta, serving["referral_threshold"], target_sensitivity, serving["out_of_fold"])
+    kept = sorted(set(checkpoint.meta.calibration) - set(calibrations))
+    if kept:
+        print(f"calibrations of {kept} kept as they were (not in --tta-modes)", flush=True)
+    provenance = {key: value for key, value in checkpoint.meta.provenance.items() if key != "temperature"}
+    checkpoint.meta = dataclasses.replace(checkpoint.meta, calibration={**checkpoint.meta.calibration, **calibrations},
+                                          operating_point=point,
+                                          provenance={**provenance, "calibration_command": command})
+    return figures
+
+
+def calibration_text(figures: dict[str, Any], serving_tta: str) -> str:
+    """The serving mode's operating point, repeated out-of-fold figures and intervals, as printed lines."""
+    serving = figures[serving_tta]
+    repeated = serving["out_of_fold_repeated"]
+    return "\n".join([
+        f"serving TTA {serving_tta}: referral_threshold {serving['referral_threshold']}, out-of-fold melanoma "
+        f"sensitivity {serving['out_of_fold']['melanoma_sensitivity']:.3f}, specificity "
+        f"{serving['out_of_fold']['melanoma_specificity']:.3f}, ECE {serving['out_of_fold']['ece']:.4f}",
+        f"out of fold over {repeated['repeats']} partitions: " + ", ".join(
+            f"{key} {repeated['mean'][key]:.4f} +- {repeated['sd'][key]:.4f}" for key in repeated["mean"]),
+        "95% intervals of the out-of-fold figures (images resampled within each class): " + ", ".join(
+            f"{key} {low:.3f}-{high:.3f}" for key, (low, high) in serving["out_of_fold_bootstrap"]["intervals"].items())])
+
+
+def compare_combinations(logits: dict[str, torch.Tensor], labels: np.ndarray, *, min_size: int = 1, max_size: int = 0,
+                         folds: int = 5, seed: int = 0, repeats: int = 10, nested_repeats: int = 3,
+                         target_sensitivity: float = TARGET_MELANOMA_SENSITIVITY) -> dict[str, Any]:
+    """Every combination of networks (``min_size`` to ``max_size`` members, 0: all) as a logit average,
+    calibrated and measured out of fold (:func:`measure_combination`), best balanced accuracy first; with
+    ``nested_repeats``, the pick-then-calibrate procedure itself (:func:`selection_aware_balanced_accuracy`).
+
+    Returns:
+        ``{"n_images", "combinations"}``, plus ``"selection_aware"`` unless ``nested_repeats`` is 0.
+    """
+    largest = max_size or len(logits)
+    averaged = {combination: torch.stack([logits[name] for name in combination]).mean(0)
+                for size in range(max(min_size, 1), largest + 1)
+                for combination in itertools.combinations(logits, size)}
+    rows = [{"members": list(combination), **measure_combination(
+                combination_logits, labels, folds=folds, seed=seed, repeats=repeats,
+                target_sensitivity=target_sensitivity)}
+            for combination, combination_logits in averaged.items()]
+    rows.sort(key=lambda row: -row["mean"]["balanced_accuracy"])
+    report = {"n_images": int(len(labels)), "combinations": rows}
+    if nested_repeats:
+        report["selection_aware"] = selection_aware_balanced_accuracy(averaged, labels, folds,
+                                                                      range(seed, seed + nested_repeats))
+    return report
+
+
+def combinations_text(report: dict[str, Any], folds: int, repeats: int, target_sensitivity: float) -> str:
+    """:func:`compare_combinations`'s report as a table, then the nested figure."""
+    rows = report["combinations"]
+    width = max(len(" + ".join(row["members"])) for row in rows) + 2
+    lines = [f"{len(rows)} combinations, {report['n_images']} images, out of fold over {repeats} partitions of "
+             f"{folds} folds (mean ± sd); melanoma figures at the threshold keeping sensitivity {target_sensitivity}:",
+             f"{'members':<{width}}{'balanced acc.':>18}{'macro AUC':>11}{'ECE':>8}{'threshold':>11}{'mel sens/spec':>16}"]
+    for row in rows:
+        mean, sd = row["mean"], row["sd"]
+        lines.append(f"{' + '.join(row['members']):<{width}}{mean['balanced_accuracy']:>9.4f} ± {sd['balanced_accuracy']:.4f}"
+                     f"{mean['macro_auc']:>11.4f}{mean['ece']:>8.4f}{row['referral_threshold']:>11.2f}"
+                     f"{mean['melanoma_sensitivity']:>9.3f} / {mean['melanoma_specificity']:.3f}")
+    nested = report.get("selection_aware")
+    if nested:
+        picked = ", ".join(f"{members} {count}x" for members, count in nested["picks"].items())
+        lines.append(f"picking the best of these {len(rows)} on the other folds, then calibrating it (nested, "
+                     f"{nested['repeats']} outer partitions): balanced accuracy {nested['mean']:.4f} ± {nested['sd']:.4f} "
+                     f"on images the pick never saw, against the winner's own {rows[0]['mean']['balanced_accuracy']:.4f}; "
+                     f"picked: {picked}")
+    return "\n".join(lines)

@@ -20,8 +20,11 @@ Soft labels come from one of two places (:func:`soft_labels`):
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import json
 import os
+import time
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -29,11 +32,18 @@ import numpy as np
 import torch
 from torch import nn
 
-from handler.checkpoint import model_from_checkpoint, read_checkpoint
+from handler.architectures import architecture, build_model
+from handler.checkpoint import Checkpoint, Meta, make_checkpoint, model_from_checkpoint, read_checkpoint
+from handler.labels import CLASS_CODES
 from handler.preprocessing import PreprocessConfig, normalize_batch
-from lab.data import LabelledImage, LesionDataset, build_eval_transform
+from handler.storage import pack_state_dict
+from lab.calibration import fit_calibration
+from lab.data import LabelledImage, LesionDataset, build_eval_transform, class_counts
+from lab.evaluation import TARGET_MELANOMA_SENSITIVITY
+from lab.folds import (FoldAssignment, FoldLayout, RunSettings, check_trained_on, fold_split, folds_data_record,
+                       lesion_figures, load_epoch_weights, single_fold_figures)
 from lab.provenance import file_sha256
-from lab.training import autocast, class_weights
+from lab.training import Recipe, autocast, class_weights
 
 VIEWS = 8
 SOFT_LABELS = ("out_of_fold", "ensemble")
@@ -249,3 +259,221 @@ def distillation_record(temperature: float, alpha: float, teachers: Sequence[str
             "soft_labels": "check students: the teacher that held each image out; final student: the mean of all "
                            "teachers' logits",
             "teachers": list(teachers)}
+
+
+# --- a whole distillation run (scripts/distill.py) ------------------------------------------------------------------
+
+def load_teachers(teachers: FoldLayout, assignment: FoldAssignment) -> tuple[list[Path], PreprocessConfig]:
+    """Every fold's ``teacher.pt`` of a fold run, checked against the fold file, and their one preprocessing.
+
+    Raises:
+        FileNotFoundError: A teacher is missing (the fold run has not finished).
+        FoldMismatchError: A teacher was trained on other folds, or holds out another fold.
+        ValueError: The teachers were trained with different preprocessing.
+    """
+    paths = [teachers.teacher_path(fold) for fold in range(assignment.k)]
+    missing = [str(path) for path in paths if not path.exists()]
+    if missing:
+        raise FileNotFoundError(f"no teacher checkpoints {missing}: run scripts/train_folds.py (make train-folds) first")
+    preprocess = None
+    for fold, path in enumerate(paths):
+        checkpoint = read_checkpoint(path)
+        check_trained_on(checkpoint.meta.data, assignment, fold, str(path))
+        if preprocess not in (None, checkpoint.meta.preprocessing):
+            raise ValueError(f"{path} has other preprocessing than fold 0's teacher")
+        preprocess = checkpoint.meta.preprocessing
+    return paths, preprocess
+
+
+def student_geometry(recipe: Recipe, teacher_preprocess: PreprocessConfig) -> tuple[Recipe, PreprocessConfig]:
+    """The student sees the teachers' geometry (their logits are of those exact inputs), normalized for its own weights.
+
+    Returns:
+        The recipe (its ``image_size`` the teachers', said when it differed) and the student's preprocessing.
+    """
+    arch = architecture(recipe.arch)
+    preprocess = dataclasses.replace(teacher_preprocess, mean=arch.mean, std=arch.std)
+    if preprocess.image_size != recipe.image_size:
+        print(f"student input {preprocess.image_size} px, as the teachers' (--image-size {recipe.image_size} ignored)",
+              flush=True)
+        recipe = dataclasses.replace(recipe, image_size=preprocess.image_size)
+    return recipe, preprocess
+
+
+def _figures_line(figures: dict[str, Any]) -> str:
+    return (f"balanced accuracy {figures['balanced_accuracy']:.4f}, macro AUC {figures['macro_auc']:.4f}, "
+            f"melanoma sensitivity {figures['melanoma_sensitivity']}")
+
+
+@dataclasses.dataclass
+class DistillationRun:
+    """One distillation of a fold run's teachers: its out-of-fold check students and its final student.
+
+    Attributes:
+        recipe: The students' recipe (check student k's seed is ``recipe.seed + k``).
+        preprocess: The students' preprocessing (:func:`student_geometry`).
+        settings: How each student trains.
+        assignment: The folds.
+        folds_file: Where the fold assignment is.
+        records: Every image of the run.
+        layout: The run folder (``fold_<k>/`` the check students, ``student/`` the final one).
+        teachers: Each fold's teacher checkpoint.
+        temperature: Softening of the KL term.
+        alpha: Share of the KL term (the rest is hard-label cross-entropy).
+        target_sensitivity: Melanoma sensitivity the reported referral thresholds keep.
+        cached: Each teacher's (N, 8, C) logits of every record (:meth:`cache_logits`).
+        check_logits: Check student k's out-of-fold ``(rows, logits)``, by fold.
+    """
+
+    recipe: Recipe
+    preprocess: PreprocessConfig
+    settings: RunSettings
+    assignment: FoldAssignment
+    folds_file: Path
+    records: list[LabelledImage]
+    layout: FoldLayout
+    teachers: list[Path]
+    temperature: float = 2.0
+    alpha: float = 0.7
+    target_sensitivity: float = TARGET_MELANOMA_SENSITIVITY
+    cached: list[torch.Tensor] = dataclasses.field(default_factory=list)
+    check_logits: dict[int, tuple[list[int], np.ndarray]] = dataclasses.field(default_factory=dict)
+
+    @property
+    def folds(self) -> np.ndarray:
+        """Each record's fold."""
+        fold_of = self.assignment.fold_of()
+        return np.array([fold_of[r.image_id] for r in self.records])
+
+    def cache_logits(self, batch_size: int = 64) -> None:
+        """Every teacher's logits of the 8 views of every image, read from or written to ``teacher_logits/``."""
+        print(f"{len(self.records)} images, {len(self.teachers)} teachers, folds digest {self.assignment.digest[:12]}; "
+              f"device {self.settings.device}, autocast {self.settings.amp}; student {self.recipe.arch}", flush=True)
+        started = time.perf_counter()
+        self.cached = [cache_teacher_logits(path, self.records, self.layout.root / "teacher_logits" / f"fold_{fold}.pt",
+                                            self.settings.device, batch_size, self.settings.amp, self.recipe.workers)
+                       for fold, path in enumerate(self.teachers)]
+        print(f"teacher logits of {len(self.records)} images x 8 views x {len(self.teachers)} teachers ready "
+              f"({time.perf_counter() - started:.0f} s this run)", flush=True)
+
+    def summary(self, command: str, limit: int = 0) -> dict[str, Any]:
+        """What every summary of this run starts with; ``self.teachers`` named by digest."""
+        digests = [file_sha256(path) for path in self.teachers]
+        return {"folds_file": self.folds_file.name, "folds_sha256": self.assignment.digest,
+                "distillation": distillation_record(self.temperature, self.alpha, [
+                    f"{path} (sha256 {digest[:12]})" for path, digest in zip(self.teachers, digests)]),
+                "recipe": dataclasses.asdict(self.recipe), "preprocessing": self.preprocess.to_dict(),
+                "limit": limit, "command": command}
+
+    def run_config(self, **extra: Any) -> dict[str, Any]:
+        """A student's ``run.json``: the run settings, the distillation's and the teachers' digests."""
+        return self.settings.run_config(self.assignment, self.recipe, self.preprocess, temperature=self.temperature,
+                                        alpha=self.alpha, teachers_sha256=[file_sha256(p) for p in self.teachers],
+                                        **extra)
+
+    def check(self, fold: int) -> dict[str, Any] | None:
+        """Check student ``fold``: trained on the other folds against out-of-fold soft labels, scored on ``fold``
+        next to that fold's teacher by the same method. None while it paused."""
+        row_of = {r.image_id: i for i, r in enumerate(self.records)}
+        train, holdout = fold_split(self.records, self.assignment, fold)
+        targets = soft_labels(self.cached, self.folds, "out_of_fold")[torch.tensor([row_of[r.image_id] for r in train])]
+        loader = distillation_loader(train, self.preprocess, targets, self.recipe.batch_size, self.recipe.workers,
+                                     self.settings.device)
+        holdout_loader = torch.utils.data.DataLoader(
+            LesionDataset(holdout, build_eval_transform(self.preprocess)), batch_size=self.recipe.batch_size * 2,
+            shuffle=False, num_workers=self.recipe.workers, pin_memory=self.settings.device.type == "cuda")
+        criterion = distillation_loss(class_counts(train), self.recipe.class_weight_power, self.temperature, self.alpha)
+        if not self.settings.train(dataclasses.replace(self.recipe, seed=self.recipe.seed + fold), self.preprocess,
+                                   criterion, loader, holdout_loader, holdout, self.layout.fold_dir(fold),
+                                   self.run_config(student=f"check fold {fold}", soft_labels="out_of_fold"),
+                                   keep_weights=False):
+            return None
+        student = torch.load(self.layout.logits_path(fold, self.recipe.epochs), weights_only=True)["logits"].numpy()
+        rows = [row_of[r.image_id] for r in holdout]
+        teacher = self.cached[fold][rows, 0].numpy()  # view 0 is the served input: teacher k out of fold
+        self.check_logits[fold] = (rows, student)
+        figures = {"student": single_fold_figures(student, holdout, target_sensitivity=self.target_sensitivity),
+                   "teacher": single_fold_figures(teacher, holdout, target_sensitivity=self.target_sensitivity)}
+        print(f"check fold {fold}: student " + _figures_line(figures["student"]) + " | teacher "
+              + _figures_line(figures["teacher"]), flush=True)
+        return figures
+
+    def check_folds(self, folds: Sequence[int], bootstrap: int = 1000) -> dict[str, Any] | None:
+        """The out-of-fold check of ``folds`` (summary keys ``check`` and, when every fold is checked,
+        ``check_all_folds``); None while a student paused."""
+        per_fold = {}
+        for fold in folds:
+            figures = self.check(fold)
+            if figures is None:
+                return None
+            per_fold[str(fold)] = figures
+        if not per_fold:
+            return {}
+        result: dict[str, Any] = {"check": {
+            "method": "student k trained on the other folds with out-of-fold soft labels, scored on fold k after its "
+                      f"{self.recipe.epochs} epochs; teacher k scored on the same fold; per lesion, calibrated by a "
+                      "5-part lesion-grouped cross-fit within the fold",
+            "per_fold": per_fold,
+            "mean": {who: {key: float(np.mean([row[who][key] for row in per_fold.values()]))
+                           for key in ("balanced_accuracy", "macro_auc", "ece")} for who in ("student", "teacher")}}}
+        if sorted(folds) == list(range(self.assignment.k)):
+            result["check_all_folds"] = self.all_folds_figures(bootstrap)
+        return result
+
+    def all_folds_figures(self, bootstrap: int = 1000) -> dict[str, Any]:
+        """Students and teachers out of fold over every image, summarized as the fold run summarizes the teachers."""
+        student = np.zeros((len(self.records), len(CLASS_CODES)), np.float32)
+        for rows, logits in self.check_logits.values():
+            student[rows] = logits
+        folds = self.folds
+        teacher = torch.stack(self.cached)[torch.as_tensor(folds), torch.arange(len(self.records)), 0].numpy()
+        labels = np.array([r.label for r in self.records])
+        lesions = [r.lesion_id for r in self.records]
+        figures = {}
+        for name, logits in (("student", student), ("teacher", teacher)):
+            report = lesion_figures(logits, labels, lesions, folds, target_sensitivity=self.target_sensitivity,
+                                    bootstrap=bootstrap)
+            figures[name] = {key: report[key] for key in ("n_lesions", "balanced_accuracy", "macro_auc", "ece",
+                                                          "melanoma_sensitivity", "melanoma_specificity",
+                                                          "referral_threshold", "per_fold", "bootstrap")}
+        return figures
+
+    def train_student(self) -> bool:
+        """The final student, on every image against the teachers' mean logits; False while it paused."""
+        loader = distillation_loader(self.records, self.preprocess, soft_labels(self.cached, self.folds, "ensemble"),
+                                     self.recipe.batch_size, self.recipe.workers, self.settings.device)
+        criterion = distillation_loss(class_counts(self.records), self.recipe.class_weight_power, self.temperature,
+                                      self.alpha)
+        return self.settings.train(self.recipe, self.preprocess, criterion, loader, None, [], self.layout.root / "student",
+                                   self.run_config(student="final", soft_labels="ensemble"))
+
+    def export_student(self, summary: dict[str, Any], version: str, storage: str = "float16") -> Path:
+        """The final student as a release-format checkpoint (``student.pt``), ``meta.data`` naming the folds it
+        was distilled over, with a ``none`` calibration fitted on the check students' out-of-fold logits."""
+        final_dir = self.layout.root / "student"
+        model = load_epoch_weights(build_model(self.recipe.arch, dropout=self.recipe.dropout),
+                                   final_dir / "weights" / f"epoch_{self.recipe.epochs:03d}.pt")
+        calibration, calibration_source = {}, None
+        if self.check_logits:
+            labels = np.array([r.label for r in self.records])
+            rows = np.concatenate([np.asarray(r) for r, _ in self.check_logits.values()])
+            logits = np.concatenate([l for _, l in self.check_logits.values()])
+            calibration = {"none": fit_calibration(torch.from_numpy(logits), torch.from_numpy(labels[rows]))}
+            calibration_source = (f"fitted on the out-of-fold logits of the check students of folds "
+                                  f"{sorted(self.check_logits)} ({len(rows)} images), same recipe; not on the final "
+                                  "student's own training images")
+        data = folds_data_record(self.assignment, self.folds_file, None, len(self.records), 0)
+        data["train_class_counts"] = dict(zip(CLASS_CODES, class_counts(self.records)))
+        meta = Meta(self.preprocess, version=version, calibration=calibration, data=data)
+        done = json.loads((final_dir / "done.json").read_text())
+        checkpoint = make_checkpoint(model, self.recipe.arch, self.preprocess, meta, self.recipe.dropout,
+                                     trained_epochs=self.recipe.epochs, initialization=done["initialization"],
+                                     distillation=summary["distillation"], calibration_source=calibration_source,
+                                     out_of_fold_check=summary.get("check"), recipe=dataclasses.asdict(self.recipe),
+                                     command=summary["command"], torch=str(torch.__version__),
+                                     created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+        checkpoint = Checkpoint(pack_state_dict(checkpoint.state_dict, storage), checkpoint.config, checkpoint.meta)
+        path = checkpoint.save(self.layout.root / "student.pt")
+        print(f"student written to {path}", flush=True)
+        return path
+

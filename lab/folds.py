@@ -47,19 +47,19 @@ import torch
 from torch import nn
 
 from handler.architectures import build_model
-from lab.calibration import fit_calibration
 from handler.checkpoint import Checkpoint, Meta, make_checkpoint
 from handler.decision import decide
 from handler.labels import CLASS_CODES
 from handler.preprocessing import PreprocessConfig
 from handler.storage import pack_state_dict, unpack_state_dict
+from lab.calibration import fit_calibration
 from lab.data import LabelledImage, class_counts, read_labels
 from lab.evaluation import (TARGET_MELANOMA_SENSITIVITY, bootstrap_intervals, classification_report,
                             referral_threshold_for_sensitivity)
 from lab.provenance import file_sha256
 from lab.training import (
-    Progress, Recipe, Trainer, freeze_early_layers, initialize, make_ema, make_optimizer, predict_logits, resume, save_state,
-    seed_epoch, seed_everything, train_one_epoch)
+    Progress, Recipe, Trainer, autocast_dtype, freeze_early_layers, initialize, make_criterion, make_ema, make_loaders,
+    make_optimizer, predict_logits, resolve_device, resume, save_state, seed_epoch, seed_everything, train_one_epoch)
 
 FOLDS_FORMAT = 1
 FOLD_METHOD = "sklearn StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed): grouped by lesion_id, stratified by dx"
@@ -738,3 +738,141 @@ def single_fold_figures(logits: np.ndarray, holdout: Sequence[LabelledImage], in
     report.pop("per_fold")
     return {key: report[key] for key in ("n_lesions", "balanced_accuracy", "macro_auc", "ece", "melanoma_sensitivity",
                                          "melanoma_specificity", "referral_threshold")}
+
+
+# --- a whole cross-fitted run (scripts/train_folds.py) --------------------------------------------------------------
+
+@dataclass(frozen=True)
+class RunSettings:
+    """How every network of a cross-fitted run (fold teachers, distilled students) trains, besides its recipe.
+
+    Attributes:
+        device: Where it trains.
+        amp: The autocast dtype, or None for fp32.
+        pretrained: ``auto`` (ImageNet weights found locally), ``none``, or a state-dict path.
+        freeze_blocks: Freeze the stem and this many stages after it.
+        epochs_this_run: Stop each network cleanly after this many epochs (0: run to the end).
+        limit: Images drawn at random for a smoke run (0: every image).
+    """
+
+    device: torch.device
+    amp: torch.dtype | None
+    pretrained: str = "auto"
+    freeze_blocks: int = 0
+    epochs_this_run: int = 0
+    limit: int = 0
+
+    @classmethod
+    def choose(cls, device: str = "auto", amp: str = "auto", threads: int = 0, **options: Any) -> "RunSettings":
+        """Resolve ``device`` and ``amp`` (``auto``: :func:`lab.training.resolve_device`, :func:`lab.training.autocast_dtype`),
+        set the CPU threads (0: torch's default) and turn on cuDNN autotuning on a GPU."""
+        if threads:
+            torch.set_num_threads(threads)
+        resolved = resolve_device(device)
+        if resolved.type == "cuda":
+            torch.backends.cudnn.benchmark = True
+        return cls(resolved, autocast_dtype(amp, resolved), **options)
+
+    def run_config(self, assignment: FoldAssignment, recipe: Recipe, preprocess: PreprocessConfig,
+                   **extra: Any) -> dict[str, Any]:
+        """What a network's ``run.json`` records and a resume must match (:func:`check_run_config`)."""
+        config = {"folds_sha256": assignment.digest, "limit": self.limit, "recipe": dataclasses.asdict(recipe),
+                  "preprocessing": preprocess.to_dict(), "pretrained": self.pretrained,
+                  "freeze_blocks": self.freeze_blocks, "amp": str(self.amp), **extra}
+        config["recipe"].pop("workers")  # how many loader processes does not change the run
+        return config
+
+    def train(self, recipe: Recipe, preprocess: PreprocessConfig, criterion: nn.Module, train_loader: Any,
+              holdout_loader: Any, holdout: Sequence[LabelledImage], output: Path, run_config: dict[str, Any],
+              keep_weights: bool = True) -> bool:
+        """:func:`train_fold` with these settings."""
+        return train_fold(recipe, preprocess, criterion, train_loader, holdout_loader, holdout, output, self.device,
+                          self.amp, run_config, self.pretrained, self.freeze_blocks, self.epochs_this_run, keep_weights)
+
+
+def train_folds(recipe: Recipe, preprocess: PreprocessConfig, assignment: FoldAssignment,
+                records: Sequence[LabelledImage], layout: FoldLayout, settings: RunSettings,
+                folds: Sequence[int] | None = None) -> bool:
+    """Train (or resume) the network of each of ``folds`` (default: all), fold k's seed ``recipe.seed + k``.
+
+    Returns:
+        True when every fold of the assignment has finished and this run trained all of them (no
+        ``folds`` given): the run can be summarized. False while a fold paused or has not run, or
+        when only some folds were asked for (processes sharing a GPU, one fold each: one run
+        without ``folds`` summarizes).
+    """
+    print(f"{len(records)} images, {assignment.k} folds (digest {assignment.digest[:12]}); device {settings.device}, "
+          f"autocast {settings.amp}; {recipe.arch} at {recipe.image_size} px, {preprocess.resize_mode}", flush=True)
+    run_config = settings.run_config(assignment, recipe, preprocess)
+    for fold in folds if folds is not None else range(assignment.k):
+        fold_recipe = dataclasses.replace(recipe, seed=recipe.seed + fold)
+        train, holdout = fold_split(records, assignment, fold)
+        print(f"fold {fold}: train {len(train)} images {dict(zip(CLASS_CODES, class_counts(train)))}; "
+              f"held out {len(holdout)}", flush=True)
+        if layout.done_path(fold).exists():
+            print(f"fold {fold}: finished earlier", flush=True)
+            continue
+        train_loader, holdout_loader = make_loaders(fold_recipe, train, holdout, preprocess, settings.device)
+        if not settings.train(fold_recipe, preprocess, make_criterion(fold_recipe, class_counts(train)), train_loader,
+                              holdout_loader, holdout, layout.fold_dir(fold), {**run_config, "fold": fold}):
+            return False
+    unfinished = [fold for fold in range(assignment.k) if not layout.done_path(fold).exists()]
+    if unfinished:
+        print(f"folds {unfinished} have not finished; the summary is written once every fold has", flush=True)
+        return False
+    if folds is not None:
+        print("every fold has finished; rerun without --folds to write the summary and the teachers", flush=True)
+        return False
+    return True
+
+
+def finish_folds(layout: FoldLayout, assignment: FoldAssignment, folds_file: Path, records: Sequence[LabelledImage],
+                 recipe: Recipe, preprocess: PreprocessConfig, select_by: str = "lesion_balanced_accuracy",
+                 epoch: int | None = None, target_sensitivity: float = TARGET_MELANOMA_SENSITIVITY, bootstrap: int = 1000,
+                 teacher_storage: str = "float16", limit: int = 0, command: str = "") -> dict[str, Any]:
+    """Once every fold has finished: the out-of-fold logits, the summary (one epoch for all folds) and the teachers.
+
+    Writes ``out_of_fold_logits.pt``, ``summary.json``, the selected epoch's out-of-fold CSV and each
+    ``fold_<k>/teacher.pt`` into the run folder.
+
+    Returns:
+        The summary.
+    """
+    oof = collect_out_of_fold(layout, assignment, records, recipe.epochs)
+    oof.save(layout.root / "out_of_fold_logits.pt")
+    summary = summarize(oof, select_by, epoch, target_sensitivity, bootstrap)
+    epoch = summary["selected_epoch"]
+    summary |= {"folds_file": folds_file.name, "folds_sha256": assignment.digest, "command": command,
+                "recipe": dataclasses.asdict(recipe), "preprocessing": preprocess.to_dict(), "limit": limit,
+                "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    teachers = export_teachers(layout, assignment, folds_file, epoch, recipe, preprocess, records, teacher_storage,
+                               command=command, torch=str(torch.__version__))
+    summary["teachers"] = [str(path) for path in teachers]
+    (layout.root / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    write_out_of_fold_csv(oof, epoch, layout.root / f"out_of_fold_logits_epoch_{epoch:03d}.csv")
+    lesion = summary["lesion"]
+    print(f"selected epoch {epoch} of {recipe.epochs} by out-of-fold {summary['selected_by']}; per lesion "
+          f"({lesion['n_lesions']}): balanced accuracy {lesion['balanced_accuracy']:.4f}, macro AUC {lesion['macro_auc']:.4f}, "
+          f"ECE {lesion['ece']:.4f}, melanoma sensitivity {lesion['melanoma_sensitivity']} at threshold "
+          f"{lesion['referral_threshold']}", flush=True)
+    return summary
+
+
+def copy_provenance(target: Path, summary: dict[str, Any], metrics: dict[str, Path],
+                    files: dict[str, Path] | None = None) -> None:
+    """A run's summary, its networks' per-epoch metrics (``<name>_metrics.jsonl``) and other ``files`` into ``target``."""
+    target.mkdir(parents=True, exist_ok=True)
+    (target / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    for name, path in metrics.items():
+        (target / f"{name}_metrics.jsonl").write_text(path.read_text())
+    for name, path in (files or {}).items():
+        (target / name).write_text(path.read_text())
+    print(f"provenance written to {target}", flush=True)
+
+
+def copy_folds_provenance(layout: FoldLayout, k: int, summary: dict[str, Any], target: Path) -> None:
+    """The fold run's summary, its ``k`` folds' per-epoch metrics and the selected out-of-fold logits into ``target``."""
+    epoch = summary["selected_epoch"]
+    copy_provenance(target, summary, {f"fold_{fold}": layout.fold_dir(fold) / "metrics.jsonl" for fold in range(k)},
+                    {"out_of_fold_logits.csv": layout.root / f"out_of_fold_logits_epoch_{epoch:03d}.csv"})
+

@@ -285,3 +285,15 @@ def command_line(argv: Sequence[str]) -> str:
         shown.append("***" if mask_next else ("--token=***" if arg.startswith("--token=") else arg))
         mask_next = arg == "--token"
     return " ".join(["python scripts/bench.py", *shown])
+
+
+def summary_text(result: dict[str, Any]) -> str:
+    """The run's checks against their targets, the baseline ratios and the tail, as printed at the end of a run."""
+    summary = result["summary"]
+    lines = ["summary:"] + [f"  {check['name']}: {fmt(check['value'], 3)} (target {check['target']}: "
+                            f"{met_text(check['met'])})" for check in summary["checks"]]
+    if summary["baseline"]:
+        lines.append(f"  against {summary['baseline']}: served {fmt(summary['baseline_served_ratio'], 3)}x, "
+                     f"in-process {fmt(summary['baseline_in_process_ratio'], 3)}x")
+    lines.append(f"  p99 at best throughput: {fmt(summary['p99_ms_at_best'], 0)} ms; tail check from {summary['tail_level']}")
+    return "\n".join(lines)

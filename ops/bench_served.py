@@ -9,7 +9,6 @@ from __future__ import annotations
 import base64
 import contextlib
 import json
-import socket
 import statistics
 import subprocess
 import tempfile
@@ -22,7 +21,7 @@ import yaml
 from ops.archive import ArchiveSpec, build_archive
 from ops.loadgen import ServedTarget, SweepPlan, format_level, sweep_target
 from ops.paths import CHECKPOINT, MODEL_CONFIG, MODEL_NAME, ROOT, SERVER_CONFIG
-from ops.torchserve import ADDRESS_KEYS, Server, start, stop, wait_ready
+from ops.torchserve import Server, loopback_addresses, start, stop, wait_ready
 
 # The unbatched baseline: one request per forward pass, no waiting for company.
 UNBATCHED_OVERRIDES = {"batchSize": 1, "maxBatchDelay": 0}
@@ -67,13 +66,6 @@ def model_config_with(base: Path, overrides: dict[str, Any]) -> dict[str, Any]:
         raise ValueError(f"unknown model-config keys {sorted(unknown)}")
     handler = {**(config.get("handler") or {}), **(overrides.get("handler") or {})}
     return {**config, **overrides, "handler": handler}
-
-
-def free_loopback_port() -> int:
-    """A TCP port on 127.0.0.1 that is free right now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def wait_all_workers(server: Server, count: int, timeout: float = 240.0) -> dict[str, Any]:
@@ -140,8 +132,7 @@ def serving(config: dict[str, Any], checkpoint: Path) -> Iterator[tuple[Server, 
                                   force_threshold=True))
         # Free loopback ports for every listener (gRPC binds too), as the tests do: a server
         # started by `make serve` on the default ports is left alone.
-        addresses = {key: f"http://127.0.0.1:{free_loopback_port()}" for key in ADDRESS_KEYS.values()}
-        addresses |= {"grpc_inference_port": str(free_loopback_port()), "grpc_management_port": str(free_loopback_port())}
+        addresses = loopback_addresses()
         started = time.monotonic()
         server = start(work_dir / "run", store, SERVER_CONFIG, addresses)
         try:

@@ -70,9 +70,10 @@ import requests
 from handler.open_inference import model_metadata
 from ops import client as ops_client
 from ops import rollout as rollouts
+from ops.loadgen import ServedTarget, closed_loop
 from ops.paths import DATA, GOLDEN_SMOKE, MODEL_NAME, MODEL_STORE, ROOT, RUN_DIR, SERVER_CONFIG
 from ops.private import create_private, private_dir, write_private
-from ops.torchserve import Server, read_properties, stop
+from ops.torchserve import Server, free_port, read_properties, stop
 
 CLUSTER_DIR = RUN_DIR / "cluster"
 HAPROXY_TEMPLATE = ROOT / "deploy" / "haproxy" / "haproxy.cfg.template"
@@ -99,13 +100,6 @@ RENEW_BEFORE_SECONDS = 86400
 
 class ClusterError(RuntimeError):
     """The cluster could not be started, changed or stopped as asked."""
-
-
-def free_loopback_port() -> int:
-    """A TCP port on 127.0.0.1 that is free right now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _write_json(path: Path, value: Any) -> None:
@@ -206,7 +200,7 @@ class Replica:
     def allocate(cls, directory: Path, index: int) -> Replica:
         """A new replica ``r<index>`` with free loopback ports."""
         name = f"r{index}"
-        return cls(name, directory / "replicas" / name, *(free_loopback_port() for _ in range(5)))
+        return cls(name, directory / "replicas" / name, *(free_port() for _ in range(5)))
 
 
 def start_replica(replica: Replica, model_store: Path, config: Path, timeout: float) -> rollouts.Started:
@@ -764,3 +758,17 @@ if __name__ == "__main__":
     arguments = parser.parse_args()
     supervise(Path(arguments.directory), arguments.interval)
     sys.exit(0)
+
+
+def bench(cluster: Cluster, images: Path, requests_: int, concurrency: int) -> dict[str, Any]:
+    """Closed-loop throughput through the balancer (after a short warm-up), with ``concurrency`` clients.
+
+    Raises:
+        ClusterError: No JPEG images in ``images``.
+    """
+    payloads = [path.read_bytes() for path in sorted(images.glob("*.jpg"))[:20]]
+    if not payloads:
+        raise ClusterError(f"no JPEG images in {images}")
+    target = ServedTarget(f"{cluster.url}/predictions/{MODEL_NAME}", {**cluster.headers(), "Content-Type": "image/jpeg"})
+    closed_loop(target, payloads, concurrency, 2 * concurrency, 60)
+    return {"replicas": len(cluster.replicas), **closed_loop(target, payloads, concurrency, requests_, 600)}

@@ -21,6 +21,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -42,6 +43,19 @@ LOG_FILES = ("logs/model_log.log", "logs/console.log")
 # Lines in TorchServe's console output after which it will never become ready.
 FATAL_STARTUP_MARKERS = ("Address already in use", 'Exception in thread "main"', "Failed to load model")
 ADDRESS_KEYS = {"inference": "inference_address", "management": "management_address", "metrics": "metrics_address"}
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free right now (the one helper for every server this project starts on a free port)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def loopback_addresses() -> dict[str, str]:
+    """``config.properties`` overrides that put every API and gRPC port of one instance on a free loopback port."""
+    addresses = {key: f"http://127.0.0.1:{free_port()}" for key in ADDRESS_KEYS.values()}
+    return addresses | {"grpc_inference_port": str(free_port()), "grpc_management_port": str(free_port())}
 
 
 @dataclass

@@ -56,8 +56,8 @@ rounds (one with ``--quick``): each protocol's images/s as a ratio to the plain 
 
 The pieces live in ``ops/``: :mod:`ops.loadgen` (closed- and open-loop load, statistics, the
 client process), :mod:`ops.bench_served` (archives and servers for the sweeps),
-:mod:`ops.bench_inprocess` (decode, runtime, Grad-CAM and ``handle_batch`` without a server) and
-:mod:`ops.bench_report` (summary and markdown).
+:mod:`ops.bench_inprocess` (decode, runtime, Grad-CAM and ``handle_batch`` without a server),
+:mod:`ops.bench_report` (summary and markdown) and :mod:`ops.bench_run` (the sections in order).
 
 Example:
     python scripts/bench.py                      # make bench: writes runs/bench/bench.json and docs/PERFORMANCE.md
@@ -70,26 +70,14 @@ Example:
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
-import os
 import sys
-import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
-from handler.checkpoint import read_checkpoint
-from handler.settings import HandlerSettings
-from ops.bench_inprocess import (bench_decode, bench_gate, bench_gradcam, bench_in_process, bench_runtimes,
-                                 machine_description, parse_layout)
-from ops.bench_report import command_line, met_text, summarize, write_report
-from ops.bench_served import (UNBATCHED_OVERRIDES, baseline_checkpoint, model_config_overrides, model_config_with,
-                              protocol_sweep, served_sweep)
-from ops.loadgen import ServedTarget, default_plan, fmt, sweep_target
-from ops.paths import CHECKPOINT, DATA, MODEL_CONFIG, MODEL_NAME, ROOT
-
-SECTIONS = ("decode", "runtime", "gate", "gradcam", "inprocess", "unbatched", "served", "protocols")
+from ops.bench_report import command_line, summary_text, write_report
+from ops.bench_run import SECTIONS, BenchOptions, run_bench
+from ops.paths import CHECKPOINT, DATA, MODEL_CONFIG, ROOT
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -136,122 +124,13 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def main(args: argparse.Namespace) -> dict[str, Any]:
     """Run the selected sections and write ``bench.json`` and the markdown report."""
-    started = time.monotonic()
-    samples = Path(args.samples)
-    payload_paths = sorted(str(path) for path in samples.glob("*.jpg")) if samples.is_dir() else []
-    if not payload_paths:
-        raise SystemExit(f"no sample payloads at {samples}; pass --samples with real dermoscopic JPEGs")
-    payloads = [Path(path).read_bytes() for path in payload_paths]
-    plan = default_plan(args.quick, args.levels, args.level_requests, args.level_seconds, args.warmup_seconds,
-                        args.load_fraction, args.arrivals)
-    try:
-        overrides = model_config_overrides(args.batch_size_config, args.max_batch_delay, args.workers, args.handler)
-    except ValueError as error:
-        raise SystemExit(f"--handler: {error}") from error
-    served_config = model_config_with(Path(args.model_config), overrides)
-    batch_size = int(served_config["batchSize"])
-    sections = set(args.sections)
-    try:
-        layouts = [parse_layout(text) for text in args.layouts] if args.layouts else None
-    except ValueError as error:
-        raise SystemExit(f"--layouts: {error}") from error
-    notes = []
-    if args.url and "unbatched" in sections:
-        notes.append("--url: the unbatched section needs a server of its own and was skipped.")
-        sections.discard("unbatched")
-    if args.url and sections & {"gradcam", "inprocess"}:
-        notes.append(f"--url: the in-process sections ran while the server at {args.url} was up (idle).")
-    for note in notes:
-        print(note, flush=True)
-    result: dict[str, Any] = {
-        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-        "machine": machine_description(),
-        "command": command_line(sys.argv) if Path(sys.argv[0]).name == "bench.py" else "scripts.bench.main(...)",
-        "quick": args.quick,
-        "plan": dataclasses.asdict(plan),
-        "notes": notes,
-        # Other work on the machine skews every figure; the load average makes that visible.
-        "load_average_1min": {"start": os.getloadavg()[0]},
-    }
-    # In-process figures use every core, whatever a served worker's thread share is.
-    inprocess_settings = dataclasses.replace(HandlerSettings.from_mapping(served_config.get("handler")), torch_threads=0)
-    # In-process sections first, while no server started by this run is competing for the cores.
-    if sections & {"decode", "runtime"}:
-        from handler.checkpoint import load_checkpoint
-
-        rounds = 3 if args.quick else args.rounds
-        if "decode" in sections:
-            resize_size = load_checkpoint(args.checkpoint).preprocess.resize_size
-            result["decode"] = bench_decode(payloads[:16], resize_size, rounds)
-        if "runtime" in sections:
-            result["runtime"] = bench_runtimes(args.checkpoint, payloads[:16], sorted({1, batch_size}), rounds,
-                                               include_compile=not args.quick, device=args.device,
-                                               served_runtime=inprocess_settings.runtime)
-    if sections & {"gate", "gradcam"}:
-        from handler.checkpoint import load_checkpoint
-        from handler.inference import prepare_for_serving
-
-        loaded = load_checkpoint(args.checkpoint)
-        settings = inprocess_settings
-        prepare_for_serving(loaded, settings)
-        if "gate" in sections and loaded.gate is not None:
-            result["gate"] = bench_gate(loaded, settings, payloads[:16], batch_size, 3 if args.quick else args.rounds)
-        if "gradcam" in sections:
-            rounds = 3 if args.quick else args.rounds
-            gradcam_batch_sizes = args.batch_sizes or ([batch_size] if args.quick else sorted({1, batch_size}))
-            result["gradcam"] = bench_gradcam(loaded, settings, payloads[:16], gradcam_batch_sizes, rounds)
-        del loaded
-    inprocess_seconds = args.inprocess_seconds if args.inprocess_seconds is not None else (3.0 if args.quick else 10.0)
-    inprocess_batch_sizes = sorted({batch_size, 1}, reverse=True)
-    if "inprocess" in sections:
-        result["in_process"] = bench_in_process(args.checkpoint, inprocess_settings, payloads, inprocess_batch_sizes,
-                                                inprocess_seconds, layouts)
-    if "unbatched" in sections:
-        unbatched_plan = dataclasses.replace(plan, levels=(1,), load_fraction=0.0)
-        result["unbatched"] = served_sweep(UNBATCHED_OVERRIDES, payload_paths, unbatched_plan, Path(args.checkpoint),
-                                           Path(args.model_config))
-    if "served" in sections:
-        if args.url:
-            headers = {"Authorization": f"Bearer {args.token}"} if args.token else {}
-            target = ServedTarget(f"{args.url.rstrip('/')}/predictions/{MODEL_NAME}", headers,
-                                  args.metrics_url.rstrip("/") if args.metrics_url else None)
-            print(f"sweeping the running server at {args.url}", flush=True)
-            result["served"] = {"target": args.url, "model_config": None, **sweep_target(target, payload_paths, plan)}
-        else:
-            result["served"] = served_sweep(overrides, payload_paths, plan, Path(args.checkpoint), Path(args.model_config))
-            result["served"]["target"] = "TorchServe started by this run, release archive" + (
-                f" with {overrides}" if overrides else "")
-    if "protocols" in sections:
-        if args.url:
-            notes.append("--url: the protocols section needs a server of its own and was skipped.")
-        else:
-            result["protocols"] = protocol_sweep(payload_paths, plan, Path(args.checkpoint), Path(args.model_config),
-                                                 rounds=1 if args.quick else 2)
-    if args.baseline:
-        with tempfile.TemporaryDirectory(prefix="bench-baseline-") as folder:
-            baseline = baseline_checkpoint(args.baseline, Path(folder))
-            result["baseline"] = {"checkpoint": args.baseline, "version": read_checkpoint(baseline).meta.version}
-            print(f"baseline {args.baseline} (release {result['baseline']['version']})", flush=True)
-            if "inprocess" in sections:
-                result["baseline"]["in_process"] = bench_in_process(str(baseline), inprocess_settings, payloads,
-                                                                    inprocess_batch_sizes, inprocess_seconds, layouts)
-            if "served" in sections and not args.url:
-                result["baseline"]["served"] = served_sweep(overrides, payload_paths, plan, baseline, Path(args.model_config))
-    result["wall_s"] = time.monotonic() - started
-    result["load_average_1min"]["end"] = os.getloadavg()[0]
-    result["summary"] = summarize(result, batch_size)
+    command = command_line(sys.argv) if Path(sys.argv[0]).name == "bench.py" else "scripts.bench.main(...)"
+    result = run_bench(BenchOptions.from_namespace(args), command)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "bench.json").write_text(json.dumps(result, indent=2))
     write_report(Path(args.report), result)
-    print("summary:")
-    for check in result["summary"]["checks"]:
-        print(f"  {check['name']}: {fmt(check['value'], 3)} (target {check['target']}: {met_text(check['met'])})")
-    if result["summary"]["baseline"]:
-        print(f"  against {result['summary']['baseline']}: served {fmt(result['summary']['baseline_served_ratio'], 3)}x, "
-              f"in-process {fmt(result['summary']['baseline_in_process_ratio'], 3)}x")
-    print(f"  p99 at best throughput: {fmt(result['summary']['p99_ms_at_best'], 0)} ms; "
-          f"tail check from {result['summary']['tail_level']}")
+    print(summary_text(result))
     print(f"wrote {out / 'bench.json'} and {args.report}")
     return result
 

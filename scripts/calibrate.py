@@ -14,7 +14,7 @@ specificity and referral rate that threshold costs. Balanced accuracy is reporte
 decision rules (:mod:`handler.decision`); each calibration records the class frequencies
 it was fitted on, which the ``balanced`` rule divides out.
 
-The cross-fitting is :mod:`lab.crossfit`. The calibrations go into ``meta.calibration`` of the
+The fitting and cross-fitting are :mod:`lab.crossfit` (:func:`lab.crossfit.recalibrate`). The calibrations go into ``meta.calibration`` of the
 output checkpoint and the operating point into ``meta.operating_point`` (:mod:`handler.checkpoint`);
 the weights are untouched. Put the threshold into ``config/model-config.yaml``
 (``handler.referral_threshold``).
@@ -30,18 +30,17 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from handler.calibration import TTA_MODES, Calibration
-from handler.checkpoint import OperatingPoint, model_from_checkpoint, read_checkpoint
+from handler.calibration import TTA_MODES
+from handler.checkpoint import read_checkpoint
 from handler.preprocessing import RESIZE_MODES
-from lab.crossfit import measure_calibration
+from lab.crossfit import calibration_text, recalibrate
 from lab.data import read_labelled_images
-from lab.evaluation import TARGET_MELANOMA_SENSITIVITY, logits_for_files
+from lab.evaluation import TARGET_MELANOMA_SENSITIVITY
 from lab.provenance import command_line
 from ops.paths import CHECKPOINT
 
@@ -74,49 +73,21 @@ def get_args_parser() -> argparse.ArgumentParser:
 def main(args: argparse.Namespace) -> dict[str, Any]:
     """Fit, measure, and write the recalibrated checkpoint."""
     records = read_labelled_images(args.labels, args.images, args.subset)
-    labels = np.array([r.label for r in records])
     checkpoint = read_checkpoint(args.checkpoint)
     if args.resize_mode:
         preprocessing = dataclasses.replace(checkpoint.meta.preprocessing, resize_mode=args.resize_mode)
         checkpoint.meta = dataclasses.replace(checkpoint.meta, preprocessing=preprocessing)
     if args.model_version:
         checkpoint.meta = dataclasses.replace(checkpoint.meta, version=args.model_version)
-    loaded = model_from_checkpoint(checkpoint, name=args.checkpoint)
-    paths = [r.path for r in records]
-    calibrations: dict[str, Calibration] = {}
-    figures: dict[str, Any] = {}
-    for tta in args.tta_modes:
-        started = time.perf_counter()
-        logits = logits_for_files(loaded, paths, tta, args.batch_size)
-        calibrations[tta], measured = measure_calibration(
-            logits, labels, folds=args.folds, seed=args.seed, repeats=args.repeats,
-            target_sensitivity=args.target_sensitivity, bootstrap=args.bootstrap)
-        figures[tta] = {**measured, "seconds": time.perf_counter() - started}
-        print(f"TTA {tta}: {json.dumps(figures[tta])}", flush=True)
-    serving = figures[args.serving_tta]
-    point = OperatingPoint(args.serving_tta, serving["referral_threshold"], args.target_sensitivity, serving["out_of_fold"])
-    # The refitted modes replace their old calibrations; a mode not refitted (--tta-modes) keeps its own,
-    # which is only right where the new geometry gives the calibration images the same pixels (square
-    # copies under full_view or the centre crop). A legacy meta "temperature" is superseded.
-    kept = sorted(set(checkpoint.meta.calibration) - set(calibrations))
-    if kept:
-        print(f"calibrations of {kept} kept as they were (not in --tta-modes)", flush=True)
-    provenance = {key: value for key, value in checkpoint.meta.provenance.items() if key != "temperature"}
-    checkpoint.meta = dataclasses.replace(checkpoint.meta, calibration={**checkpoint.meta.calibration, **calibrations},
-                                          operating_point=point,
-                                          provenance={**provenance, "calibration_command": command_line("scripts/calibrate.py")})
+    figures = recalibrate(checkpoint, [r.path for r in records], np.array([r.label for r in records]), args.tta_modes,
+                          args.serving_tta, name=args.checkpoint, batch_size=args.batch_size, folds=args.folds,
+                          seed=args.seed, repeats=args.repeats, target_sensitivity=args.target_sensitivity,
+                          bootstrap=args.bootstrap, command=command_line("scripts/calibrate.py"))
     checkpoint.save(args.output)
     if args.report:
         Path(args.report).parent.mkdir(parents=True, exist_ok=True)
         Path(args.report).write_text(json.dumps(figures, indent=2))
-    print(f"wrote {args.output}; serving TTA {args.serving_tta}: referral_threshold {serving['referral_threshold']}, "
-          f"out-of-fold melanoma sensitivity {serving['out_of_fold']['melanoma_sensitivity']:.3f}, "
-          f"specificity {serving['out_of_fold']['melanoma_specificity']:.3f}, ECE {serving['out_of_fold']['ece']:.4f}")
-    repeated = serving["out_of_fold_repeated"]
-    print(f"out of fold over {repeated['repeats']} partitions: " + ", ".join(
-        f"{key} {repeated['mean'][key]:.4f} +- {repeated['sd'][key]:.4f}" for key in repeated["mean"]))
-    print("95% intervals of the out-of-fold figures (images resampled within each class): " + ", ".join(
-        f"{key} {low:.3f}-{high:.3f}" for key, (low, high) in serving["out_of_fold_bootstrap"]["intervals"].items()))
+    print(f"wrote {args.output}; " + calibration_text(figures, args.serving_tta))
     return figures
 
 

@@ -22,9 +22,8 @@ import json
 import sys
 from pathlib import Path
 
-from ops.cluster import CLUSTER_DIR, Cluster, ClusterError, down, rolling_rollout, status, up
-from ops.loadgen import ServedTarget, closed_loop
-from ops.paths import DATA, GOLDEN_SMOKE, MODEL_NAME, MODEL_STORE, SERVER_CONFIG
+from ops.cluster import CLUSTER_DIR, Cluster, ClusterError, bench, down, rolling_rollout, status, up
+from ops.paths import DATA, GOLDEN_SMOKE, MODEL_STORE, SERVER_CONFIG
 from ops.rollout import RolloutError
 
 
@@ -45,18 +44,6 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--requests", type=int, default=300, help="bench: requests to send")
     parser.add_argument("--concurrency", type=int, default=6, help="bench: clients in the closed loop")
     return parser
-
-
-def bench(cluster: Cluster, images: Path, requests_: int, concurrency: int) -> dict:
-    """Closed-loop throughput through the balancer (after a short warm-up)."""
-    payloads = [path.read_bytes() for path in sorted(images.glob("*.jpg"))[:20]]
-    if not payloads:
-        raise ClusterError(f"no JPEG images in {images}")
-    target = ServedTarget(f"{cluster.url}/predictions/{MODEL_NAME}",
-                          {**cluster.headers(), "Content-Type": "image/jpeg"})
-    closed_loop(target, payloads, concurrency, 2 * concurrency, 60)
-    result = closed_loop(target, payloads, concurrency, requests_, 600)
-    return {"replicas": len(cluster.replicas), **result}
 
 
 def main(args: argparse.Namespace) -> int:

@@ -22,15 +22,13 @@ Example:
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
-from lab.crossfit import measure_combination, selection_aware_balanced_accuracy
+from lab.crossfit import combinations_text, compare_combinations
 from lab.data import read_labelled_images
 from lab.ensembles import check_compatible_members, networks_in, renamed
 from lab.evaluation import TARGET_MELANOMA_SENSITIVITY, cached_logits
@@ -70,41 +68,16 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     if len(networks) > 1:  # one network alone is measured too
         check_compatible_members([network.checkpoint for network in networks])
     records = read_labelled_images(args.labels, args.images, args.subset)
-    labels = np.array([r.label for r in records])
     paths, image_ids = [r.path for r in records], [r.image_id for r in records]
-    cache_dir = Path(args.cache_dir) if args.cache_dir else None
     logits = {}
     for network in networks:
-        logits[network.name] = cached_logits(network.checkpoint, network.key, paths, image_ids, cache_dir, args.batch_size)
+        logits[network.name] = cached_logits(network.checkpoint, network.key, paths, image_ids,
+                                             Path(args.cache_dir) if args.cache_dir else None, args.batch_size)
         print(f"{network.name}: validation logits of {len(paths)} images", flush=True)
-    largest = args.max_size or len(networks)
-    averaged = {combination: torch.stack([logits[name] for name in combination]).mean(0)
-                for size in range(max(args.min_size, 1), largest + 1)
-                for combination in itertools.combinations(logits, size)}
-    rows = [{"members": list(combination), **measure_combination(
-                combination_logits, labels, folds=args.folds, seed=args.seed, repeats=args.repeats,
-                target_sensitivity=args.target_sensitivity)}
-            for combination, combination_logits in averaged.items()]
-    rows.sort(key=lambda row: -row["mean"]["balanced_accuracy"])
-    print(f"{len(rows)} combinations, {len(labels)} images, out of fold over {args.repeats} partitions of "
-          f"{args.folds} folds (mean ± sd); melanoma figures at the threshold keeping sensitivity {args.target_sensitivity}:")
-    width = max(len(" + ".join(row["members"])) for row in rows) + 2
-    print(f"{'members':<{width}}{'balanced acc.':>18}{'macro AUC':>11}{'ECE':>8}{'threshold':>11}{'mel sens/spec':>16}")
-    for row in rows:
-        mean, sd = row["mean"], row["sd"]
-        print(f"{' + '.join(row['members']):<{width}}{mean['balanced_accuracy']:>9.4f} ± {sd['balanced_accuracy']:.4f}"
-              f"{mean['macro_auc']:>11.4f}{mean['ece']:>8.4f}{row['referral_threshold']:>11.2f}"
-              f"{mean['melanoma_sensitivity']:>9.3f} / {mean['melanoma_specificity']:.3f}")
-    report = {"n_images": int(len(labels)), "combinations": rows}
-    if args.nested_repeats:
-        nested = selection_aware_balanced_accuracy(averaged, labels, args.folds,
-                                                   range(args.seed, args.seed + args.nested_repeats))
-        report["selection_aware"] = nested
-        picked = ", ".join(f"{members} {count}x" for members, count in nested["picks"].items())
-        print(f"picking the best of these {len(rows)} on the other folds, then calibrating it (nested, "
-              f"{nested['repeats']} outer partitions): balanced accuracy {nested['mean']:.4f} ± {nested['sd']:.4f} "
-              f"on images the pick never saw, against the winner's own {rows[0]['mean']['balanced_accuracy']:.4f}; "
-              f"picked: {picked}")
+    report = compare_combinations(logits, np.array([r.label for r in records]), min_size=args.min_size,
+                                  max_size=args.max_size, folds=args.folds, seed=args.seed, repeats=args.repeats,
+                                  nested_repeats=args.nested_repeats, target_sensitivity=args.target_sensitivity)
+    print(combinations_text(report, args.folds, args.repeats, args.target_sensitivity))
     if args.report:
         Path(args.report).parent.mkdir(parents=True, exist_ok=True)
         Path(args.report).write_text(json.dumps(report, indent=2))

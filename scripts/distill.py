@@ -22,29 +22,19 @@ Example (what ``make distill`` runs):
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import torch
-
-from handler.architectures import architecture, build_model
-from handler.checkpoint import Checkpoint, Meta, make_checkpoint, read_checkpoint
-from handler.labels import CLASS_CODES
-from handler.storage import STORAGE_DTYPES, pack_state_dict
-from lab.calibration import fit_calibration
-from lab.data import LesionDataset, attach_paths, build_eval_transform, class_counts
-from lab.distillation import cache_teacher_logits, distillation_loader, distillation_loss, distillation_record, soft_labels
+from handler.storage import STORAGE_DTYPES
+from lab.data import attach_paths
+from lab.distillation import DistillationRun, load_teachers, student_geometry
 from lab.evaluation import TARGET_MELANOMA_SENSITIVITY
-from lab.folds import (
-    FoldLayout, check_trained_on, fold_split, folds_data_record, lesion_figures, limit_records, load_epoch_weights,
-    load_folds, single_fold_figures, train_fold)
+from lab.folds import FoldLayout, RunSettings, copy_provenance, limit_records, load_folds
 from lab.provenance import command_line, file_sha256
-from lab.training import AMP_MODES, Recipe, add_recipe_arguments, autocast_dtype, resolve_device
+from lab.training import AMP_MODES, Recipe, add_recipe_arguments
 from ops.paths import DATA, PROVENANCE, ROOT
 
 DEFAULT_DATA = DATA / "ham10000-200x150"
@@ -95,178 +85,39 @@ def main(args: argparse.Namespace) -> dict[str, Any] | None:
     Returns:
         The summary, or None when a student paused (``--epochs-this-run``).
     """
-    recipe = Recipe.from_namespace(args)
     if args.provenance_dir and args.limit:
         raise SystemExit("--limit is a smoke run: it does not write provenance (drop --provenance-dir)")
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    settings = RunSettings.choose(args.device, args.amp, args.threads, pretrained=args.pretrained,
+                                  freeze_blocks=args.freeze_blocks, epochs_this_run=args.epochs_this_run, limit=args.limit)
     folds_file = Path(args.folds_file or PROVENANCE / f"folds_k{args.k}.json")
     assignment, records = load_folds(folds_file, args.metadata)
     if assignment.k != args.k:
         raise SystemExit(f"{folds_file} holds {assignment.k} folds, not --k {args.k}")
-    records = limit_records(attach_paths(records, args.images), args.limit, assignment.seed)
-    teachers_dir = FoldLayout(Path(args.teachers or ROOT / "runs" / f"folds_k{args.k}"))
-    layout = FoldLayout(Path(args.output or ROOT / "runs" / f"distill_k{args.k}"))
-    device = resolve_device(args.device)
-    amp = autocast_dtype(args.amp, device)
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-
-    teacher_paths = [teachers_dir.teacher_path(fold) for fold in range(args.k)]
-    missing = [str(path) for path in teacher_paths if not path.exists()]
-    if missing:
-        raise SystemExit(f"no teacher checkpoints {missing}: run scripts/train_folds.py (make train-folds) first")
-    teacher_preprocess = None
-    for fold, path in enumerate(teacher_paths):
-        checkpoint = read_checkpoint(path)
-        check_trained_on(checkpoint.meta.data, assignment, fold, str(path))
-        if teacher_preprocess not in (None, checkpoint.meta.preprocessing):
-            raise SystemExit(f"{path} has other preprocessing than fold 0's teacher")
-        teacher_preprocess = checkpoint.meta.preprocessing
-    # The student sees the teachers' geometry (their logits are of those exact inputs), normalized for its own weights.
-    student_arch = architecture(recipe.arch)
-    preprocess = dataclasses.replace(teacher_preprocess, mean=student_arch.mean, std=student_arch.std)
-    if preprocess.image_size != recipe.image_size:
-        print(f"student input {preprocess.image_size} px, as the teachers' (--image-size {recipe.image_size} ignored)",
-              flush=True)
-        recipe = dataclasses.replace(recipe, image_size=preprocess.image_size)
-    teacher_digests = [file_sha256(path) for path in teacher_paths]
-    print(f"{len(records)} images, {args.k} teachers ({teachers_dir.root}), folds digest {assignment.digest[:12]}; "
-          f"device {device}, autocast {amp}; student {recipe.arch}", flush=True)
-
-    started = time.perf_counter()
-    cached = [cache_teacher_logits(path, records, layout.root / "teacher_logits" / f"fold_{fold}.pt", device,
-                                   args.teacher_batch_size, amp, recipe.workers)
-              for fold, path in enumerate(teacher_paths)]
-    print(f"teacher logits of {len(records)} images x 8 views x {args.k} teachers ready "
-          f"({time.perf_counter() - started:.0f} s this run)", flush=True)
-    fold_of = assignment.fold_of()
-    folds = np.array([fold_of[r.image_id] for r in records])
-    row_of = {r.image_id: i for i, r in enumerate(records)}
-
-    run_config = {"folds_sha256": assignment.digest, "limit": args.limit, "recipe": dataclasses.asdict(recipe),
-                  "preprocessing": preprocess.to_dict(), "pretrained": args.pretrained, "freeze_blocks": args.freeze_blocks,
-                  "amp": str(amp), "temperature": args.temperature, "alpha": args.alpha, "teachers_sha256": teacher_digests}
-    run_config["recipe"].pop("workers")
-    summary: dict[str, Any] = {"folds_file": folds_file.name, "folds_sha256": assignment.digest,
-                               "distillation": distillation_record(args.temperature, args.alpha, [
-                                   f"{path} (sha256 {digest[:12]})" for path, digest in zip(teacher_paths, teacher_digests)]),
-                               "recipe": dataclasses.asdict(recipe), "preprocessing": preprocess.to_dict(),
-                               "limit": args.limit, "command": command_line("scripts/distill.py")}
-
-    out_of_fold = soft_labels(cached, folds, "out_of_fold")
-    check: dict[str, Any] = {}
-    check_logits = {}
-    for fold in args.check_folds:
-        fold_recipe = dataclasses.replace(recipe, seed=recipe.seed + fold)
-        train, holdout = fold_split(records, assignment, fold)
-        rows = torch.tensor([row_of[r.image_id] for r in train])
-        loader = distillation_loader(train, preprocess, out_of_fold[rows], recipe.batch_size, recipe.workers, device)
-        holdout_loader = _eval_loader(holdout, preprocess, recipe, device)
-        criterion = distillation_loss(class_counts(train), recipe.class_weight_power, args.temperature, args.alpha)
-        if not train_fold(fold_recipe, preprocess, criterion, loader, holdout_loader, holdout, layout.fold_dir(fold), device,
-                          amp, {**run_config, "student": f"check fold {fold}", "soft_labels": "out_of_fold"},
-                          args.pretrained, args.freeze_blocks, args.epochs_this_run, keep_weights=False):
-            return None
-        student = torch.load(layout.logits_path(fold, recipe.epochs), weights_only=True)["logits"].numpy()
-        holdout_rows = [row_of[r.image_id] for r in holdout]
-        teacher = cached[fold][holdout_rows, 0].numpy()  # view 0 is the served input: teacher k out of fold
-        check_logits[fold] = (holdout_rows, student)
-        check[str(fold)] = {"student": single_fold_figures(student, holdout, target_sensitivity=args.target_sensitivity),
-                            "teacher": single_fold_figures(teacher, holdout, target_sensitivity=args.target_sensitivity)}
-        print(f"check fold {fold}: student " + _line(check[str(fold)]["student"]) + " | teacher "
-              + _line(check[str(fold)]["teacher"]), flush=True)
-    if check:
-        summary["check"] = {"method": "student k trained on the other folds with out-of-fold soft labels, scored on fold k "
-                                      f"after its {recipe.epochs} epochs; teacher k scored on the same fold; per lesion, "
-                                      "calibrated by a 5-part lesion-grouped cross-fit within the fold",
-                            "per_fold": check,
-                            "mean": {who: {key: float(np.mean([row[who][key] for row in check.values()]))
-                                           for key in ("balanced_accuracy", "macro_auc", "ece")}
-                                     for who in ("student", "teacher")}}
-    if sorted(args.check_folds) == list(range(args.k)):
-        summary["check_all_folds"] = _all_folds(check_logits, cached, records, folds, args)
-
+    teachers, teacher_preprocess = load_teachers(FoldLayout(Path(args.teachers or ROOT / "runs" / f"folds_k{args.k}")),
+                                                 assignment)
+    recipe, preprocess = student_geometry(Recipe.from_namespace(args), teacher_preprocess)
+    run = DistillationRun(recipe, preprocess, settings, assignment, folds_file,
+                          limit_records(attach_paths(records, args.images), args.limit, assignment.seed),
+                          FoldLayout(Path(args.output or ROOT / "runs" / f"distill_k{args.k}")), teachers,
+                          args.temperature, args.alpha, args.target_sensitivity)
+    run.cache_logits(args.teacher_batch_size)
+    summary = run.summary(command_line("scripts/distill.py"), args.limit)
+    check = run.check_folds(args.check_folds, args.bootstrap)
+    if check is None or not (args.no_final or run.train_student()):
+        return None
+    summary |= check
     if not args.no_final:
-        targets = soft_labels(cached, folds, "ensemble")
-        loader = distillation_loader(records, preprocess, targets, recipe.batch_size, recipe.workers, device)
-        criterion = distillation_loss(class_counts(records), recipe.class_weight_power, args.temperature, args.alpha)
-        final_dir = layout.root / "student"
-        if not train_fold(recipe, preprocess, criterion, loader, None, [], final_dir, device, amp,
-                          {**run_config, "student": "final", "soft_labels": "ensemble"}, args.pretrained,
-                          args.freeze_blocks, args.epochs_this_run):
-            return None
-        path = _export_student(final_dir, recipe, preprocess, assignment, folds_file, records, check_logits, args, summary)
+        path = run.export_student(summary, args.model_version, args.storage_dtype)
         summary["student"] = {"checkpoint": str(path), "sha256": file_sha256(path)}
-        print(f"student written to {path}", flush=True)
     summary["created"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    layout.root.mkdir(parents=True, exist_ok=True)
-    (layout.root / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    run.layout.root.mkdir(parents=True, exist_ok=True)
+    (run.layout.root / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     if args.provenance_dir:
-        target = Path(args.provenance_dir) / f"distill_k{args.k}"
-        target.mkdir(parents=True, exist_ok=True)
-        (target / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
-        for fold in args.check_folds:
-            (target / f"check_fold_{fold}_metrics.jsonl").write_text((layout.fold_dir(fold) / "metrics.jsonl").read_text())
+        metrics = {f"check_fold_{fold}": run.layout.fold_dir(fold) / "metrics.jsonl" for fold in args.check_folds}
         if not args.no_final:
-            (target / "student_metrics.jsonl").write_text((layout.root / "student" / "metrics.jsonl").read_text())
-        print(f"provenance written to {target}", flush=True)
+            metrics["student"] = run.layout.root / "student" / "metrics.jsonl"
+        copy_provenance(Path(args.provenance_dir) / f"distill_k{args.k}", summary, metrics)
     return summary
-
-
-def _eval_loader(records, preprocess, recipe: Recipe, device: torch.device) -> torch.utils.data.DataLoader:
-    return torch.utils.data.DataLoader(LesionDataset(records, build_eval_transform(preprocess)), batch_size=recipe.batch_size * 2,
-                                       shuffle=False, num_workers=recipe.workers, pin_memory=device.type == "cuda")
-
-
-def _line(figures: dict[str, Any]) -> str:
-    return (f"balanced accuracy {figures['balanced_accuracy']:.4f}, macro AUC {figures['macro_auc']:.4f}, "
-            f"melanoma sensitivity {figures['melanoma_sensitivity']}")
-
-
-def _all_folds(check_logits, cached, records, folds: np.ndarray, args: argparse.Namespace) -> dict[str, Any]:
-    """Students and teachers out of fold over every image, summarized as scripts/train_folds.py summarizes the teachers."""
-    student = np.zeros((len(records), len(CLASS_CODES)), np.float32)
-    for rows, logits in check_logits.values():
-        student[rows] = logits
-    teacher = torch.stack(cached)[torch.as_tensor(folds), torch.arange(len(records)), 0].numpy()
-    labels = np.array([r.label for r in records])
-    lesions = [r.lesion_id for r in records]
-    figures = {}
-    for name, logits in (("student", student), ("teacher", teacher)):
-        report = lesion_figures(logits, labels, lesions, folds, target_sensitivity=args.target_sensitivity,
-                                bootstrap=args.bootstrap)
-        figures[name] = {key: report[key] for key in ("n_lesions", "balanced_accuracy", "macro_auc", "ece",
-                                                      "melanoma_sensitivity", "melanoma_specificity",
-                                                      "referral_threshold", "per_fold", "bootstrap")}
-    return figures
-
-
-def _export_student(final_dir: Path, recipe: Recipe, preprocess, assignment, folds_file: Path, records, check_logits,
-                    args: argparse.Namespace, summary: dict[str, Any]) -> Path:
-    """The final student as a release-format checkpoint, ``meta.data`` naming the folds it was distilled over."""
-    model = load_epoch_weights(build_model(recipe.arch, dropout=recipe.dropout),
-                               final_dir / "weights" / f"epoch_{recipe.epochs:03d}.pt")
-    calibration, calibration_source = {}, None
-    if check_logits:
-        labels = np.array([r.label for r in records])
-        rows = np.concatenate([np.asarray(r) for r, _ in check_logits.values()])
-        logits = np.concatenate([l for _, l in check_logits.values()])
-        calibration = {"none": fit_calibration(torch.from_numpy(logits), torch.from_numpy(labels[rows]))}
-        calibration_source = (f"fitted on the out-of-fold logits of the check students of folds "
-                              f"{sorted(check_logits)} ({len(rows)} images), same recipe; not on the final student's own "
-                              "training images")
-    data = folds_data_record(assignment, folds_file, None, len(records), 0)
-    data["train_class_counts"] = dict(zip(CLASS_CODES, class_counts(records)))
-    meta = Meta(preprocess, version=args.model_version, calibration=calibration, data=data)
-    done = json.loads((final_dir / "done.json").read_text())
-    checkpoint = make_checkpoint(model, recipe.arch, preprocess, meta, recipe.dropout, trained_epochs=recipe.epochs,
-                                 initialization=done["initialization"], distillation=summary["distillation"],
-                                 calibration_source=calibration_source, out_of_fold_check=summary.get("check"),
-                                 recipe=dataclasses.asdict(recipe), command=summary["command"], torch=str(torch.__version__),
-                                 created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
-    checkpoint = Checkpoint(pack_state_dict(checkpoint.state_dict, args.storage_dtype), checkpoint.config, checkpoint.meta)
-    return checkpoint.save(final_dir.parent / "student.pt")
 
 
 if __name__ == "__main__":

@@ -18,26 +18,18 @@ Example (what ``make train-folds K=5`` runs):
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import json
 import os
-import time
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from handler.architectures import default_preprocess_config
-from handler.labels import CLASS_CODES
-from handler.preprocessing import FULL_VIEW, RESIZE_MODES
-from lab.data import attach_paths, class_counts
+from handler.architectures import architecture
+from handler.preprocessing import RESIZE_MODES
+from lab.data import attach_paths
 from lab.evaluation import TARGET_MELANOMA_SENSITIVITY
 from lab.folds import (
-    SELECT_KEYS, FoldLayout, collect_out_of_fold, ensure_folds, export_teachers, fold_split, limit_records, summarize,
-    train_fold, write_out_of_fold_csv)
+    SELECT_KEYS, FoldLayout, RunSettings, copy_folds_provenance, ensure_folds, finish_folds, limit_records, train_folds)
 from lab.provenance import command_line
-from lab.training import (
-    AMP_MODES, Recipe, add_recipe_arguments, autocast_dtype, make_criterion, make_loaders, resolve_device)
+from lab.training import AMP_MODES, Recipe, add_recipe_arguments
 from ops.paths import DATA, PROVENANCE, ROOT
 
 DEFAULT_DATA = DATA / "ham10000-200x150"
@@ -59,8 +51,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--folds-only", action="store_true", help="build (or check) the fold file, then stop")
     parser.add_argument("--folds", type=int, nargs="+", help="train only these folds (default: all)")
     parser.add_argument("--output", help="run folder for fold_<k>/ and summary.json (default: runs/folds_k<K>)")
-    parser.add_argument("--resize-mode", choices=RESIZE_MODES, default=FULL_VIEW,
-                        help="geometry of training and serving (meta.preprocessing.resize_mode)")
+    parser.add_argument("--resize-mode", choices=RESIZE_MODES,
+                        help="geometry of training and serving (meta.preprocessing.resize_mode; default: the --arch "
+                             "entry's, handler.architectures)")
     parser.add_argument("--pretrained", default="auto",
                         help="'auto' (ImageNet weights found locally, error if none), 'none', or a state-dict path")
     parser.add_argument("--freeze-blocks", type=int, default=0,
@@ -96,75 +89,23 @@ def main(args: argparse.Namespace) -> dict[str, Any] | None:
     folds_file = Path(args.folds_file or PROVENANCE / f"folds_k{args.k}.json")
     if args.provenance_dir and args.limit:
         raise SystemExit("--limit is a smoke run: it does not write provenance (drop --provenance-dir)")
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    settings = RunSettings.choose(args.device, args.amp, args.threads, pretrained=args.pretrained,
+                                  freeze_blocks=args.freeze_blocks, epochs_this_run=args.epochs_this_run, limit=args.limit)
     assignment, records = ensure_folds(folds_file, args.metadata, args.k, args.fold_seed, args.rebuild_folds)
     if args.folds_only:
         print(f"{folds_file}: {args.k} folds of {[len(fold) for fold in assignment.folds]} images over {assignment.metadata}, "
               f"checked (digest {assignment.digest[:12]})", flush=True)
         return None
     records = limit_records(attach_paths(records, args.images), args.limit, args.fold_seed)
-    device = resolve_device(args.device)
-    amp = autocast_dtype(args.amp, device)
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-    preprocess = dataclasses.replace(default_preprocess_config(recipe.arch, recipe.image_size), resize_mode=args.resize_mode)
+    preprocess = architecture(recipe.arch).training_preprocess(recipe.image_size, args.resize_mode)
     layout = FoldLayout(Path(args.output or ROOT / "runs" / f"folds_k{args.k}"))
-    print(f"{len(records)} images, {args.k} folds ({folds_file}, digest {assignment.digest[:12]}); device {device}, "
-          f"autocast {amp}; {recipe.arch} at {recipe.image_size} px, {args.resize_mode}", flush=True)
-
-    run_config = {"folds_sha256": assignment.digest, "limit": args.limit, "recipe": dataclasses.asdict(recipe),
-                  "preprocessing": preprocess.to_dict(), "pretrained": args.pretrained, "freeze_blocks": args.freeze_blocks,
-                  "amp": str(amp)}
-    run_config["recipe"].pop("workers")  # how many loader processes does not change the run
-    for fold in args.folds if args.folds is not None else range(args.k):
-        fold_recipe = dataclasses.replace(recipe, seed=recipe.seed + fold)
-        train, holdout = fold_split(records, assignment, fold)
-        print(f"fold {fold}: train {len(train)} images {dict(zip(CLASS_CODES, class_counts(train)))}; "
-              f"held out {len(holdout)}", flush=True)
-        if layout.done_path(fold).exists():
-            print(f"fold {fold}: finished earlier", flush=True)
-            continue
-        train_loader, holdout_loader = make_loaders(fold_recipe, train, holdout, preprocess, device)
-        done = train_fold(fold_recipe, preprocess, make_criterion(fold_recipe, class_counts(train)), train_loader,
-                          holdout_loader, holdout, layout.fold_dir(fold), device, amp, {**run_config, "fold": fold},
-                          args.pretrained, args.freeze_blocks, args.epochs_this_run)
-        if not done:
-            return None
-
-    unfinished = [fold for fold in range(args.k) if not layout.done_path(fold).exists()]
-    if unfinished:
-        print(f"folds {unfinished} have not finished; the summary is written once every fold has", flush=True)
+    if not train_folds(recipe, preprocess, assignment, records, layout, settings, args.folds):
         return None
-    if args.folds is not None:  # processes sharing a GPU, one fold each: one run without --folds summarizes
-        print("every fold has finished; rerun without --folds to write the summary and the teachers", flush=True)
-        return None
-    oof = collect_out_of_fold(layout, assignment, records, recipe.epochs)
-    oof.save(layout.root / "out_of_fold_logits.pt")
-    summary = summarize(oof, args.select_by, args.epoch, args.target_sensitivity, args.bootstrap)
-    epoch = summary["selected_epoch"]
-    command = command_line("scripts/train_folds.py")
-    summary |= {"folds_file": folds_file.name, "folds_sha256": assignment.digest, "command": command,
-                "recipe": dataclasses.asdict(recipe), "preprocessing": preprocess.to_dict(), "limit": args.limit,
-                "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-    teachers = export_teachers(layout, assignment, folds_file, epoch, recipe, preprocess, records, args.teacher_storage,
-                               command=command, torch=str(torch.__version__))
-    summary["teachers"] = [str(path) for path in teachers]
-    (layout.root / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
-    write_out_of_fold_csv(oof, epoch, layout.root / f"out_of_fold_logits_epoch_{epoch:03d}.csv")
-    lesion = summary["lesion"]
-    print(f"selected epoch {epoch} of {recipe.epochs} by out-of-fold {summary['selected_by']}; per lesion "
-          f"({lesion['n_lesions']}): balanced accuracy {lesion['balanced_accuracy']:.4f}, macro AUC {lesion['macro_auc']:.4f}, "
-          f"ECE {lesion['ece']:.4f}, melanoma sensitivity {lesion['melanoma_sensitivity']} at threshold "
-          f"{lesion['referral_threshold']}", flush=True)
+    summary = finish_folds(layout, assignment, folds_file, records, recipe, preprocess, args.select_by, args.epoch,
+                           args.target_sensitivity, args.bootstrap, args.teacher_storage, args.limit,
+                           command_line("scripts/train_folds.py"))
     if args.provenance_dir:
-        target = Path(args.provenance_dir) / f"folds_k{args.k}"
-        target.mkdir(parents=True, exist_ok=True)
-        (target / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
-        write_out_of_fold_csv(oof, epoch, target / "out_of_fold_logits.csv")
-        for fold in range(args.k):
-            (target / f"fold_{fold}_metrics.jsonl").write_text((layout.fold_dir(fold) / "metrics.jsonl").read_text())
-        print(f"provenance written to {target}", flush=True)
+        copy_folds_provenance(layout, args.k, summary, Path(args.provenance_dir) / f"folds_k{args.k}")
     return summary
 
 
