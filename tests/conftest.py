@@ -1,22 +1,28 @@
-"""Shared fixtures: real data locations, a tiny random checkpoint, and a real TorchServe."""
+"""Shared fixtures and helpers: real data locations, a tiny random checkpoint, synthetic HAM10000-style data, a real
+TorchServe and one way to POST to it."""
 
 from __future__ import annotations
 
 import contextlib
-import socket
+import csv
 from pathlib import Path
 from typing import Iterator
 
+import numpy as np
 import pytest
+import requests
 import torch
+from PIL import Image
 
 from handler.architectures import build_model, default_preprocess_config
 from handler.calibration import Calibration
 from handler.checkpoint import Meta, make_checkpoint, read_checkpoint
+from handler.labels import CLASS_CODES
 from ops import torchserve as serve
 from ops.archive import ArchiveSpec, build_archive
+from ops.client import ServiceClient
 from ops.paths import CHECKPOINT as RELEASED_CHECKPOINT
-from ops.paths import DATA, MODEL_CONFIG, ROOT, SERVER_CONFIG
+from ops.paths import DATA, MODEL_CONFIG, MODEL_NAME, ROOT, SERVER_CONFIG
 
 
 @pytest.fixture(scope="session")
@@ -73,18 +79,73 @@ def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that is free right now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+@pytest.fixture
+def one_thread():
+    """Tiny networks train several times faster on one thread than on two busy cores (and start faster)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+LESIONS_PER_CLASS = (1, 2, 1, 3)
+
+
+def synthetic_ham(folder: Path, size: tuple[int, int] = (40, 30), lesions: tuple[int, ...] = LESIONS_PER_CLASS) -> Path:
+    """A HAM10000-style metadata.csv and 4:3 JPEGs in ``folder``: one colour per class, noise per image.
+
+    Returns:
+        The metadata file (images are in ``folder/images``).
+    """
+    rng = np.random.default_rng(0)
+    (folder / "images").mkdir(parents=True)
+    rows = []
+    for label, code in enumerate(CLASS_CODES):
+        base = np.array([(label * 37) % 256, (label * 91 + 60) % 256, (label * 53 + 120) % 256])
+        for lesion, images in enumerate(lesions):
+            lesion_id = f"HAM_{label}{lesion:02d}"
+            for image in range(images):
+                image_id = f"ISIC_{label}{lesion:02d}{image}"
+                pixels = np.clip(base + rng.normal(0, 25, (size[1], size[0], 3)), 0, 255).astype(np.uint8)
+                Image.fromarray(pixels).save(folder / "images" / f"{image_id}.jpg", quality=90)
+                rows.append((lesion_id, image_id, code, "histo", "50.0", "male", "back"))
+    metadata = folder / "metadata.csv"
+    with open(metadata, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["lesion_id", "image_id", "dx", "dx_type", "age", "sex", "localization"])
+        writer.writerows(rows)
+    return metadata
 
 
 def start_server(run_dir: Path, model_store: Path, overrides: dict[str, str] | None = None, models: str | None = None) -> serve.Server:
     """Start a real TorchServe on free loopback ports, with the project's config otherwise."""
-    ports = {key: f"http://127.0.0.1:{free_port()}" for key in serve.ADDRESS_KEYS.values()}
-    ports |= {"grpc_inference_port": str(free_port()), "grpc_management_port": str(free_port())}
-    return serve.start(run_dir, model_store, SERVER_CONFIG, {**ports, **(overrides or {})}, models)
+    return serve.start(run_dir, model_store, SERVER_CONFIG, {**serve.loopback_addresses(), **(overrides or {})}, models)
+
+
+def post(server: serve.Server, body: bytes | dict | None = None, *, explain: bool = False, path: str | None = None,
+         content_type: str | None = "application/octet-stream", upload: str | None = None, fields: dict | None = None,
+         timeout: float = 60.0) -> requests.Response:
+    """POST one request to ``server``'s model through :class:`ops.client.ServiceClient` (its inference token).
+
+    Args:
+        server: A running TorchServe.
+        body: A dict is sent as JSON; bytes (or None) as the raw body with ``content_type``.
+        explain: The explanations API instead of predictions.
+        path: Another inference path (``/v1/models/skin_lesion:predict``, ``/v2/...``).
+        content_type: The raw body's Content-Type (None: none sent).
+        upload: Send ``body`` as a multipart file under this field name, with ``fields`` beside it.
+        fields: Form fields of a multipart request (``upload`` defaults to ``data`` with them).
+        timeout: Seconds.
+    """
+    path = path or f"/{'explanations' if explain else 'predictions'}/{MODEL_NAME}"
+    client = ServiceClient(server, timeout=timeout)
+    if upload is not None or fields is not None:
+        return client.request("inference", "POST", path, files={upload or "data": ("x.jpg", body, "image/jpeg")},
+                              data=fields)
+    if isinstance(body, dict):
+        return client.request("inference", "POST", path, json=body)
+    return client.request("inference", "POST", path, data=body,
+                          headers={"Content-Type": content_type} if content_type else None)
 
 
 @pytest.fixture(scope="session")

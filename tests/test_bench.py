@@ -8,8 +8,9 @@ import yaml
 
 from ops import bench_inprocess, bench_report, loadgen
 from ops.bench_served import model_config_overrides
+from ops.paths import MODEL_CONFIG
 from scripts import bench
-from tests.conftest import RELEASED_CHECKPOINT, ROOT
+from tests.conftest import RELEASED_CHECKPOINT
 
 SUMMARY_KEYS = ("served_throughput_ratio", "speedup_vs_unbatched", "gradcam_cost_ratio", "gate_cost_ratio",
                 "p99_over_p50_at_70pct", "kserve_v1_ratio", "open_inference_ratio")
@@ -234,7 +235,7 @@ def test_bench_through_real_torchserve(samples_dir, tmp_path):
     assert levels[-1]["avg_batch_size"] > 1
     assert result["unbatched"]["model_config"]["batchSize"] == 1
     assert result["unbatched"]["levels"][0]["avg_batch_size"] == 1
-    released = yaml.safe_load((ROOT / "config" / "model-config.yaml").read_text())
+    released = yaml.safe_load(MODEL_CONFIG.read_text())
     assert result["served"]["model_config"]["batchSize"] == released["batchSize"]
     assert all(row["images_per_s"] > 0 for row in result["in_process"])
     assert {row["batch_size"] for row in result["in_process"]} == {1, released["batchSize"]}
@@ -260,7 +261,6 @@ def test_gate_cost_is_measured_against_predict_in_the_same_run(samples_dir):
     from handler.inference import prepare_for_serving
     from handler.settings import load_handler_settings
     from ops.bench_inprocess import bench_gate
-    from ops.paths import MODEL_CONFIG
 
     loaded = load_checkpoint(RELEASED_CHECKPOINT)
     settings = dataclasses.replace(load_handler_settings(MODEL_CONFIG), torch_threads=0)

@@ -46,8 +46,9 @@ from ops import client as ops_client
 from ops import cluster as clusters
 from ops import rollout as rollouts
 from ops.paths import MODEL_CONFIG, SERVER_CONFIG
+from ops.torchserve import free_port
 from scripts import cluster as cluster_script
-from tests.conftest import DATA, ROOT, free_port
+from tests.conftest import DATA, ROOT
 from tests.tiny_release import tiny_archive, tiny_checkpoint, tiny_model_config
 
 pytestmark = [pytest.mark.slow, pytest.mark.data,

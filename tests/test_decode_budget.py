@@ -20,6 +20,7 @@ from ops.paths import MODEL_CONFIG
 from tests.catalogue import (
     amplification_catalogue, apng, encode, flat_png, jpeg_with_comment_segments, many_frame_gif, many_frame_webp,
     many_page_tiff, png_with_empty_chunks, progressive_jpeg_with_repeated_scan)
+from tests.conftest import post
 
 CONFIG = PreprocessConfig(image_size=224, resize_size=224, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
 
@@ -155,10 +156,9 @@ def reset_peak(pid: int) -> float:
     return proc_status(pid, "VmRSS")
 
 
-def post(server, data: bytes, timeout: float = 300) -> tuple[requests.Response, float]:
+def timed_post(server, data: bytes) -> tuple[requests.Response, float]:
     started = time.perf_counter()
-    response = requests.post(f"{server.url('inference')}/predictions/{MODEL}", data=data, timeout=timeout,
-                             headers={**server.headers("inference"), "Content-Type": "application/octet-stream"})
+    response = post(server, data, timeout=300)
     return response, time.perf_counter() - started
 
 
@@ -174,7 +174,7 @@ def test_amplification_catalogue_costs_a_worker_little_next_to_valid_traffic(tor
     attacks = [(attack, attack.make()) for attack in amplification_catalogue(valid[0])]
     pids = worker_pids(torchserve)
     for image in valid[:4]:
-        assert post(torchserve, image)[0].status_code == 200
+        assert post(torchserve, image, timeout=300).status_code == 200
     try:
         reset_peak(pids[0])
     except OSError as exc:
@@ -183,7 +183,7 @@ def test_amplification_catalogue_costs_a_worker_little_next_to_valid_traffic(tor
     for attack, data in attacks:
         resident = {pid: reset_peak(pid) for pid in pids}
         cpu = {pid: cpu_seconds(pid) for pid in pids}
-        response, seconds = post(torchserve, data)
+        response, seconds = timed_post(torchserve, data)
         peak = max(proc_status(pid, "VmHWM") - resident[pid] for pid in pids)
         cpu_used = max(cpu_seconds(pid) - cpu[pid] for pid in pids)
         body = response.json()
@@ -203,7 +203,7 @@ def test_amplification_catalogue_costs_a_worker_little_next_to_valid_traffic(tor
     resident = {pid: reset_peak(pid) for pid in pids}
     jobs = [(attack, data) for attack, data in attacks] + [(None, image) for image in valid * 2]
     with ThreadPoolExecutor(max_workers=8) as pool:
-        results = list(pool.map(lambda job: post(torchserve, job[1]), jobs[::2] + jobs[1::2]))
+        results = list(pool.map(lambda job: timed_post(torchserve, job[1]), jobs[::2] + jobs[1::2]))
     jobs = jobs[::2] + jobs[1::2]
     peak = max(proc_status(pid, "VmHWM") - resident[pid] for pid in pids)
     failed_valid = [response.status_code for (attack, _), (response, _) in zip(jobs, results)

@@ -24,9 +24,10 @@ from handler.labels import CLASS_CODES
 from handler.preprocessing import decode_image
 from handler.settings import load_handler_settings
 from ops import torchserve as serve
+from ops.torchserve import free_port
 from ops.paths import CHECKPOINT as DEFAULT_CHECKPOINT
 from ops.paths import MODEL_CONFIG as DEFAULT_MODEL_CONFIG
-from tests.conftest import ROOT, free_port
+from tests.conftest import ROOT, post
 from tests.tiny_release import synthetic_jpeg
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -416,8 +417,7 @@ def page(browser, demo_url):
 @pytest.mark.timeout(180)
 def test_browser_upload_shows_chart_overlay_and_notice(page, torchserve, samples_dir, tmp_path):
     image = samples_dir / NEVUS
-    expected = requests.post(f"{torchserve.url('inference')}/predictions/skin_lesion", data=image.read_bytes(),
-                             headers=torchserve.headers("inference"), timeout=60).json()
+    expected = post(torchserve, image.read_bytes(), content_type=None).json()
     notice = page.locator("#notice")
     assert notice.is_visible() and "not a diagnosis" in notice.inner_text()
 

@@ -18,15 +18,7 @@ from lab.distillation import (
 from lab.evaluation import input_batches
 from lab.folds import FoldMismatchError, check_trained_on, load_folds
 from scripts import distill, train_folds
-from tests.test_folds import synthetic_ham
-
-@pytest.fixture
-def one_thread():
-    """Tiny networks train several times faster on one thread than on two busy cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+from tests.conftest import synthetic_ham
 
 
 PREPROCESS = PreprocessConfig(image_size=32, resize_size=32, mean=(0.5,) * 3, std=(0.5,) * 3, resize_mode=FULL_VIEW)
@@ -177,7 +169,7 @@ def test_distill_refuses_metadata_that_is_not_the_fold_files(tmp_path):
         distill.main(distill.get_args_parser().parse_args(
             ["--metadata", str(other), "--images", str(other.parent / "images"), "--k", "2",
              "--folds-file", str(tmp_path / "folds_k2.json"), "--teachers", str(tmp_path), "--output", str(tmp_path / "d")]))
-    with pytest.raises(SystemExit, match="no teacher checkpoints"):
+    with pytest.raises(FileNotFoundError, match="no teacher checkpoints"):
         distill.main(distill.get_args_parser().parse_args(
             ["--metadata", str(metadata), "--images", str(metadata.parent / "images"), "--k", "2",
              "--folds-file", str(tmp_path / "folds_k2.json"), "--teachers", str(tmp_path), "--output", str(tmp_path / "d")]))

@@ -9,15 +9,15 @@ import dataclasses
 
 import numpy as np
 import pytest
-import requests
 import torch
 
 from handler.checkpoint import load_checkpoint
 from handler.inference import prepare_for_serving
 from handler.settings import HandlerSettings, load_handler_settings
 from lab.explanations import explain_files
-from ops.paths import CHECKPOINT, MODEL_CONFIG, MODEL_NAME
+from ops.paths import CHECKPOINT, MODEL_CONFIG
 from scripts import explain
+from tests.conftest import post
 
 pytestmark = [pytest.mark.slow, pytest.mark.data]
 
@@ -29,17 +29,12 @@ IMAGES = ("ISIC_0024354.jpg", "ISIC_0025032.jpg", "ISIC_0034256.jpg", "ISIC_0026
           "ISIC_0032123.jpg")
 
 
-def served_explanation(server, image: bytes) -> requests.Response:
-    return requests.post(f"{server.url('inference')}/explanations/{MODEL_NAME}", data=image,
-                         headers=server.headers("inference"), timeout=120)
-
-
 def test_explain_script_answers_like_the_served_explanations_api(torchserve, samples_dir, tmp_path):
     paths = [samples_dir / name for name in IMAGES]
     results = explain.main(explain.get_args_parser().parse_args([*map(str, paths), "--out", str(tmp_path)]))
     assert [path for path, _, _ in results] == paths
     for path, response, panel in results:
-        served = served_explanation(torchserve, path.read_bytes())
+        served = post(torchserve, path.read_bytes(), explain=True, content_type=None, timeout=120)
         assert response.status == served.status_code, (path.name, served.text[:300])
         if not response.ok:  # refused by the input gate (or another request error): the same refusal
             assert response.body.code == served.json()["error"]["code"] and panel is None

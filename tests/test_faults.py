@@ -14,7 +14,7 @@ from ops import torchserve as serve
 from ops.archive import ArchiveSpec, build_archive
 from ops.paths import MODEL_CONFIG, SERVER_CONFIG
 from scripts import serve as serve_script
-from tests.conftest import served, start_server
+from tests.conftest import post, served, start_server
 
 pytestmark = [pytest.mark.slow, pytest.mark.data]
 MODEL = "skin_lesion"
@@ -46,8 +46,7 @@ def test_killed_worker_is_restarted_and_health_reports_the_gap(own_server, sampl
         while not stop.is_set():
             sent = time.monotonic()
             try:
-                status = requests.post(f"{server.url('inference')}/predictions/{MODEL}", data=image,
-                                       headers=server.headers("inference"), timeout=60).status_code
+                status = post(server, image, content_type=None).status_code
             except requests.RequestException:
                 status = -1
             results.append((sent, time.monotonic(), status))

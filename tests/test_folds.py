@@ -7,58 +7,20 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
-from lab.calibration import fit_calibration
 from handler.checkpoint import read_checkpoint
 from handler.labels import CLASS_CODES
 from handler.preprocessing import FULL_VIEW
+from lab.calibration import fit_calibration
 from lab.data import LabelledImage, read_labels
 from lab.folds import (
     FoldAssignment, FoldMismatchError, check_folds, check_trained_on, cross_fitted_probabilities, ensure_folds, fold_split,
     lesion_average, lesion_figures, load_folds, make_folds, read_folds, records_digest, select_epoch)
 from ops.paths import DATA, PROVENANCE
 from scripts import train_folds
+from tests.conftest import synthetic_ham
 
 # Images per lesion for the lesions of each class: every class has several lesions, some lesions several images.
-LESIONS_PER_CLASS = (1, 2, 1, 3)
-
-
-@pytest.fixture
-def one_thread():
-    """Tiny networks train several times faster on one thread than on two busy cores (and start faster)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def synthetic_ham(folder: Path, size: tuple[int, int] = (40, 30), lesions: tuple[int, ...] = LESIONS_PER_CLASS) -> Path:
-    """A HAM10000-style metadata.csv and 4:3 JPEGs in ``folder``: one colour per class, noise per image.
-
-    Returns:
-        The metadata file (images are in ``folder/images``).
-    """
-    rng = np.random.default_rng(0)
-    (folder / "images").mkdir(parents=True)
-    rows = []
-    for label, code in enumerate(CLASS_CODES):
-        base = np.array([(label * 37) % 256, (label * 91 + 60) % 256, (label * 53 + 120) % 256])
-        for lesion, images in enumerate(lesions):
-            lesion_id = f"HAM_{label}{lesion:02d}"
-            for image in range(images):
-                image_id = f"ISIC_{label}{lesion:02d}{image}"
-                pixels = np.clip(base + rng.normal(0, 25, (size[1], size[0], 3)), 0, 255).astype(np.uint8)
-                Image.fromarray(pixels).save(folder / "images" / f"{image_id}.jpg", quality=90)
-                rows.append((lesion_id, image_id, code, "histo", "50.0", "male", "back"))
-    metadata = folder / "metadata.csv"
-    with open(metadata, "w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["lesion_id", "image_id", "dx", "dx_type", "age", "sex", "localization"])
-        writer.writerows(rows)
-    return metadata
-
-
 def test_folds_are_lesion_grouped_stratified_and_cover_every_image_once(tmp_path):
     metadata = synthetic_ham(tmp_path)
     records = read_labels(metadata)

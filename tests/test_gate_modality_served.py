@@ -22,19 +22,9 @@ import requests
 from lab.ood import clinical_items
 from lab.synthetic_images import generate
 from ops.archive import ArchiveSpec, build_archive
-from tests.conftest import DATA, MODEL_CONFIG, RELEASED_CHECKPOINT, served
+from tests.conftest import DATA, MODEL_CONFIG, RELEASED_CHECKPOINT, post, served
 
 pytestmark = [pytest.mark.slow, pytest.mark.data]
-
-
-def post(server, body, explain=False, fields=None):
-    url = f"{server.url('inference')}/{'explanations' if explain else 'predictions'}/skin_lesion"
-    headers = server.headers("inference")
-    if fields is not None:
-        return requests.post(url, files={"data": ("x.jpg", body, "image/jpeg")}, data=fields, headers=headers, timeout=60)
-    if isinstance(body, dict):
-        return requests.post(url, json=body, headers=headers, timeout=60)
-    return requests.post(url, data=body, headers={**headers, "Content-Type": "image/jpeg"}, timeout=60)
 
 
 def as_json(image: bytes, **options) -> dict:
@@ -84,7 +74,7 @@ def test_clinical_photos_are_refused_with_their_reason_in_batches_mixed_with_der
     jobs = [(name, data, "clinical") for name, data in clinical_photos] + [(n, d, "dermoscopy") for n, d in dermoscopy]
     jobs = [job for pair in zip(jobs[:8], jobs[8:]) for job in pair] + jobs[16:]  # alternate, so batches mix them
     with ThreadPoolExecutor(max_workers=8) as pool:
-        responses = list(pool.map(lambda job: post(torchserve, job[1]), jobs))
+        responses = list(pool.map(lambda job: post(torchserve, job[1], content_type="image/jpeg"), jobs))
     accepted_clinical = []
     for (name, _, kind), response in zip(jobs, responses):
         if kind == "dermoscopy":
@@ -131,7 +121,7 @@ def override_server(tmp_path_factory):
 
 def test_an_allowed_override_answers_without_a_class_and_is_counted(override_server, dermoscopy):
     frame = generate(count=1, seed=1)[0].data  # a synthetic frame: refused by any gate, head or not
-    plain = post(override_server, frame)
+    plain = post(override_server, frame, content_type="image/jpeg")
     assert plain.status_code == 422 and plain.json()["error"]["code"] == "out_of_distribution", plain.text[:300]
     assert "allow_out_of_distribution" not in plain.json()["error"]["message"]
     answered = post(override_server, as_json(frame, allow_out_of_distribution=True))

@@ -7,7 +7,7 @@ import pytest
 import yaml
 
 from handler.skin_lesion_handler import SkinLesionHandler
-from tests.conftest import ROOT
+from ops.paths import MODEL_CONFIG
 
 
 class RecordingMetric:
@@ -51,7 +51,7 @@ class MockContext:
 @pytest.fixture()
 def context(tmp_path, tiny_checkpoint):
     shutil.copy(tiny_checkpoint, tmp_path / "skin_lesion.pt")
-    settings = yaml.safe_load((ROOT / "config" / "model-config.yaml").read_text())["handler"]
+    settings = yaml.safe_load(MODEL_CONFIG.read_text())["handler"]
     # The tiny random checkpoint has no input gate, which the served config requires of a release.
     settings["require_input_gate"] = False
     return MockContext(tmp_path, settings)
@@ -59,7 +59,7 @@ def context(tmp_path, tiny_checkpoint):
 
 def test_a_release_config_refuses_a_checkpoint_without_a_gate(tmp_path, tiny_checkpoint):
     shutil.copy(tiny_checkpoint, tmp_path / "skin_lesion.pt")
-    settings = yaml.safe_load((ROOT / "config" / "model-config.yaml").read_text())["handler"]
+    settings = yaml.safe_load(MODEL_CONFIG.read_text())["handler"]
     assert settings["require_input_gate"] is True
     with pytest.raises(ValueError, match="no input gate"):
         SkinLesionHandler().initialize(MockContext(tmp_path, settings))
@@ -70,7 +70,7 @@ def test_initialize_reads_settings_from_model_config(context):
     handler.initialize(context)
     assert handler.initialized and handler.model_version == "7.7"
     assert handler.settings.referral_threshold == yaml.safe_load(
-        (ROOT / "config" / "model-config.yaml").read_text())["handler"]["referral_threshold"]
+        MODEL_CONFIG.read_text())["handler"]["referral_threshold"]
     assert str(handler.device) == "cpu"
 
 

@@ -12,21 +12,12 @@ from __future__ import annotations
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-import requests
 
 from lab.ood import everyday_halves
 from lab.synthetic_images import generate
+from tests.conftest import post
 
 pytestmark = [pytest.mark.slow, pytest.mark.data]
-
-
-def post(server, body, explain=False):
-    api = "explanations" if explain else "predictions"
-    url = f"{server.url('inference')}/{api}/skin_lesion"
-    headers = server.headers("inference")
-    if isinstance(body, dict):
-        return requests.post(url, json=body, headers=headers, timeout=60)
-    return requests.post(url, data=body, headers={**headers, "Content-Type": "application/octet-stream"}, timeout=60)
 
 
 @pytest.fixture(scope="module")

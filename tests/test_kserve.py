@@ -30,9 +30,9 @@ from ops import kserve
 from ops.archive import ArchiveSpec, build_archive
 from ops.loadgen import parse_histogram
 from ops.paths import GOLDEN_SMOKE, MODEL_CONFIG, SERVER_CONFIG
-from ops.torchserve import read_properties
+from ops.torchserve import free_port, read_properties
 from scripts import kserve_bundle
-from tests.conftest import RELEASED_CHECKPOINT, ROOT, free_port, served, same_answer
+from tests.conftest import RELEASED_CHECKPOINT, ROOT, post, same_answer
 
 V1 = "/v1/models/skin_lesion"
 
@@ -146,8 +146,7 @@ def _batch_sizes(metrics_url: str) -> tuple[float, float]:
 @pytest.mark.slow
 @pytest.mark.data
 @pytest.mark.timeout(1800)
-def test_bundle_started_like_the_kserve_runtime_answers_like_the_plain_endpoint(bundle, release_archive, samples_dir,
-                                                                               tmp_path):
+def test_bundle_started_like_the_kserve_runtime_answers_like_the_plain_endpoint(bundle, samples_dir, tmp_path, torchserve):
     cases = _golden_images(samples_dir)
     golden = json.loads(GOLDEN_SMOKE.read_text())
     # 1. The bundle, exactly as the runtime starts it, from a copy standing in for /mnt/models.
@@ -206,14 +205,13 @@ def test_bundle_started_like_the_kserve_runtime_answers_like_the_plain_endpoint(
         assert images == len(payloads) and batches < images
     finally:
         runtime.stop()
-    # 2. The plain endpoint of the project's own configuration, from the same archive.
-    with served(tmp_path / "plain", release_archive.parent) as server:
-        plain = {}
-        for name, _, image in cases:
-            response = requests.post(f"{server.url('inference')}/predictions/skin_lesion", data=image,
-                                     headers={**server.headers("inference"), "Content-Type": "image/jpeg"}, timeout=120)
-            assert response.status_code == 200, response.text
-            plain[name] = response.json()
+    # 2. The plain endpoint of the project's own configuration: the session's server, whose archive is
+    # built from the same checkpoint and model config as the bundle's.
+    plain = {}
+    for name, _, image in cases:
+        response = post(torchserve, image, content_type="image/jpeg", timeout=120)
+        assert response.status_code == 200, response.text
+        plain[name] = response.json()
     # One image per request gives the plain endpoint's bytes; several share a batch, whose size moves
     # the last digits (see same_answer).
     assert same_answer(via_v1, plain) and same_answer(via_v1_raw, plain)

@@ -8,7 +8,8 @@ import nbformat
 import pytest
 from nbclient import NotebookClient
 
-from tests.conftest import ROOT, free_port
+from ops.torchserve import free_port
+from tests.conftest import ROOT
 
 NOTEBOOK = ROOT / "notebooks" / "skin_cancer_detection_lab.ipynb"
 EXECUTED_ARTIFACT = ROOT / "runs" / "artifacts" / "skin_cancer_detection_lab.executed.ipynb"

@@ -9,7 +9,8 @@ import requests
 import yaml
 
 from ops import torchserve as serve
-from tests.conftest import ROOT, free_port, start_server
+from ops.torchserve import free_port
+from tests.conftest import ROOT, post, start_server
 
 PROMETHEUS_DIR = ROOT / "config" / "prometheus"
 needs_prometheus = pytest.mark.skipif(shutil.which("prometheus") is None or shutil.which("promtool") is None,
@@ -94,15 +95,13 @@ def prometheus_and_server(tmp_path, release_store):
 def test_prometheus_scrapes_the_custom_metrics_with_the_right_values(prometheus_and_server, samples_dir):
     prometheus, server = prometheus_and_server
     image = (samples_dir / "ISIC_0025032.jpg").read_bytes()
-    headers = server.headers("inference")
-    inference = server.url("inference")
     bodies = []
-    for path in ["predictions"] * 3 + ["explanations"] * 2:  # one at a time: each request is its own batch
-        response = requests.post(f"{inference}/{path}/skin_lesion", data=image, headers=headers, timeout=60)
+    for explain in [False] * 3 + [True] * 2:  # one at a time: each request is its own batch
+        response = post(server, image, explain=explain, content_type=None)
         assert response.status_code == 200
         bodies.append(response.json())
     for bad in (b"", b"not an image"):
-        assert requests.post(f"{inference}/predictions/skin_lesion", data=bad, headers=headers, timeout=60).status_code >= 400
+        assert post(server, bad, content_type=None).status_code >= 400
     expected = {("predict", "ok"): 3, ("explain", "ok"): 2, ("predict", "empty_body"): 1, ("predict", "invalid_image"): 1}
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:

@@ -24,7 +24,7 @@ from ops.paths import GOLDEN_SMOKE
 
 httpclient = pytest.importorskip("tritonclient.http", reason="tritonclient[http] is a dev requirement (requirements-dev.txt)")
 from tritonclient.utils import InferenceServerException  # noqa: E402
-from tests.conftest import same_answer
+from tests.conftest import post, same_answer
 
 pytestmark = [pytest.mark.slow, pytest.mark.data]
 MODEL = "skin_lesion"
@@ -37,8 +37,7 @@ def golden(torchserve, samples_dir):
     images = [(case["image"], (samples_dir / case["image"]).read_bytes()) for case in cases]
 
     def plain(image: bytes) -> dict:
-        response = requests.post(f"{torchserve.url('inference')}/predictions/{MODEL}", data=image, timeout=120,
-                                 headers={**torchserve.headers("inference"), "Content-Type": "image/jpeg"})
+        response = post(torchserve, image, content_type="image/jpeg", timeout=120)
         assert response.status_code == 200, response.text
         return response.json()
 
@@ -115,8 +114,7 @@ def test_v2_explain_path_returns_gradcam_tensors(torchserve, golden):
     _, image, answer = golden[0]
     body = {"inputs": [{"name": "image", "datatype": "BYTES", "shape": [1], "data": [base64.b64encode(image).decode()]}],
             "outputs": [{"name": "prediction"}, {"name": "gradcam_class"}, {"name": "gradcam_overlay"}]}
-    response = requests.post(f"{torchserve.url('inference')}/v2/models/{MODEL}/explain", json=body, timeout=300,
-                             headers=torchserve.headers("inference"))
+    response = post(torchserve, body, path=f"/v2/models/{MODEL}/explain", timeout=300)
     assert response.status_code == 200, response.text[:300]
     outputs = {output["name"]: output["data"] for output in response.json()["outputs"]}
     assert list(outputs) == ["prediction", "gradcam_class", "gradcam_overlay"]
@@ -124,27 +122,25 @@ def test_v2_explain_path_returns_gradcam_tensors(torchserve, golden):
 
 
 def test_kserve_v1_instances_in_every_shape_concurrently(torchserve, golden):
-    url = f"{torchserve.url('inference')}/v1/models/{MODEL}:predict"
-    headers = torchserve.headers("inference")
     encoded = [(base64.b64encode(image).decode(), answer) for _, image, answer in golden]
     shapes = [lambda b: {"image": {"b64": b}}, lambda b: {"data": b}, lambda b: {"b64": b}, lambda b: b]
     bodies = [{"instances": [shapes[i % 4](b)]} for i, (b, _) in enumerate(encoded)]
     bodies.append({"instances": [shapes[i % 4](b) for i, (b, _) in enumerate(encoded[:5])]})
 
-    def post(body: dict) -> requests.Response:
-        return requests.post(url, json=body, headers=headers, timeout=300)
+    def predict_v1(body: dict) -> requests.Response:
+        return post(torchserve, body, path=f"/v1/models/{MODEL}:predict", timeout=300)
 
     with ThreadPoolExecutor(16) as pool:
-        responses = list(pool.map(post, bodies))
+        responses = list(pool.map(predict_v1, bodies))
     for (_, answer), response in zip(encoded, responses):
         assert response.status_code == 200, response.text[:300]
         assert same_answer(response.json(), {"predictions": [answer]}), (response.json(), answer)
     assert same_answer(responses[-1].json(), {"predictions": [answer for _, answer in encoded[:5]]})
     # A bad instance gets its own error entry; the others of its request are answered.
-    mixed = post({"instances": [encoded[0][0], base64.b64encode(not_dermoscopy()).decode()]})
+    mixed = predict_v1({"instances": [encoded[0][0], base64.b64encode(not_dermoscopy()).decode()]})
     assert mixed.status_code == 200
     first, second = mixed.json()["predictions"]
     assert first == encoded[0][1] and second["error"]["code"] in ("out_of_distribution", "not_dermoscopy")
     # No instance answerable: the request's status, and KServe's {"error": "<message>"}.
-    refused = post({"instances": [{"data": "%%%"}]})
+    refused = predict_v1({"instances": [{"data": "%%%"}]})
     assert refused.status_code == 400 and refused.json()["error"].startswith("instance 1: ")

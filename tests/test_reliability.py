@@ -12,7 +12,7 @@ from handler.inference import handle_batch
 from handler.settings import HandlerSettings
 from handler.checkpoint import load_checkpoint
 from tests.catalogue import build_catalogue
-from tests.conftest import RELEASED_CHECKPOINT
+from tests.conftest import RELEASED_CHECKPOINT, post
 
 pytestmark = pytest.mark.data
 
@@ -78,14 +78,6 @@ def test_malformed_but_decodable_input_predicts_like_its_clean_equivalent(catalo
             assert abs(got["probabilities"][code] - p) <= tolerance, (case.name, code)
 
 
-def send(server, body, content_type="application/octet-stream"):
-    url = f"{server.url('inference')}/predictions/skin_lesion"
-    headers = server.headers("inference")
-    if isinstance(body, dict):
-        return requests.post(url, json=body, headers=headers, timeout=60)
-    return requests.post(url, data=body, headers={**headers, "Content-Type": content_type}, timeout=60)
-
-
 def worker_pids(server):
     description = requests.get(f"{server.url('management')}/models/skin_lesion", headers=server.headers("management"),
                                timeout=10).json()[0]
@@ -106,7 +98,7 @@ def test_catalogue_through_the_real_server_mixed_with_valid_images(torchserve, c
 
     def timed(job):
         started = time.perf_counter()
-        response = send(torchserve, job[1], job[2])
+        response = post(torchserve, job[1], content_type=job[2])
         return response, time.perf_counter() - started
 
     with ThreadPoolExecutor(max_workers=12) as pool:
@@ -134,8 +126,7 @@ def test_catalogue_through_the_real_server_mixed_with_valid_images(torchserve, c
 @pytest.mark.slow
 def test_exif_rotated_jpeg_is_explained_upright(torchserve, catalogue):
     case = next(c for c in catalogue if c.name.startswith("EXIF"))
-    response = requests.post(f"{torchserve.url('inference')}/explanations/skin_lesion", data=case.body,
-                             headers=torchserve.headers("inference"), timeout=60)
+    response = post(torchserve, case.body, explain=True, content_type=None)
     gradcam = response.json()["gradcam"]
     assert (gradcam["width"], gradcam["height"]) == (600, 450)  # stored 450x600, shown upright
 
@@ -145,12 +136,12 @@ def test_oversized_bodies_are_refused(torchserve):
     handler_limit = 16 * 1024 * 1024
     frontend_limit = int(torchserve.properties["max_request_size"])
     assert handler_limit < frontend_limit
-    response = send(torchserve, b"\xff\xd8" + bytes(handler_limit + 1024))
+    response = post(torchserve, b"\xff\xd8" + bytes(handler_limit + 1024))
     assert response.status_code == 413 and response.json()["error"]["code"] == "payload_too_large"
     # Above TorchServe's own max_request_size the frontend refuses before any handler runs:
     # still a 413, but TorchServe sends no body (documented in config.properties).
-    assert send(torchserve, bytes(frontend_limit + 1024)).status_code == 413
-    assert send(torchserve, {"image": base64.b64encode(b"x").decode()}).status_code == 415
+    assert post(torchserve, bytes(frontend_limit + 1024)).status_code == 413
+    assert post(torchserve, {"image": base64.b64encode(b"x").decode()}).status_code == 415
 
 
 @pytest.mark.slow
@@ -164,9 +155,9 @@ def test_server_restarts_in_the_same_run_dir_after_the_catalogue(tmp_path, relea
     with served(run_dir, release_store) as server:
         for case in catalogue:
             if isinstance(case.body, bytes) and case.content_type == "application/json":
-                assert send(server, case.body, case.content_type).status_code == case.status, case.name
+                assert post(server, case.body, content_type=case.content_type).status_code == case.status, case.name
     assert "Traceback" in (run_dir / "logs" / "model_log.log").read_text(errors="replace")
     with served(run_dir, release_store) as server:  # wait_ready raised "failed to load" here before the fix
-        response = send(server, lesion_jpeg, "image/jpeg")
+        response = post(server, lesion_jpeg, content_type="image/jpeg")
         assert response.status_code == 200 and response.json()["input_check"]["in_distribution"]
     assert not serve.Server(run_dir).is_running()

@@ -81,7 +81,7 @@ def test_rollout_and_rollback_under_load_lose_no_request(versioned_server, sampl
         assert run("rollout", server, "1.1") == 0
         time.sleep(2)
         current = status(server)
-        workers = ["READY"] * yaml.safe_load((ROOT / "config" / "model-config.yaml").read_text())["minWorkers"]
+        workers = ["READY"] * yaml.safe_load(MODEL_CONFIG.read_text())["minWorkers"]
         assert current["default"] == "1.1" and current["versions"] == {released_version: workers, "1.1": workers}
         assert results[-1][1] == "1.1"
         assert run("rollback", server) == 0

@@ -24,7 +24,6 @@ from ops.paths import SERVER_CONFIG
 from ops.rollout import Management, RolloutError, rollout_lock, start_serving
 from scripts import rollout as rollout_cli
 from scripts import serve as serve_cli
-from tests.conftest import free_port
 from tests.tiny_release import lenient_golden, synthetic_jpeg, tiny_archive, tiny_checkpoint, tiny_model_config
 
 pytestmark = pytest.mark.slow
@@ -32,9 +31,7 @@ TOKEN_MINUTES = 0.2
 
 
 def addresses() -> dict[str, str]:
-    ports = {key: f"http://127.0.0.1:{free_port()}" for key in serve.ADDRESS_KEYS.values()}
-    return ports | {"grpc_inference_port": str(free_port()), "grpc_management_port": str(free_port()),
-                    "token_expiration_min": str(TOKEN_MINUTES)}
+    return serve.loopback_addresses() | {"token_expiration_min": str(TOKEN_MINUTES)}
 
 
 class Stack:

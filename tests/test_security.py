@@ -8,7 +8,7 @@ import zipfile
 import pytest
 import requests
 
-from ops.paths import SERVER_CONFIG
+from ops.paths import MODEL_CONFIG, SERVER_CONFIG
 from ops.torchserve import read_properties
 from tests.conftest import ROOT
 
@@ -64,7 +64,7 @@ def test_archive_holds_only_repository_files(release_store):
     expected = {f"handler/{p.name}": p for p in (ROOT / "handler").glob("*.py")}
     expected |= {"skin_lesion_handler.py": ROOT / "handler" / "skin_lesion_handler.py",
                  "skin_lesion.pt": ROOT / "models" / "skin_lesion.pt",
-                 "model-config.yaml": ROOT / "config" / "model-config.yaml"}
+                 "model-config.yaml": MODEL_CONFIG}
     names = set(archive.namelist()) - {"MAR-INF/MANIFEST.json"}
     assert names == set(expected)
     for name, source in expected.items():

@@ -11,8 +11,7 @@ import json
 import requests
 
 from ops.client import ServiceClient, is_token_refusal, renew_token
-from ops.torchserve import Server
-from tests.conftest import free_port
+from ops.torchserve import Server, free_port
 
 
 def answer(status: int, text: str) -> requests.Response:

@@ -19,19 +19,15 @@ from handler.labels import CLASS_CODES
 from handler.preprocessing import load_model_input
 from handler.settings import load_handler_settings
 from ops import torchserve as serve
-from tests.conftest import RELEASED_CHECKPOINT, ROOT, start_server
+from ops.paths import MODEL_CONFIG
+from tests.conftest import RELEASED_CHECKPOINT, post, start_server
 
 pytestmark = [pytest.mark.slow, pytest.mark.data]
 MODEL = "skin_lesion"
 
 
-def predict(server, data=None, **kwargs):
-    return requests.post(f"{server.url('inference')}/predictions/{MODEL}", data=data,
-                         headers={**server.headers("inference"), **kwargs.pop("headers", {})}, timeout=60, **kwargs)
-
-
 def test_real_jpeg_returns_the_prediction_contract(torchserve, samples_dir, released_version):
-    response = predict(torchserve, (samples_dir / "ISIC_0024354.jpg").read_bytes())
+    response = post(torchserve, (samples_dir / "ISIC_0024354.jpg").read_bytes())
     assert response.status_code == 200, response.text
     assert response.headers["content-type"].startswith("application/json")
     body = response.json()
@@ -41,7 +37,7 @@ def test_real_jpeg_returns_the_prediction_contract(torchserve, samples_dir, rele
     assert list(probs) == list(CLASS_CODES)
     assert sum(probs.values()) == pytest.approx(1.0, abs=1e-4)
     assert body["most_probable"] == max(probs, key=probs.get)
-    settings = load_handler_settings(ROOT / "config" / "model-config.yaml")
+    settings = load_handler_settings(MODEL_CONFIG)
     calibration = load_checkpoint(RELEASED_CHECKPOINT).calibration(settings.tta)
     called = decide(torch.tensor([list(probs.values())]), settings.decision_rule, calibration.class_prior)
     assert body["decision_rule"] == settings.decision_rule and body["prediction"] == CLASS_CODES[int(called)]
@@ -53,15 +49,11 @@ def test_real_jpeg_returns_the_prediction_contract(torchserve, samples_dir, rele
 
 def test_multipart_and_base64_json_match_raw_body(torchserve, samples_dir):
     image = (samples_dir / "ISIC_0024412.jpg").read_bytes()
-    raw = predict(torchserve, image).json()
-    multipart = requests.post(f"{torchserve.url('inference')}/predictions/{MODEL}", files={"data": ("x.jpg", image, "image/jpeg")},
-                              headers=torchserve.headers("inference"), timeout=60).json()
-    as_json = predict(torchserve, json=None, headers={"Content-Type": "application/json"},
-                      ).status_code  # an empty JSON request is a client error
-    encoded = requests.post(f"{torchserve.url('inference')}/predictions/{MODEL}", json={"image": base64.b64encode(image).decode()},
-                            headers=torchserve.headers("inference"), timeout=60).json()
-    misnamed = requests.post(f"{torchserve.url('inference')}/predictions/{MODEL}", files={"file": ("x.jpg", image, "image/jpeg")},
-                             headers=torchserve.headers("inference"), timeout=60)
+    raw = post(torchserve, image).json()
+    multipart = post(torchserve, image, upload="data").json()
+    as_json = post(torchserve, None, content_type="application/json").status_code  # an empty JSON request is a client error
+    encoded = post(torchserve, {"image": base64.b64encode(image).decode()}).json()
+    misnamed = post(torchserve, image, upload="file")
     assert raw == multipart == encoded
     assert 400 <= as_json < 500
     assert misnamed.status_code == 400 and misnamed.json()["error"]["code"] == "missing_image"
@@ -74,7 +66,7 @@ def test_served_probabilities_equal_in_process_handler_code(torchserve, samples_
     images = [(samples_dir / n).read_bytes() for n in names if n.endswith(".jpg")]
     expected = predict_probabilities(loaded, torch.stack([load_model_input(i, loaded.preprocess)[0] for i in images]))
     for image, row in zip(images, expected):
-        served = predict(torchserve, image).json()["probabilities"]
+        served = post(torchserve, image).json()["probabilities"]
         assert torch.allclose(torch.tensor(list(served.values())), row, atol=1e-4)
 
 
@@ -83,7 +75,7 @@ def test_concurrent_mixed_batches_answer_each_request(torchserve, samples_dir):
     bad = [b"", b"not an image at all", good[0][: len(good[0]) // 3]]
     payloads = [(g, 200) for g in good] + [(b, None) for b in bad] * 2
     with ThreadPoolExecutor(max_workers=16) as pool:
-        responses = list(pool.map(lambda p: predict(torchserve, p[0]), payloads))
+        responses = list(pool.map(lambda p: post(torchserve, p[0]), payloads))
     for (payload, expected), response in zip(payloads, responses):
         if expected == 200:
             assert response.status_code == 200, response.text
@@ -93,9 +85,9 @@ def test_concurrent_mixed_batches_answer_each_request(torchserve, samples_dir):
             assert response.json()["error"]["code"] in {"empty_body", "invalid_image"}
     description = requests.get(f"{torchserve.url('management')}/models/{MODEL}", headers=torchserve.headers("management"),
                                timeout=10).json()[0]
-    configured = yaml.safe_load((ROOT / "config" / "model-config.yaml").read_text())["minWorkers"]
+    configured = yaml.safe_load(MODEL_CONFIG.read_text())["minWorkers"]
     assert [w["status"] for w in description["workers"]] == ["READY"] * configured  # none crashed
-    assert predict(torchserve, good[0]).status_code == 200
+    assert post(torchserve, good[0]).status_code == 200
 
 
 def test_token_authorization_is_on_and_everything_is_on_loopback(torchserve, samples_dir):
@@ -121,18 +113,13 @@ def test_stop_ends_the_server_by_its_own_pid(tmp_path, release_store):
         requests.get(f"{inference}/ping", timeout=5)
 
 
-def explain(server, data=None, **kwargs):
-    return requests.post(f"{server.url('inference')}/explanations/{MODEL}", data=data,
-                         headers=server.headers("inference"), timeout=60, **kwargs)
-
-
 def test_explanations_endpoint_returns_gradcam_matching_autograd(torchserve, samples_dir):
     from tests.gradcam_reference import autograd_gradcam
     from handler.gradcam import normalize_maps
     from handler.preprocessing import normalize_batch
 
     image = (samples_dir / "ISIC_0025032.jpg").read_bytes()
-    response = explain(torchserve, image)
+    response = post(torchserve, image, explain=True)
     assert response.status_code == 200, response.text
     body = response.json()
     gradcam = body["gradcam"]
@@ -150,12 +137,10 @@ def test_mixed_predict_and_explain_traffic_shares_batches(torchserve, samples_di
     image = (samples_dir / "ISIC_0024412.jpg").read_bytes()
     encoded = base64.b64encode(image).decode()
     calls = [
-        lambda: predict(torchserve, image),
-        lambda: explain(torchserve, image),
-        lambda: requests.post(f"{torchserve.url('inference')}/predictions/{MODEL}", json={"image": encoded, "gradcam": True,
-                              "target_class": "mel"}, headers=torchserve.headers("inference"), timeout=60),
-        lambda: requests.post(f"{torchserve.url('inference')}/predictions/{MODEL}", json={"image": encoded, "target_class": "x"},
-                              headers=torchserve.headers("inference"), timeout=60),
+        lambda: post(torchserve, image),
+        lambda: post(torchserve, image, explain=True),
+        lambda: post(torchserve, {"image": encoded, "gradcam": True, "target_class": "mel"}),
+        lambda: post(torchserve, {"image": encoded, "target_class": "x"}),
     ] * 4
     with ThreadPoolExecutor(max_workers=16) as pool:
         responses = list(pool.map(lambda call: call(), calls))
