@@ -39,6 +39,16 @@ checkpoint as ``meta["input_gate"]``:
     from dermoscopy (it accepted ~88 % of them); the head was fitted to, on patient-grouped
     splits of clinical photos. A refused image's *reason* is the more probable of the head's
     non-dermoscopy classes (``clinical`` or ``other``), ``other`` without a head.
+``network`` (format 3; absent in formats 1 and 2)
+    What the gate network computes (:class:`GateNetwork`): ``blocks``, how many of the backbone's
+    stages run (the later, costlier ones are left out: the stored ``state_dict`` holds only the
+    stages that run), and ``parts``, the pooled features concatenated into the gate's feature
+    vector, in order: ``mean<i>`` / ``std<i>`` (spatial mean / standard deviation of stage ``i``'s
+    output), ``final`` (the full network's pooled features, formats 1 and 2) and ``colour``
+    (:func:`colour_statistics` of the gate input). ``distance_parts`` names the parts the distance
+    compares (each unit-normalized, concatenated, unit-normalized again); the modality head's
+    ``parts`` the ones it reads (each unit-normalized, ``colour`` standardized by the head's
+    ``colour_mean`` / ``colour_std``). Formats 1 and 2 are ``final`` for all three.
 ``provenance``
     Plain-types description of how the gate was fitted.
 
@@ -57,9 +67,14 @@ from torch import nn
 
 from handler.storage import check_storage_dtype, pack_state_dict, unpack_state_dict
 
-GATE_FORMAT = 2
-# Formats this module reads: 1 (distance only) and 2 (distance and an optional modality head).
-READABLE_GATE_FORMATS = (1, 2)
+GATE_FORMAT = 3
+# Formats this module reads: 1 (distance only), 2 (distance and an optional modality head, both on the
+# full network's pooled features) and 3 (a truncated network, several pooled parts: ``network``).
+READABLE_GATE_FORMATS = (1, 2, 3)
+FINAL, COLOUR = "final", "colour"
+# Formats 1 and 2: the full network's pooled features, for the distance and the head alike.
+FULL_NETWORK: dict[str, Any] = {"blocks": None, "parts": [FINAL]}
+COLOUR_FEATURES = 13  # see colour_statistics
 DERMOSCOPY, CLINICAL, OTHER = "dermoscopy", "clinical", "other"
 MODALITIES: tuple[str, ...] = (DERMOSCOPY, CLINICAL, OTHER)
 GATE_ARCH = "tf_efficientnet_lite0"
@@ -105,6 +120,133 @@ def gate_input(batch: torch.Tensor, input_size: int, mean: tuple[float, ...] | l
     mean_t = torch.tensor([float(m) * 255.0 for m in mean], device=x.device).view(1, 3, 1, 1)
     std_t = torch.tensor([float(s) * 255.0 for s in std], device=x.device).view(1, 3, 1, 1)
     return ((x - mean_t) / std_t).contiguous(memory_format=torch.channels_last)
+
+
+def colour_statistics(inputs: torch.Tensor, mean: tuple[float, ...] | list[float],
+                      std: tuple[float, ...] | list[float]) -> torch.Tensor:
+    """(N, 13) colour and field statistics of a normalized gate input, on the 0..1 scale.
+
+    Per-channel mean (3) and standard deviation (3); the mean brightness of the four corners
+    (a sixth of the height and width each) and of the darkest one; of the central half; and the
+    centre minus the mean corner. A dermatoscope's contact plate often leaves a dark circular
+    field with dark corners and lights the lesion evenly; a phone photo shows lit skin to its edges.
+    """
+    x = inputs.float() * torch.tensor([float(s) for s in std], device=inputs.device).view(1, 3, 1, 1) \
+        + torch.tensor([float(m) for m in mean], device=inputs.device).view(1, 3, 1, 1)
+    height, width = x.shape[-2:]
+    ch, cw = max(1, height // 6), max(1, width // 6)
+    corners = torch.stack([x[:, :, :ch, :cw].mean((1, 2, 3)), x[:, :, :ch, -cw:].mean((1, 2, 3)),
+                           x[:, :, -ch:, :cw].mean((1, 2, 3)), x[:, :, -ch:, -cw:].mean((1, 2, 3))], 1)
+    centre = x[:, :, height // 4:3 * height // 4, width // 4:3 * width // 4].mean((1, 2, 3))[:, None]
+    return torch.cat([x.mean((2, 3)), x.flatten(2).std(2), corners, corners.min(1, keepdim=True).values, centre,
+                      centre - corners.mean(1, keepdim=True)], 1)
+
+
+def part_width(backbone: nn.Module, part: str) -> int:
+    """Width of one pooled part of :class:`GateNetwork`'s output."""
+    if part == FINAL:
+        return int(backbone.num_features)
+    if part == COLOUR:
+        return COLOUR_FEATURES
+    kind, stage = part[:-1], int(part[-1])
+    if kind not in ("mean", "std") or not 0 <= stage < len(backbone.blocks):
+        raise ValueError(f"unknown gate feature part {part!r}: mean<i>, std<i>, {FINAL} or {COLOUR}")
+    last = backbone.blocks[stage][-1]
+    conv = getattr(last, "conv_pwl", None) or getattr(last, "conv_pw", None) or getattr(last, "conv")
+    return int(conv.out_channels)
+
+
+class GateNetwork(nn.Module):
+    """The gate's network: the backbone's first ``blocks`` stages, and pooled ``parts`` concatenated.
+
+    Its ``state_dict`` holds only what runs (stem, the first ``blocks`` stages, and the head
+    convolution when ``final`` is a part), under the backbone's own key names.
+    """
+
+    def __init__(self, backbone: nn.Module, blocks: int | None, parts: list[str] | tuple[str, ...],
+                 mean: tuple[float, ...] | list[float] = LITE_MEAN, std: tuple[float, ...] | list[float] = LITE_STD) -> None:
+        super().__init__()
+        self.parts = tuple(str(p) for p in parts)
+        self.widths = tuple(part_width(backbone, p) for p in self.parts)
+        count = len(backbone.blocks) if blocks is None or FINAL in self.parts else int(blocks)
+        needed = [int(p[-1]) for p in self.parts if p not in (FINAL, COLOUR)]
+        if needed and max(needed) >= count:
+            raise ValueError(f"parts {list(self.parts)} need more than the {count} stages that run")
+        self.conv_stem, self.bn1 = backbone.conv_stem, backbone.bn1
+        self.blocks = nn.Sequential(*list(backbone.blocks)[:count])
+        if FINAL in self.parts:
+            self.conv_head, self.bn2 = backbone.conv_head, backbone.bn2
+        self.mean, self.std = tuple(float(v) for v in mean), tuple(float(v) for v in std)
+
+    @property
+    def width(self) -> int:
+        return sum(self.widths)
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        pooled: dict[str, torch.Tensor] = {}
+        x = self.bn1(self.conv_stem(inputs))
+        for index, block in enumerate(self.blocks):
+            x = block(x)
+            if f"mean{index}" in self.parts:
+                pooled[f"mean{index}"] = x.mean((2, 3))
+            if f"std{index}" in self.parts:
+                pooled[f"std{index}"] = x.flatten(2).std(2)
+        if FINAL in self.parts:
+            pooled[FINAL] = self.bn2(self.conv_head(x)).mean((2, 3))
+        if COLOUR in self.parts:
+            pooled[COLOUR] = colour_statistics(inputs, self.mean, self.std)
+        return torch.cat([pooled[p].float() for p in self.parts], 1)
+
+
+def build_gate_network(spec: Mapping[str, Any], arch: str = GATE_ARCH,
+                       backbone_state: Mapping[str, torch.Tensor] | None = None) -> nn.Module:
+    """The untrained gate network a stored ``network`` spec describes (:data:`FULL_NETWORK`: the plain
+    backbone of formats 1 and 2, returning its pooled features); ``backbone_state``, the full
+    backbone's weights, is loaded first when given (fitting: the stored state is the network's)."""
+    backbone = build_gate_backbone(arch)
+    if backbone_state is not None:
+        backbone.load_state_dict(dict(backbone_state))
+    if spec.get("blocks") is None and list(spec["parts"]) == [FINAL]:
+        return backbone
+    return GateNetwork(backbone, spec.get("blocks"), spec["parts"])
+
+
+def part_slices(parts: list[str] | tuple[str, ...], widths: list[int] | tuple[int, ...]) -> dict[str, slice]:
+    """Where each part lies in the concatenated feature vector."""
+    out, start = {}, 0
+    for part, width in zip(parts, widths):
+        out[part] = slice(start, start + width)
+        start += width
+    return out
+
+
+def distance_input(features: torch.Tensor, slices: Mapping[str, slice], parts: list[str] | tuple[str, ...]) -> torch.Tensor:
+    """The vector the distance compares: each part unit-normalized, concatenated (the scorers normalize again)."""
+    if len(parts) == 1:
+        return features[:, slices[parts[0]]].float()
+    return torch.cat([F.normalize(features[:, slices[p]].float(), dim=1) for p in parts], 1)
+
+
+def head_input(features: torch.Tensor, slices: Mapping[str, slice], parts: list[str] | tuple[str, ...],
+               colour_mean: torch.Tensor | None = None, colour_std: torch.Tensor | None = None) -> torch.Tensor:
+    """The vector the modality head reads: each part unit-normalized, ``colour`` standardized."""
+    columns = []
+    for part in parts:
+        x = features[:, slices[part]].float()
+        if part == COLOUR:
+            if colour_mean is None or colour_std is None:
+                raise ValueError("a head reading colour statistics needs colour_mean and colour_std")
+            columns.append((x - colour_mean.to(x.device)) / colour_std.to(x.device))
+        else:
+            columns.append(F.normalize(x, dim=1))
+    return torch.cat(columns, 1)
+
+
+def head_probabilities(inputs: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """(N, C) softmax probabilities of the linear modality head over :func:`head_input` vectors."""
+    logits = inputs.float() @ weight.to(device=inputs.device, dtype=torch.float32).T \
+        + bias.to(device=inputs.device, dtype=torch.float32)
+    return logits.softmax(dim=1)
 
 
 def cosine_knn_scores(features: torch.Tensor, reference: torch.Tensor, k: int) -> torch.Tensor:
@@ -238,10 +380,21 @@ class InputGate:
             if tuple(head["weight"].shape) != (len(classes), head["weight"].shape[1]) or head["bias"].shape != (len(classes),):
                 raise ValueError(f"modality head weight {tuple(head['weight'].shape)} / bias {tuple(head['bias'].shape)} "
                                  f"do not match {len(classes)} classes")
-            self.head = {"classes": classes, "threshold": float(head["threshold"])}
-        self.backbone = build_gate_backbone(str(stored["arch"]))
+            self.head = {"classes": classes, "threshold": float(head["threshold"]),
+                         "parts": tuple(str(p) for p in head.get("parts", (FINAL,)))}
+        self.network_spec = dict(stored.get("network") or FULL_NETWORK)
+        self.backbone = build_gate_network(self.network_spec, str(stored["arch"]))
         self.backbone.load_state_dict(unpack_state_dict(stored["state_dict"]))
         self.backbone.eval().requires_grad_(False)
+        if isinstance(self.backbone, GateNetwork):
+            parts, widths = self.backbone.parts, self.backbone.widths
+        else:
+            parts, widths = (FINAL,), (int(self.backbone.num_features),)
+        self.slices = part_slices(parts, widths)
+        self.distance_parts = tuple(str(p) for p in stored.get("distance_parts", (FINAL,)))
+        for part in (*self.distance_parts, *(self.head["parts"] if self.head else ())):
+            if part not in self.slices:
+                raise ValueError(f"gate part {part!r} is not computed by its network (parts {list(parts)})")
         self.device = torch.device("cpu")
         self._tensors: dict[str, torch.Tensor] = {}
         self._frozen: Callable[[torch.Tensor], torch.Tensor] | None = None
@@ -272,6 +425,9 @@ class InputGate:
             head = self._stored["modality_head"]
             self._tensors.update(head_weight=head["weight"].to(device=device, dtype=torch.float32),
                                  head_bias=head["bias"].to(device=device, dtype=torch.float32))
+            if COLOUR in self.head["parts"]:
+                self._tensors.update(colour_mean=head["colour_mean"].to(device=device, dtype=torch.float32),
+                                     colour_std=head["colour_std"].to(device=device, dtype=torch.float32))
         self.device = device
         return self
 
@@ -301,7 +457,7 @@ class InputGate:
         return self
 
     def features(self, batch: torch.Tensor) -> torch.Tensor:
-        """(N, D) pooled ImageNet features of a ``uint8`` (N, 3, H, W) batch."""
+        """(N, D) pooled ImageNet features of a ``uint8`` (N, 3, H, W) batch (every part, concatenated)."""
         if batch.device != self.device:
             self.to(batch.device)
         network = self._frozen if self._frozen is not None else self.backbone
@@ -312,9 +468,17 @@ class InputGate:
     def score_features(self, features: torch.Tensor) -> torch.Tensor:
         """(N,) scores of :meth:`features` output; higher is more out of distribution."""
         with torch.inference_mode():
+            compared = distance_input(features, self.slices, self.distance_parts)
             if self.scorer == "cosine_knn":
-                return cosine_knn_scores(features, self._tensors["reference"], self.k)
-            return mahalanobis_scores(features, self._tensors["means"], self._tensors["whitening"])
+                return cosine_knn_scores(compared, self._tensors["reference"], self.k)
+            return mahalanobis_scores(compared, self._tensors["means"], self._tensors["whitening"])
+
+    def head_features(self, features: torch.Tensor) -> torch.Tensor:
+        """The modality head's input (:func:`head_input`) for :meth:`features` output."""
+        if self.head is None:
+            raise ValueError("this gate has no modality head")
+        return head_input(features, self.slices, self.head["parts"], self._tensors.get("colour_mean"),
+                          self._tensors.get("colour_std"))
 
     def score(self, batch: torch.Tensor) -> torch.Tensor:
         """(N,) out-of-distribution scores of a ``uint8`` batch, on the batch's device."""
@@ -327,7 +491,8 @@ class InputGate:
         if self.head is None:
             return GateAssessment(score, refused)
         with torch.inference_mode():
-            probabilities = modality_probabilities(features, self._tensors["head_weight"], self._tensors["head_bias"])
+            probabilities = head_probabilities(self.head_features(features), self._tensors["head_weight"],
+                                               self._tensors["head_bias"])
         assessment = GateAssessment(score, refused, probabilities, self.head["classes"])
         refused = refused | (assessment.not_dermoscopy > self.head["threshold"])
         return GateAssessment(score, refused, probabilities, self.head["classes"])
@@ -355,7 +520,8 @@ def make_gate_dict(backbone_state: Mapping[str, torch.Tensor], *, method: str, i
                    mean: tuple[float, ...] = LITE_MEAN, std: tuple[float, ...] = LITE_STD, k: int = 0,
                    reference: torch.Tensor | None = None, means: torch.Tensor | None = None,
                    whitening: torch.Tensor | None = None, modality_head: Mapping[str, Any] | None = None,
-                   provenance: Mapping[str, Any] | None = None) -> dict[str, Any]:
+                   provenance: Mapping[str, Any] | None = None, network: Mapping[str, Any] | None = None,
+                   distance_parts: list[str] | tuple[str, ...] = (FINAL,)) -> dict[str, Any]:
     """Assemble the stored gate dict (plain types and tensors only).
 
     Args:
@@ -363,17 +529,25 @@ def make_gate_dict(backbone_state: Mapping[str, torch.Tensor], *, method: str, i
             packed here with ``storage``.
         reference: For ``cosine_knn``: (M, D) features; normalized to unit rows and stored as float16.
         means, whitening: For ``mahalanobis``: stored as float32 (precision matters there).
-        modality_head: ``{"classes", "weight", "bias", "threshold"}`` (module docstring), or None.
+        modality_head: ``{"classes", "weight", "bias", "threshold"}`` and, for format 3, ``parts`` (and
+            ``colour_mean``, ``colour_std`` with ``colour``) (module docstring), or None.
+        network: The ``network`` spec (format 3; :data:`FULL_NETWORK` when None); ``backbone_state``
+            is then that network's state dict (:class:`GateNetwork`).
+        distance_parts: The parts the distance compares.
         Others: See the module docstring.
     """
     if scorer not in SCORERS:
         raise ValueError(f"unknown scorer {scorer!r}; known: {list(SCORERS)}")
     gate: dict[str, Any] = {
-        "format": GATE_FORMAT, "method": str(method), "arch": str(arch), "storage": check_storage_dtype(storage),
+        "format": GATE_FORMAT if network is not None else 2, "method": str(method), "arch": str(arch), "storage": check_storage_dtype(storage),
         "state_dict": pack_state_dict({name: t.detach().cpu() for name, t in backbone_state.items()}, storage),
         "input_size": int(input_size), "mean": [float(v) for v in mean], "std": [float(v) for v in std],
         "scorer": scorer, "k": int(k), "threshold": float(threshold), "provenance": dict(provenance or {}),
     }
+    if network is not None:
+        gate["network"] = {"blocks": None if network.get("blocks") is None else int(network["blocks"]),
+                           "parts": [str(p) for p in network["parts"]]}
+        gate["distance_parts"] = [str(p) for p in distance_parts]
     if scorer == "cosine_knn":
         if reference is None:
             raise ValueError("cosine_knn needs reference features")
@@ -388,4 +562,9 @@ def make_gate_dict(backbone_state: Mapping[str, torch.Tensor], *, method: str, i
                                  "weight": torch.as_tensor(modality_head["weight"]).detach().float().cpu(),
                                  "bias": torch.as_tensor(modality_head["bias"]).detach().float().cpu(),
                                  "threshold": float(modality_head["threshold"])}
+        if "parts" in modality_head:
+            gate["modality_head"]["parts"] = [str(p) for p in modality_head["parts"]]
+        for name in ("colour_mean", "colour_std"):
+            if name in modality_head:
+                gate["modality_head"][name] = torch.as_tensor(modality_head[name]).detach().float().cpu()
     return gate

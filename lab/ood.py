@@ -20,6 +20,7 @@ Nothing here is imported by the served handler (it uses scikit-learn and matplot
 from __future__ import annotations
 
 import csv
+import dataclasses
 import hashlib
 import io
 import json
@@ -34,8 +35,9 @@ import numpy as np
 import torch
 
 from handler.errors import RequestError
-from handler.input_gate import (GATE_ARCH, LITE_MEAN, LITE_STD, InputGate, build_gate_backbone, cosine_knn_scores,
-                                gate_input, mahalanobis_scores)
+from handler.input_gate import (COLOUR, FINAL, FULL_NETWORK, GATE_ARCH, LITE_MEAN, LITE_STD, InputGate,
+                                build_gate_backbone, build_gate_network, cosine_knn_scores, distance_input, gate_input,
+                                head_input, mahalanobis_scores, part_slices)
 from handler.preprocessing import PreprocessConfig, load_model_input
 from handler.storage import pack_state_dict, unpack_state_dict
 
@@ -163,6 +165,33 @@ def downscaled_item(item: Item, side: int, quality: int) -> Item:
         return buffer.getvalue()
 
     return Item(f"{item.name}@{side}q{quality}", item.group, read, item.label)
+
+
+def cropped_item(item: Item, seed: int) -> Item:
+    """``item`` cut to a random 4:3 or 3:4 crop (60-100 % of its width) and saved as JPEG at a random
+    quality (55-91), the same bytes for the same ``seed``.
+
+    The clinical photos here are 300 px squares at JPEG quality 92; a phone photo sent to the
+    service is usually 4:3, framed tighter or looser, and compressed harder. Copies like these keep
+    the modality head from learning the square's stretch or the framing instead of the modality.
+    """
+    from PIL import Image
+
+    def read() -> bytes:
+        rng = np.random.default_rng(seed)
+        image = Image.open(io.BytesIO(item.read())).convert("RGB")
+        width, height = image.size
+        crop_w = max(8, int(min(width, height * 4 / 3) * rng.uniform(0.6, 1.0)))
+        crop_h = int(crop_w * 3 / 4)
+        if rng.random() < 0.5:  # portrait
+            crop_w, crop_h = crop_h, min(height, crop_w)
+        left = int(rng.integers(0, width - crop_w + 1))
+        top = int(rng.integers(0, height - crop_h + 1))
+        buffer = io.BytesIO()
+        image.crop((left, top, left + crop_w, top + crop_h)).save(buffer, "JPEG", quality=int(rng.integers(55, 92)))
+        return buffer.getvalue()
+
+    return Item(f"{item.name}@crop{seed}", item.group, read, item.label)
 
 
 def square_split(metadata: Path, images: Path, val_split: Path) -> DermoscopySplit:
@@ -314,22 +343,60 @@ def imagenet_gate_state(storage: str) -> dict[str, torch.Tensor]:
     return unpack_state_dict(pack_state_dict(backbone.state_dict(), storage))
 
 
-def gate_backbone(state: Mapping[str, torch.Tensor]) -> torch.nn.Module:
-    """The gate network with ``state`` loaded, in eval mode and channels-last."""
-    backbone = build_gate_backbone(GATE_ARCH)
-    backbone.load_state_dict(dict(state))
-    return backbone.eval().requires_grad_(False).to(memory_format=torch.channels_last)
+def gate_backbone(state: Mapping[str, torch.Tensor], network: Mapping[str, Any] = FULL_NETWORK) -> torch.nn.Module:
+    """The gate network (``network`` spec, :func:`handler.input_gate.build_gate_network`) with the full
+    backbone's ``state`` loaded, in eval mode and channels-last."""
+    return build_gate_network(network, GATE_ARCH, state).eval().requires_grad_(False).to(memory_format=torch.channels_last)
+
+
+def network_state(state: Mapping[str, torch.Tensor], network: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    """The stored weights of the ``network`` spec: what of the full backbone's ``state`` it runs."""
+    return {name: t.detach().clone() for name, t in build_gate_network(network, GATE_ARCH, state).state_dict().items()}
+
+
+@dataclass(frozen=True)
+class FeatureView:
+    """How the distance and the modality head read the gate network's concatenated features (format 3),
+    as :class:`handler.input_gate.InputGate` does; the default reads the full network's pooled features."""
+
+    parts: tuple[str, ...] = (FINAL,)
+    widths: tuple[int, ...] = (-1,)
+    distance_parts: tuple[str, ...] = (FINAL,)
+    head_parts: tuple[str, ...] = (FINAL,)
+    colour_mean: torch.Tensor | None = None
+    colour_std: torch.Tensor | None = None
+
+    @property
+    def slices(self) -> dict[str, slice]:
+        if self.widths == (-1,):
+            return {self.parts[0]: slice(None)}
+        return part_slices(self.parts, self.widths)
+
+    def distance(self, features: torch.Tensor) -> torch.Tensor:
+        return distance_input(features, self.slices, self.distance_parts)
+
+    def head(self, features: torch.Tensor) -> torch.Tensor:
+        return head_input(features, self.slices, self.head_parts, self.colour_mean, self.colour_std)
+
+    def with_colour_scale(self, features: torch.Tensor) -> "FeatureView":
+        """This view with the colour standardization fitted on ``features`` (the dermoscopy references)."""
+        if COLOUR not in self.head_parts:
+            return self
+        colour = features[:, self.slices[COLOUR]].float()
+        return dataclasses.replace(self, colour_mean=colour.mean(0), colour_std=colour.std(0) + 1e-6)
 
 
 def extract_cached(sets: Mapping[str, Sequence[Item]], state: Mapping[str, torch.Tensor], storage: str,
                    sizes: Sequence[int], preprocess: PreprocessConfig, cache_dir: Path,
-                   batch_size: int = 32) -> dict[str, dict[str, Any]]:
-    """:func:`extract_features` of every set at every size, cached in ``cache_dir`` per set and storage."""
-    backbone = gate_backbone(state)
+                   batch_size: int = 32, network: Mapping[str, Any] = FULL_NETWORK) -> dict[str, dict[str, Any]]:
+    """:func:`extract_features` of every set at every size, cached in ``cache_dir`` per set, storage and network."""
+    backbone = gate_backbone(state, network)
+    suffix = "" if dict(network) == FULL_NETWORK else "-" + hashlib.sha256(repr(sorted(network.items())).encode()).hexdigest()[:8]
     out = {}
     for name, items in sets.items():
-        key = cache_key(items, storage, list(sizes), preprocess.to_dict(), GATE_ARCH, LITE_MEAN, LITE_STD)
-        path = cache_dir / f"{name}-{storage}-{'_'.join(map(str, sizes))}.pt"
+        key = cache_key(items, storage, list(sizes), preprocess.to_dict(), GATE_ARCH, LITE_MEAN, LITE_STD,
+                        *(() if not suffix else (sorted(network.items()),)))
+        path = cache_dir / f"{name}-{storage}-{'_'.join(map(str, sizes))}{suffix}.pt"
 
         def compute(items: Sequence[Item] = items, name: str = name) -> dict[str, Any]:
             started, last = time.perf_counter(), [0.0]
@@ -625,8 +692,12 @@ def batched(sequence: Sequence[Any], size: int) -> Iterable[Sequence[Any]]:
 # --------------------------------------------------------------------------- the modality head
 
 
-def fit_modality_head(features_by_class: Mapping[str, torch.Tensor], c: float = 1.0, seed: int = 0) -> dict[str, Any]:
-    """A multinomial logistic regression over unit-normalized pooled features, classes weighted equally.
+def fit_modality_head(features_by_class: Mapping[str, torch.Tensor], c: float = 1.0, seed: int = 0,
+                      transform: Callable[[torch.Tensor], torch.Tensor] | None = None) -> dict[str, Any]:
+    """A multinomial logistic regression over the head's inputs, classes weighted equally.
+
+    ``transform`` makes the head's input from the gate features (:meth:`FeatureView.head`); by
+    default the unit-normalized pooled features (formats 1 and 2).
 
     Args:
         features_by_class: ``{modality: (N_c, D) features}``, e.g. ``dermoscopy``, ``clinical``, ``other``.
@@ -637,8 +708,9 @@ def fit_modality_head(features_by_class: Mapping[str, torch.Tensor], c: float = 
     """
     from sklearn.linear_model import LogisticRegression
 
+    transform = transform or FeatureView().head
     classes = list(features_by_class)
-    x = torch.cat([torch.nn.functional.normalize(features_by_class[name].float(), dim=1) for name in classes]).numpy()
+    x = torch.cat([transform(features_by_class[name]) for name in classes]).numpy()
     y = np.concatenate([np.full(len(features_by_class[name]), i) for i, name in enumerate(classes)])
     model = LogisticRegression(C=c, class_weight="balanced", max_iter=5000, random_state=seed).fit(x, y)
     weight, bias = model.coef_, model.intercept_
@@ -648,11 +720,11 @@ def fit_modality_head(features_by_class: Mapping[str, torch.Tensor], c: float = 
             "bias": torch.from_numpy(np.asarray(bias)).float()}
 
 
-def not_dermoscopy_scores(head: Mapping[str, Any], features: torch.Tensor) -> np.ndarray:
-    """``1 - p(dermoscopy)`` of a modality head for each row of ``features``."""
-    from handler.input_gate import DERMOSCOPY, modality_probabilities
+def not_dermoscopy_scores(head: Mapping[str, Any], features: torch.Tensor, view: FeatureView = FeatureView()) -> np.ndarray:
+    """``1 - p(dermoscopy)`` of a modality head for each row of ``features`` (read through ``view``)."""
+    from handler.input_gate import DERMOSCOPY, head_probabilities
 
-    probabilities = modality_probabilities(features, head["weight"], head["bias"])
+    probabilities = head_probabilities(view.head(features), head["weight"], head["bias"])
     return (1.0 - probabilities[:, list(head["classes"]).index(DERMOSCOPY)]).numpy().astype(np.float64)
 
 
@@ -729,18 +801,20 @@ class ModalityRule:
 
 
 def rule_columns(rule: ModalityRule, knn_reference: torch.Tensor, k: int, head: Mapping[str, Any] | None,
-                 negatives: torch.Tensor | None, features: torch.Tensor) -> list[np.ndarray]:
-    """The score columns ``rule`` thresholds, for ``features``."""
+                 negatives: torch.Tensor | None, features: torch.Tensor, view: FeatureView = FeatureView()
+                 ) -> list[np.ndarray]:
+    """The score columns ``rule`` thresholds, for ``features`` (references and negatives: gate features too)."""
     columns = []
     if rule.knn_budget > 0:
-        unit = torch.nn.functional.normalize(knn_reference.float(), dim=1).half().float()
-        score = cosine_knn_scores(features, unit, k)
+        compared = view.distance(features)
+        unit = torch.nn.functional.normalize(view.distance(knn_reference).float(), dim=1).half().float()
+        score = cosine_knn_scores(compared, unit, k)
         if rule.negatives and negatives is not None:
-            negative_unit = torch.nn.functional.normalize(negatives.float(), dim=1)
-            score = score - cosine_knn_scores(features, negative_unit, k)
+            negative_unit = torch.nn.functional.normalize(view.distance(negatives).float(), dim=1)
+            score = score - cosine_knn_scores(compared, negative_unit, k)
         columns.append(score.numpy().astype(np.float64))
     if rule.head_budget > 0 and head is not None:
-        columns.append(not_dermoscopy_scores(head, features))
+        columns.append(not_dermoscopy_scores(head, features, view))
     return columns
 
 
@@ -760,8 +834,8 @@ def training_features(features: Mapping[str, Mapping[str, Any]], size: int, clin
 
 def evaluate_modality_rule(rule: ModalityRule, features: Mapping[str, Mapping[str, Any]], size: int, k: int,
                            references: int, folds: np.ndarray, repeats: int = 50,
-                           report_sets: Sequence[str] = ("everyday_heldout", "synthetic_report", "samples")
-                           ) -> dict[str, Any]:
+                           report_sets: Sequence[str] = ("everyday_heldout", "synthetic_report", "samples"),
+                           view: FeatureView = FeatureView()) -> dict[str, Any]:
     """Out-of-sample figures of one rule on cached features.
 
     The clinical photos are cross-fitted over patient folds: for each fold the head (and the
@@ -779,7 +853,8 @@ def evaluate_modality_rule(rule: ModalityRule, features: Mapping[str, Mapping[st
         head = None
         if rule.head_budget > 0:
             head = fit_modality_head(training_features(features, size, clinical_mask, rule.head_classes,
-                                                       rule.dermoscopy_sets, rule.clinical_sets), rule.c)
+                                                       rule.dermoscopy_sets, rule.clinical_sets), rule.c,
+                                     transform=view.head)
         negatives = None
         if rule.negatives:
             negatives = torch.cat([features["clinical"]["features"][size][torch.from_numpy(clinical_mask)],
@@ -792,14 +867,14 @@ def evaluate_modality_rule(rule: ModalityRule, features: Mapping[str, Mapping[st
     clinical_reason = np.empty(len(clinical), dtype=object)
     for fold in np.unique(folds):
         head, negatives = fitted(folds != fold)
-        thresholds = union_thresholds(rule_columns(rule, reference, k, head, negatives, val), budgets)
+        thresholds = union_thresholds(rule_columns(rule, reference, k, head, negatives, val, view), budgets)
         held = torch.from_numpy(folds == fold)
-        clinical_refused[folds == fold] = union_refused(rule_columns(rule, reference, k, head, negatives, clinical[held]),
+        clinical_refused[folds == fold] = union_refused(rule_columns(rule, reference, k, head, negatives, clinical[held], view),
                                                         thresholds)
         if head is not None and "clinical" in head["classes"]:
-            from handler.input_gate import modality_probabilities
+            from handler.input_gate import head_probabilities
 
-            probabilities = modality_probabilities(clinical[held], head["weight"], head["bias"])
+            probabilities = head_probabilities(view.head(clinical[held]), head["weight"], head["bias"])
             i_clin, i_other = head["classes"].index("clinical"), (head["classes"].index("other")
                                                                   if "other" in head["classes"] else None)
             clinical_reason[folds == fold] = [
@@ -807,7 +882,7 @@ def evaluate_modality_rule(rule: ModalityRule, features: Mapping[str, Mapping[st
         else:
             clinical_reason[folds == fold] = "other"
     head, negatives = fitted(np.ones(len(clinical), dtype=bool))
-    val_columns = rule_columns(rule, reference, k, head, negatives, val)
+    val_columns = rule_columns(rule, reference, k, head, negatives, val, view)
     thresholds = union_thresholds(val_columns, budgets)
     row: dict[str, Any] = {"name": rule.name, "knn_budget": rule.knn_budget, "head_budget": rule.head_budget,
                            "head_classes": list(rule.head_classes), "c": rule.c, "negatives": rule.negatives,
@@ -816,7 +891,7 @@ def evaluate_modality_rule(rule: ModalityRule, features: Mapping[str, Mapping[st
                            "clinical_refused_named_clinical": float(np.mean(clinical_reason[clinical_refused] == "clinical"))
                            if clinical_refused.any() else float("nan")}
     for name in report_sets:
-        refused = union_refused(rule_columns(rule, reference, k, head, negatives, features[name]["features"][size]),
+        refused = union_refused(rule_columns(rule, reference, k, head, negatives, features[name]["features"][size], view),
                                 thresholds)
         row[f"refusal_{name}"] = rate_with_interval(refused)
     row["false_refusal_val_oos"] = crossfit_union_false_refusal(val_columns, features["val"]["groups"], budgets, repeats)

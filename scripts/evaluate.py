@@ -34,7 +34,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -49,8 +48,7 @@ from handler.settings import load_handler_settings
 from lab.data import read_labelled_images
 from lab.evaluation import (bootstrap_intervals, classification_report, format_report, gate_scores_of_files,
                             reliability_bins, serve_files)
-from lab.ood import PAD_TO_HAM, auroc, clinical_items, wilson_interval
-from lab.synthetic_images import generate
+from lab.gate_evaluation import GateSets, gate_report
 from lab.plots import plot_confusion_matrix, plot_reliability
 from ops.paths import CHECKPOINT, MODEL_CONFIG
 
@@ -117,7 +115,9 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     if args.bootstrap:
         report["bootstrap"] = bootstrap_intervals(probs, labels, called[rule], threshold, args.bootstrap)
     if served_images.gate_scores is not None:
-        report["input_gate"] = gate_report(served_images, records, loaded, settings, args)
+        report["input_gate"] = gate_report(served_images, records, loaded, settings, GateSets(
+            ood=args.ood or (), synthetic=args.synthetic, synthetic_seed=args.synthetic_seed, clinical=args.clinical,
+            samples=args.samples, batch_size=args.batch_size))
         accepted = ~served_images.refused.numpy()
         if accepted.any():
             report["accepted"] = {key: value for key, value in classification_report(
@@ -158,98 +158,6 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
                   f"(95 % {forced['interval95'][0]:.3f}-{forced['interval95'][1]:.3f}, {forced['images']} photos)")
     print(f"wrote {out / 'metrics.json'}, predictions.csv, confusion_matrix.png and reliability.png")
     return report
-
-
-def gate_report(served_images: Any, records: list[Any], loaded: Any, settings: Any, args: argparse.Namespace
-                ) -> dict[str, Any]:
-    """The input gate's refusals of the labelled images, by class, and of each ``--ood`` folder."""
-    refused = served_images.refused.numpy()
-    scores = served_images.gate_scores.numpy()
-    report: dict[str, Any] = {
-        "method": served_images.gate_method, "threshold": served_images.gate_threshold, "images": len(records),
-        "refused": int(refused.sum()), "refusal_rate": float(refused.mean()) if len(records) else 0.0,
-        "refused_by_class": {code: int(sum(1 for r, out in zip(records, refused) if out and r.label == index))
-                             for index, code in enumerate(CLASS_CODES)},
-        "refused_images": [r.image_id for r, out in zip(records, refused) if out],
-    }
-    report["interval95"] = list(wilson_interval(int(refused.sum()), len(records)))
-    folders = []
-    ood_folders = [(str(folder), [p for p in sorted(Path(folder).iterdir()) if p.is_file()]) for folder in args.ood or []]
-    temporary = None
-    if args.synthetic:
-        temporary = tempfile.TemporaryDirectory()
-        for frame in generate(args.synthetic, args.synthetic_seed):
-            (Path(temporary.name) / frame.name).write_bytes(frame.data)
-        ood_folders.append((f"synthetic frames (seed {args.synthetic_seed})", sorted(Path(temporary.name).iterdir())))
-    if args.samples:
-        ood_folders.append((str(args.samples), sorted(p for p in Path(args.samples).iterdir() if p.suffix.lower() == ".jpg")))
-    for name, paths in ood_folders:
-        ood_scores, early, gate_refused, reasons = gate_scores_of_files(loaded, paths, args.batch_size, settings.decode_limits)
-        ood_scores = ood_scores.numpy()
-        refused_here = int(gate_refused.sum()) + len(early)
-        folders.append({"folder": name, "images": len(paths), "refused": refused_here,
-                        "refusal_rate": refused_here / len(paths) if paths else 0.0,
-                        "interval95": list(wilson_interval(refused_here, len(paths))),
-                        "reasons": {str(r): reasons.count(r) for r in sorted(set(reasons) - {None})},
-                        "refused_before_gate": early,
-                        "refused_images": [p.name for p, out in zip([p for p in paths if p.name not in early], gate_refused)
-                                           if out] if args.samples and name == str(args.samples) else None,
-                        "auroc": auroc(scores, ood_scores) if len(ood_scores) else float("nan"),
-                        "score_median": float(np.median(ood_scores)) if len(ood_scores) else None})
-    if temporary is not None:
-        temporary.cleanup()
-    if folders:
-        report["ood"] = folders
-    if args.clinical:
-        report["clinical"] = clinical_report(Path(args.clinical), loaded, settings, args)
-    return report
-
-
-def clinical_report(folder: Path, loaded: Any, settings: Any, args: argparse.Namespace) -> dict[str, Any]:
-    """The gate on clinical photos of lesions (refusals by reason), and the classifier's answers had it been forced.
-
-    The forced answers are scored over the classes PAD-UFES-20 shares with HAM10000 (its ``SCC``
-    has none): balanced accuracy is the mean recall of those classes, with a bootstrap interval
-    (photos resampled within each class).
-    """
-    items = clinical_items(folder)
-    served_images = serve_files(loaded, [str(folder / "images" / item.name) for item in items], settings.tta,
-                                args.batch_size, settings.decode_limits)
-    refused = served_images.refused.numpy()
-    reasons = served_images.gate_reasons or []
-    calibration = loaded.calibration(settings.tta)
-    called = decide(served_images.probabilities, settings.decision_rule, calibration.class_prior).numpy()
-    shared = sorted(set(PAD_TO_HAM.values()), key=CLASS_CODES.index)
-    truth = np.array([CLASS_CODES.index(PAD_TO_HAM[item.label]) if item.label in PAD_TO_HAM else -1 for item in items])
-
-    def balanced(mask: np.ndarray) -> float:
-        recalls = [float((called[mask & (truth == c)] == c).mean()) for c in map(CLASS_CODES.index, shared)
-                   if (mask & (truth == c)).any()]
-        return float(np.mean(recalls)) if recalls else float("nan")
-
-    kept = truth >= 0
-    present = [c for c in map(CLASS_CODES.index, shared) if (truth == c).any()]
-    rng = np.random.default_rng(0)
-    resamples = []
-    for _ in range(1000):  # cheap: a few hundred photos
-        index = np.concatenate([rng.choice(np.flatnonzero(truth == c), int((truth == c).sum())) for c in present])
-        resamples.append(np.mean([float((called[index][truth[index] == c] == c).mean()) for c in present]))
-    low, high = (np.quantile(resamples, [0.025, 0.975]).tolist() if resamples else [float("nan")] * 2)
-    return {
-        "folder": str(folder), "images": len(items), "refused": int(refused.sum()),
-        "refusal_rate": float(refused.mean()) if len(items) else float("nan"),
-        "interval95": list(wilson_interval(int(refused.sum()), len(items))),
-        "reasons": {str(r): reasons.count(r) for r in sorted(set(reasons) - {None})},
-        "forced_answers": {
-            "classes": shared, "images": int(kept.sum()), "decision_rule": settings.decision_rule,
-            "balanced_accuracy": balanced(kept), "interval95": [low, high],
-            "recall": {code: float((called[truth == CLASS_CODES.index(code)] == CLASS_CODES.index(code)).mean())
-                       for code in shared if (truth == CLASS_CODES.index(code)).any()},
-            "called": {code: int((called[kept] == i).sum()) for i, code in enumerate(CLASS_CODES)},
-            "balanced_accuracy_of_accepted": balanced(kept & ~refused),
-            "accepted": int((kept & ~refused).sum()),
-        },
-    }
 
 
 if __name__ == "__main__":

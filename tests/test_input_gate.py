@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from handler.input_gate import (GATE_FORMAT, MODALITIES, InputGate, build_gate_backbone, cosine_knn_scores,
+from handler.input_gate import (GATE_FORMAT, MODALITIES, InputGate, build_gate_backbone, cosine_knn_scores, gate_input,
                                 mahalanobis_scores, make_gate_dict)
 from handler.preprocessing import decode_image
 from handler.storage import unpack_state_dict
@@ -284,7 +284,7 @@ def test_modality_head_matches_an_independent_computation(backbone_state: dict) 
 
 def test_format_2_gate_round_trips_weights_only_and_format_1_still_loads(backbone_state: dict) -> None:
     stored = head_gate_dict(backbone_state)
-    assert stored["format"] == GATE_FORMAT == 2 and _plain(stored)
+    assert stored["format"] == 2 and GATE_FORMAT == 3 and _plain(stored)  # no network spec: readable by 1.6.x
     buffer = io.BytesIO()
     torch.save({"meta": {"input_gate": stored}}, buffer)
     buffer.seek(0)
@@ -321,7 +321,7 @@ def test_bad_modality_heads_are_refused(backbone_state: dict) -> None:
     with pytest.raises(ValueError, match="do not match"):
         InputGate.from_dict({**stored, "modality_head": {**stored["modality_head"], "bias": torch.zeros(2)}})
     with pytest.raises(ValueError, match="refit"):
-        InputGate.from_dict({**stored, "format": 3})
+        InputGate.from_dict({**stored, "format": 4})
 
 
 def test_group_folds_keep_patients_together_and_wilson_interval() -> None:
@@ -344,3 +344,69 @@ def test_union_thresholds_bound_the_union_refusal() -> None:
     assert refused.mean() <= 0.01 and (columns[0] > thresholds[0]).sum() <= 4
     result = ood.crossfit_union_false_refusal(columns, [str(i) for i in range(2000)], [0.002, 0.008], repeats=5)
     assert 0.003 < result["mean"] < 0.02 and result["interval95"][0] < result["mean"] < result["interval95"][1]
+
+
+TRUNCATED = {"blocks": 5, "parts": ["mean3", "std3", "mean4", "std4", "colour"]}
+
+
+def truncated_gate_dict(full_state: dict[str, torch.Tensor]) -> dict:
+    """A format-3 gate: the first 5 stages, pooled parts, the distance on mean4, a head on every part."""
+    generator = torch.Generator().manual_seed(11)
+    width = 80 + 80 + 112 + 112 + 13
+    head = {"classes": list(MODALITIES), "weight": torch.randn(3, width, generator=generator), "bias": torch.randn(3, generator=generator),
+            "threshold": 0.6, "parts": TRUNCATED["parts"], "colour_mean": torch.rand(13, generator=generator),
+            "colour_std": torch.rand(13, generator=generator) + 0.5}
+    return make_gate_dict(ood.network_state(full_state, TRUNCATED), method="test-48-stages5", input_size=48,
+                          scorer="cosine_knn", threshold=0.5, k=2, reference=torch.randn(12, 112, generator=generator),
+                          modality_head=head, network=TRUNCATED, distance_parts=["mean4"])
+
+
+def test_format_3_truncated_gate_matches_an_independent_computation(backbone_state: dict) -> None:
+    """Format 3: only the stages that run are stored; the distance reads stage 4's mean, the head every part
+    (unit-normalized, colour standardized); weights-only round trip; frozen as eager."""
+    stored = truncated_gate_dict(backbone_state)
+    assert stored["format"] == 3 and _plain(stored)
+    assert not any(key.startswith(("blocks.5", "blocks.6", "conv_head")) for key in unpack_state_dict(stored["state_dict"]))
+    buffer = io.BytesIO()
+    torch.save(stored, buffer)
+    buffer.seek(0)
+    gate = InputGate.from_dict(torch.load(buffer, map_location="cpu", weights_only=True))
+    batch = torch.randint(0, 256, (3, 3, 60, 80), dtype=torch.uint8, generator=torch.Generator().manual_seed(12))
+    # Independently: the full network's stages, hooked, on the same input.
+    network = build_gate_backbone().eval()
+    network.load_state_dict({**backbone_state, **unpack_state_dict(stored["state_dict"])})
+    x = gate_input(batch, 48, gate.mean, gate.std)
+    with torch.no_grad():
+        h = network.bn1(network.conv_stem(x))
+        outputs = []
+        for block in network.blocks[:5]:
+            h = block(h)
+            outputs.append(h)
+    x01 = x * 0.5 + 0.5
+    corners = torch.stack([x01[:, :, :8, :8].mean((1, 2, 3)), x01[:, :, :8, -8:].mean((1, 2, 3)),
+                           x01[:, :, -8:, :8].mean((1, 2, 3)), x01[:, :, -8:, -8:].mean((1, 2, 3))], 1)
+    centre = x01[:, :, 12:36, 12:36].mean((1, 2, 3))[:, None]
+    colour = torch.cat([x01.mean((2, 3)), x01.flatten(2).std(2), corners, corners.min(1, keepdim=True).values, centre,
+                        centre - corners.mean(1, keepdim=True)], 1)
+    parts = [outputs[3].mean((2, 3)), outputs[3].flatten(2).std(2), outputs[4].mean((2, 3)), outputs[4].flatten(2).std(2)]
+    features = gate.features(batch)
+    assert torch.allclose(features, torch.cat([*parts, colour], 1), atol=1e-4)
+    reference = F.normalize(stored["reference"].float(), dim=1)
+    expected_score = 1 - (F.normalize(parts[2], dim=1) @ reference.T).topk(2, dim=1).values.mean(1)
+    head = stored["modality_head"]
+    inputs = torch.cat([F.normalize(p, dim=1) for p in parts] + [(colour - head["colour_mean"]) / head["colour_std"]], 1)
+    expected = (inputs @ head["weight"].T + head["bias"]).softmax(1)
+    assessment = gate.assess(batch)
+    assert torch.allclose(assessment.score, expected_score, atol=1e-4)
+    assert torch.allclose(assessment.probabilities, expected, atol=1e-4)
+    assert assessment.refused.tolist() == ((expected_score > 0.5) | (1 - expected[:, 0] > 0.6)).tolist()
+    frozen = InputGate.from_dict(stored).freeze().assess(batch)
+    assert torch.allclose(frozen.probabilities, assessment.probabilities, atol=1e-5)
+
+
+def test_format_3_parts_must_be_computed(backbone_state: dict) -> None:
+    stored = truncated_gate_dict(backbone_state)
+    with pytest.raises(ValueError, match="not computed"):
+        InputGate.from_dict({**stored, "distance_parts": ["mean5"]})
+    with pytest.raises(ValueError, match="stages"):
+        InputGate.from_dict({**stored, "network": {"blocks": 4, "parts": TRUNCATED["parts"]}})
