@@ -52,7 +52,7 @@ checkpoint as ``meta["input_gate"]``:
 ``provenance``
     Plain-types description of how the gate was fitted.
 
-The fitting and its measurements live in ``lab/ood.py`` and ``scripts/fit_input_gate.py``;
+The fitting and its measurements live in ``lab/gate_fitting.py`` and ``lab/ood.py`` (``make fit-gate``);
 this module only needs the stored dict, torch and timm.
 """
 

@@ -68,7 +68,7 @@ class GateFitOptions:
     dermoscopy_square: str = str(DATA / "ham10000-224")
     clinical: str = str(DATA / "pad-ufes-20-clinical")
     clinical_folds: int = 5
-    clinical_crops: int = 1
+    clinical_crops: int = 0
     head_c: Sequence[float] = (1.0, 10.0)
     distance_shares: Sequence[float] = (0.2, 0.5)
     sizes: Sequence[int] = (96,)

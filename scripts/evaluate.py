@@ -46,8 +46,7 @@ from handler.inference import prepare_for_serving
 from handler.labels import CLASS_CODES
 from handler.settings import load_handler_settings
 from lab.data import read_labelled_images
-from lab.evaluation import (bootstrap_intervals, classification_report, format_report, gate_scores_of_files,
-                            reliability_bins, serve_files)
+from lab.evaluation import bootstrap_intervals, classification_report, format_report, reliability_bins, serve_files
 from lab.gate_evaluation import GateSets, gate_report
 from lab.plots import plot_confusion_matrix, plot_reliability
 from ops.paths import CHECKPOINT, MODEL_CONFIG

@@ -41,7 +41,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--clinical", default=str(DATA / "pad-ufes-20-clinical"),
                         help="clinical (non-dermoscopic) photos of skin lesions: metadata.csv with patient_id, images/")
     parser.add_argument("--clinical-folds", type=int, default=5, help="patient-grouped folds for the out-of-sample figures")
-    parser.add_argument("--clinical-crops", type=int, default=1,
+    parser.add_argument("--clinical-crops", type=int, default=0,
                         help="random 4:3 crop copies (other framing and JPEG quality) of each clinical photo fitted on")
     parser.add_argument("--head-c", type=float, nargs="+", default=[1.0, 10.0],
                         help="inverse regularization strengths of the modality head compared")
