@@ -1,8 +1,8 @@
-"""An independent, autograd-based Grad-CAM used only as a test oracle."""
+"""Independent references for the explanation maps, used only as test oracles, and the random networks they are checked on."""
 
 import torch
 
-from handler.architectures import feature_layer
+from handler.architectures import LogitAverage, build_model, default_preprocess_config, feature_layer
 
 
 def autograd_gradcam(model, inputs, targets):
@@ -69,3 +69,26 @@ def hooked_rise(model, image, target, masks, blurred, to_scores=lambda logits: l
             for handle in handles:
                 handle.remove()
     return torch.einsum("n,nhw->hw", scores - scores.mean(), masks) / masks.sum(dim=0).clamp(min=1e-6)
+
+
+def random_model(arch, seed):
+    torch.manual_seed(seed)
+    model = build_model(arch).eval()
+    # Random BN statistics and head so that feature maps and class weights are not trivial.
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, torch.nn.BatchNorm2d):
+                module.running_mean.uniform_(-0.2, 0.2)
+                module.running_var.uniform_(0.5, 2.0)
+    return model
+
+
+def random_ensemble(seed):
+    """Two random Lite0 networks averaged: the released model's structure, with nothing learned."""
+    return LogitAverage([random_model("efficientnet_lite0", seed), random_model("efficientnet_lite0", seed + 100)]).eval()
+
+
+def random_network(source, seed):
+    if source == "ensemble":
+        return random_ensemble(seed), default_preprocess_config("efficientnet_lite0")
+    return random_model(source, seed), default_preprocess_config(source)

@@ -25,8 +25,7 @@ from handler.stages import AFTER_FIRST_STRIDE_16, logits_from, run_until
 from lab import explanation_benchmark as bench
 from ops.paths import MODEL_NAME
 from tests.conftest import RELEASED_CHECKPOINT
-from tests.gradcam_reference import autograd_layercam, hooked_rise
-from tests.test_gradcam import random_network
+from tests.gradcam_reference import autograd_layercam, hooked_rise, random_network
 
 SOURCES = ["efficientnet_lite0", "efficientnet_b0", "ensemble"]
 

@@ -10,42 +10,18 @@ import pytest
 import torch
 from PIL import Image
 
-from handler.architectures import LogitAverage
 from handler.gradcam import gradcam_from_features, normalize_maps
 from handler.inference import handle_batch
 from handler.settings import HandlerSettings
 from handler.labels import class_index
-from handler.architectures import build_model, default_preprocess_config, feature_layer, forward_features, forward_head
+from handler.architectures import default_preprocess_config, feature_layer, forward_features, forward_head
 from handler.checkpoint import load_checkpoint
 from handler.overlay import OverlayStyle, model_view_box, render_overlay
 from handler.preprocessing import load_model_input, normalize_batch
 from tests.conftest import RELEASED_CHECKPOINT
-from tests.gradcam_reference import autograd_gradcam
+from tests.gradcam_reference import autograd_gradcam, random_network
 
 ARCHS = ["efficientnet_lite0", "efficientnet_b0"]
-
-
-def random_model(arch, seed):
-    torch.manual_seed(seed)
-    model = build_model(arch).eval()
-    # Random BN statistics and head so that feature maps and class weights are not trivial.
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, torch.nn.BatchNorm2d):
-                module.running_mean.uniform_(-0.2, 0.2)
-                module.running_var.uniform_(0.5, 2.0)
-    return model
-
-
-def random_ensemble(seed):
-    """Two random Lite0 networks averaged: the released model's structure, with nothing learned."""
-    return LogitAverage([random_model("efficientnet_lite0", seed), random_model("efficientnet_lite0", seed + 100)]).eval()
-
-
-def random_network(source, seed):
-    if source == "ensemble":
-        return random_ensemble(seed), default_preprocess_config("efficientnet_lite0")
-    return random_model(source, seed), default_preprocess_config(source)
 
 
 def real_batch(samples_dir, preprocess, count=4):
