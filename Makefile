@@ -86,13 +86,14 @@ distill: install ## Distil the fold teachers of train-folds into one student, ru
 train-bench: install ## Training images/s of each CPU lever on this machine (geometry, channels_last, bf16, frozen stages, torch.compile, 1-thread processes); run it idle [TRAIN_BENCH_ARGS=--steps 5]
 	$(PY) scripts/train_bench.py --out runs/train-bench.json $(TRAIN_BENCH_ARGS)
 
-# Release 1.7.0's recipe (models/MODEL_CARD.md): one Lite2 at HAM10000's own 4:3 shape (150x200), warm-started from
+# The recipe tried for release 1.7.0 (not released: 0.663 balanced accuracy on the sharp 4:3 copies against 1.6.1's 0.743;
+# docs/EXPERIMENTS.md, "Second try"): one Lite2 at HAM10000's own 4:3 shape (150x200), warm-started from
 # release 1.6.1's best member (D, a Lite2), stem + 4 stages frozen, distilled from 1.6.1 (its logits cached once). Each
 # training lesion's sharp 224x224 copy comes first (resized whole to 150x200 it is the 4:3 photo again, and the teacher
 # sees it as it was trained), the lesion's other images as their softer 200x150 copies. Validated on every image of the
 # validation lesions. Resumable per epoch: rerun to continue.
 TEACHER ?= models/skin_lesion.pt
-train-student: install ## Train release 1.7.0: one Lite2 at 150x200, warm-started and distilled from TEACHER, into runs/student-lite2-150x200 (resumable) [TRAIN_ARGS=...]
+train-student: install ## Train the 4:3 student tried for 1.7.0: one Lite2 at 150x200, warm-started and distilled from TEACHER, into runs/student-lite2-150x200 (resumable) [TRAIN_ARGS=...]
 	nice -n 10 $(PY) scripts/train.py --metadata $(DATA_43)/metadata.csv --images $(DATA)/images $(DATA_43)/images \
 	  --output runs/student-lite2-150x200 --val-split models/provenance/val_split.json \
 	  --arch efficientnet_lite2 --image-size 150 --image-width 200 --resize-mode full_view \
