@@ -58,7 +58,9 @@ class PreprocessConfig:
         resize_mode: The geometry, one of :data:`RESIZE_MODES`: ``shorter_side_center_crop``
             (the default, and what every checkpoint without the key was served with) or
             ``full_view`` (the whole image resized to the square input). Training, evaluation,
-            serving and the Grad-CAM overlay box all follow it.
+            serving and the Grad-CAM overlay box all follow it. This default is the checkpoint
+            format's reading of metadata without the key, not a training choice: new networks
+            take theirs from their architecture entry (:meth:`handler.architectures.Architecture.training_preprocess`).
         image_width: Width of a rectangular model input (``full_view`` only), or None for a square
             one. A 4:3 photo resized whole to 150x200 keeps its shape, so a network trained on
             HAM10000's 4:3 images sees lesions as they are, at 60 % of a 224x224 input's pixels.
