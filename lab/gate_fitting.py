@@ -212,7 +212,7 @@ def choose_distance(options: GateFitOptions, data: GateData, preprocess: Preproc
     view = {name: {**features[name], "features": {size: reader.distance(f) for size, f in features[name]["features"].items()}}
             for name in measured}
     rows = []
-    for candidate in ood.network_candidates(features["reference"], options.sizes, options.storage,
+    for candidate in ood.network_candidates(view["reference"], options.sizes, options.storage,
                                             options.reference_counts, options.ks):
         rows.append(ood.evaluate_candidate(candidate, view, "val", CHOOSE_SETS, options.max_false_refusal,
                                            options.crossfit_repeats))
