@@ -25,7 +25,7 @@ METHOD_NAMES = {FAST: "grad-cam", FAITHFUL: "layercam-s16-x-grad-cam"}
 
 
 def explanation_maps(loaded: LoadedModel, features: torch.Tensor, inputs: list[torch.Tensor], rows: list[int],
-                     targets: list[int], kinds: list[str], tta: str = "none") -> list[torch.Tensor]:
+                     targets: list[int], kinds: list[str]) -> list[torch.Tensor]:
     """Each requested map, scaled to peak 1, on the CPU.
 
     Args:
@@ -35,8 +35,6 @@ def explanation_maps(loaded: LoadedModel, features: torch.Tensor, inputs: list[t
         rows: For each map, its image's row in ``features`` and ``inputs``.
         targets: For each map, the class to explain.
         kinds: For each map, one of :data:`EXPLANATIONS`.
-        tta: The served test-time augmentation mode. Both maps explain the un-augmented view, so it
-            changes neither; kept so that a TTA-aware method can be added without new plumbing.
     """
     maps: list[torch.Tensor | None] = [None] * len(rows)
     fast = [i for i, kind in enumerate(kinds) if kind == FAST]

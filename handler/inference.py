@@ -382,7 +382,7 @@ def answer_images(loaded: LoadedModel, settings: HandlerSettings, forwarded: For
         targets = [parsed.target_class if parsed.target_class is not None else int(forwarded.predicted[position])
                    for position, parsed in explained]
         maps = explanation_maps(loaded, forwarded.features, forwarded.inputs, [position for position, _ in explained],
-                                targets, [parsed.explanation for _, parsed in explained], settings.tta)
+                                targets, [parsed.explanation for _, parsed in explained])
         heatmaps = {position: (maps[i], targets[i], METHOD_NAMES[parsed.explanation])
                     for i, (position, parsed) in enumerate(explained)}
     for position, index, parsed, check in answered:
