@@ -188,7 +188,7 @@ def test_amplification_catalogue_costs_a_worker_little_next_to_valid_traffic(tor
         cpu_used = max(cpu_seconds(pid) - cpu[pid] for pid in pids)
         body = response.json()
         rows.append(f"{attack.name:55s} {len(data) / 1024:8.0f} KB  {response.status_code} "
-                    f"{body.get('error', {}).get('details', {}).get('limit', '')!s:20s} cpu {cpu_used:6.2f} s wall {seconds:6.2f} s "
+                    f"{body.get('error', {}).get('limit', '')!s:20s} cpu {cpu_used:6.2f} s wall {seconds:6.2f} s "
                     f"{peak:7.1f} MB")
         gate_refused = response.status_code == 422 and body.get("error", {}).get("code") == "out_of_distribution"
         if attack.status == 200:
