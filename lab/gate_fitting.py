@@ -35,7 +35,6 @@ Steps:
 from __future__ import annotations
 
 import dataclasses
-import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,6 +49,7 @@ from handler.runtime import build_runner
 from handler.preprocessing import PreprocessConfig, load_model_input, normalize_batch
 from lab import ood
 from lab.synthetic_images import generate
+from ops.bench_inprocess import median_seconds
 from ops.paths import CHECKPOINT, DATA, ROOT, VAL_SPLIT
 
 CHOOSE_SETS = ("everyday_choose", "synthetic_choose")
@@ -355,20 +355,6 @@ def build_gate(options: GateFitOptions, data: GateData, distance: DistanceChoice
     return gate_dict, oos
 
 
-def median_thread_seconds(candidates: dict[str, Callable[[], Any]], rounds: int) -> dict[str, float]:
-    """Median CPU time of this thread per call of each callable, in interleaved rounds after one warm-up
-    call each: with one thread, the work itself, not the other processes sharing the machine."""
-    for run in candidates.values():
-        run()
-    timings: dict[str, list[float]] = {name: [] for name in candidates}
-    for _ in range(rounds):
-        for name, run in candidates.items():
-            started = time.thread_time()
-            run()
-            timings[name].append(time.thread_time() - started)
-    return {name: statistics.median(values) for name, values in timings.items()}
-
-
 def measure_cost(gate: InputGate, checkpoint: str, samples: str, preprocess: PreprocessConfig, threads: int,
                  rounds: int) -> dict[str, Any]:
     """The gate (distance and head) against the checkpoint's forward pass, a batch of 4 samples, same
@@ -381,12 +367,12 @@ def measure_cost(gate: InputGate, checkpoint: str, samples: str, preprocess: Pre
     frozen_gate = InputGate.from_dict(gate.to_dict()).freeze()
     frozen_model = build_runner(load_checkpoint(checkpoint).model, "torchscript", "fp32", tuple(inputs.shape[-2:]))
     with torch.inference_mode():
-        timings = median_thread_seconds({
+        timings = median_seconds({
             "gate": lambda: gate.assess(batch),
             "model": lambda: loaded.features_and_logits(inputs),
             "gate_frozen": lambda: frozen_gate.assess(batch),
             "model_frozen": lambda: frozen_model(inputs),
-        }, rounds)
+        }, rounds, clock=time.thread_time)
     cost = {"threads": threads, "batch": len(batch), "rounds": rounds, "clock": "CPU time of the timing thread",
             "gate_ms_per_image": timings["gate"] / len(batch) * 1000,
             "model_ms_per_image": timings["model"] / len(batch) * 1000,

@@ -28,16 +28,21 @@ if TYPE_CHECKING:
 # torch and the handler are imported inside the functions that need them.
 
 
-def median_seconds(candidates: dict[str, Callable[[], Any]], rounds: int) -> dict[str, float]:
-    """Median wall time of each callable, timed in interleaved rounds after one warm-up call each."""
+def median_seconds(candidates: dict[str, Callable[[], Any]], rounds: int,
+                   clock: Callable[[], float] = time.perf_counter) -> dict[str, float]:
+    """Median time of each callable by ``clock``, timed in interleaved rounds after one warm-up call each.
+
+    ``clock`` is wall time by default; ``time.thread_time`` counts only this thread's CPU time: with
+    one thread, the work itself, not the other processes sharing the machine.
+    """
     for run in candidates.values():  # warm-up: allocators, lazy initialization, kernel selection
         run()
     timings: dict[str, list[float]] = {name: [] for name in candidates}
     for _ in range(rounds):
         for name, run in candidates.items():
-            started = time.perf_counter()
+            started = clock()
             run()
-            timings[name].append(time.perf_counter() - started)
+            timings[name].append(clock() - started)
     return {name: statistics.median(values) for name, values in timings.items()}
 
 

@@ -12,6 +12,7 @@ from PIL import Image
 from handler.checkpoint import read_checkpoint
 from handler.input_gate import InputGate, build_gate_backbone, make_gate_dict
 from lab import gate_fitting, ood
+from ops.bench_inprocess import median_seconds
 from scripts import fit_input_gate
 
 
@@ -43,13 +44,13 @@ def test_clinical_crops_are_deterministic_4_to_3_jpegs_of_the_same_patient() -> 
     assert shapes == {True, False}  # landscape and portrait
 
 
-def test_median_thread_seconds_counts_this_threads_work_not_waiting() -> None:
+def test_thread_clock_counts_this_threads_work_not_waiting() -> None:
     def busy() -> None:
         end = time.thread_time() + 0.02
         while time.thread_time() < end:
             pass
 
-    timings = gate_fitting.median_thread_seconds({"busy": busy, "asleep": lambda: time.sleep(0.05)}, rounds=3)
+    timings = median_seconds({"busy": busy, "asleep": lambda: time.sleep(0.05)}, rounds=3, clock=time.thread_time)
     assert timings["busy"] >= 0.019 and timings["asleep"] < 0.01
 
 
