@@ -13,7 +13,6 @@ from PIL import Image
 from handler.checkpoint import load_checkpoint
 from handler.errors import InvalidOptionError
 from handler.explainers import METHOD_NAMES
-from handler.gradcam import normalize_maps
 from handler.inference import handle_batch
 from handler.layercam import layercam, layercam_fused
 from handler.labels import class_index
