@@ -22,7 +22,7 @@ from ops import torchserve as serve
 from ops.archive import ArchiveSpec, build_archive
 from ops.client import ServiceClient
 from ops.paths import CHECKPOINT as RELEASED_CHECKPOINT
-from ops.paths import DATA, MODEL_CONFIG, MODEL_NAME, SERVER_CONFIG
+from ops.paths import DATA, MODEL_CONFIG, MODEL_NAME, ROOT, SERVER_CONFIG  # noqa: F401 (ROOT: test modules import it from here)
 
 
 @pytest.fixture(scope="session")
