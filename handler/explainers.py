@@ -48,7 +48,9 @@ def explanation_maps(loaded: LoadedModel, features: torch.Tensor, inputs: list[t
     if faithful:
         device = next(loaded.model.parameters()).device
         batch = normalize_batch(torch.stack([inputs[rows[i]] for i in faithful]).to(device), loaded.preprocess)
-        found = layercam_fused(loaded.model, batch, torch.tensor([targets[i] for i in faithful], device=device))
+        at = torch.tensor([rows[i] for i in faithful], device=features.device)
+        found = layercam_fused(loaded.model, batch, torch.tensor([targets[i] for i in faithful], device=device),
+                               features[at].to(device))
         for i, found_map in zip(faithful, found.cpu()):
             maps[i] = found_map
     return maps  # type: ignore[return-value]

@@ -41,10 +41,17 @@ def layercam(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, stag
     return torch.relu(maps).detach()
 
 
-def layercam_fused(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """LayerCAM at stride 16 times the stride-32 Grad-CAM upsampled to it, each scaled to peak 1 first."""
+def layercam_fused(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor,
+                   features: torch.Tensor | None = None) -> torch.Tensor:
+    """LayerCAM at stride 16 times the stride-32 Grad-CAM upsampled to it, each scaled to peak 1 first.
+
+    ``features``: the inputs' last feature maps when the caller already has them (the service does,
+    from the forward pass that predicted), so that the Grad-CAM half costs no second forward pass.
+    """
     fine = normalize_maps(layercam(model, inputs, targets))
     with torch.no_grad():
-        coarse = normalize_maps(gradcam_from_features(model, forward_features(model, inputs), targets.to(inputs.device)))
+        if features is None:
+            features = forward_features(model, inputs)
+        coarse = normalize_maps(gradcam_from_features(model, features, targets.to(inputs.device)))
     coarse = F.interpolate(coarse[:, None], size=fine.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
     return normalize_maps(fine * coarse.clamp(min=0))
