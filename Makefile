@@ -86,20 +86,28 @@ distill: install ## Distil the fold teachers of train-folds into one student, ru
 train-bench: install ## Training images/s of each CPU lever on this machine (geometry, channels_last, bf16, frozen stages, torch.compile, 1-thread processes); run it idle [TRAIN_BENCH_ARGS=--steps 5]
 	$(PY) scripts/train_bench.py --out runs/train-bench.json $(TRAIN_BENCH_ARGS)
 
-# The recipe tried for release 1.7.0 (not released: 0.663 balanced accuracy on the sharp 4:3 copies against 1.6.1's 0.743;
-# docs/EXPERIMENTS.md, "Second try"): one Lite2 at HAM10000's own 4:3 shape (150x200), warm-started from
-# release 1.6.1's best member (D, a Lite2), stem + 4 stages frozen, distilled from 1.6.1 (its logits cached once). Each
-# training lesion's sharp 224x224 copy comes first (resized whole to 150x200 it is the 4:3 photo again, and the teacher
-# sees it as it was trained), the lesion's other images as their softer 200x150 copies. Validated on every image of the
-# validation lesions. Resumable per epoch: rerun to continue.
-TEACHER ?= models/skin_lesion.pt
-train-student: install ## Train the 4:3 student tried for 1.7.0: one Lite2 at 150x200, warm-started and distilled from TEACHER, into runs/student-lite2-150x200 (resumable) [TRAIN_ARGS=...]
+# The 4:3 student recipe (docs/EXPERIMENTS.md, "Third try"): one Lite2 at a 4:3 shape, warm-started from release
+# 1.6.1's best member (D, a Lite2), stem + 4 stages frozen, distilled from 1.6.1 (its logits cached once in the run
+# folder). Each training lesion's sharp 224x224 copy comes first (resized whole to 4:3 it is the photo's shape again,
+# and the teacher sees it as it was trained), the lesion's other images as their softer 200x150 copies. Validated on
+# every image of the validation lesions. Resumable per epoch: rerun to continue.
+# STUDENT_SIZE=192x256 is the third try; 150x200 (HAM10000's own 200x150 size) was the second (0.663 balanced accuracy
+# on the sharp 4:3 copies against 1.6.1's 0.743: too few pixels for what the sharp copies show).
+# The teacher is release 1.6.1 exactly as committed (its file's SHA-256 names the logit cache).
+TEACHER_COMMIT ?= 82ad431
+TEACHER ?= runs/release-1.6.1/skin_lesion.pt
+STUDENT_SIZE ?= 192x256
+STUDENT_EPOCHS ?= 5
+STUDENT_RUN ?= runs/student-lite2-$(STUDENT_SIZE)
+runs/release-1.6.1/skin_lesion.pt:
+	mkdir -p $(@D) && git show $(TEACHER_COMMIT):models/skin_lesion.pt > $@.tmp && mv $@.tmp $@
+train-student: install $(TEACHER) ## Train the 4:3 student for 1.7.0: one Lite2 at STUDENT_SIZE (192x256), warm-started from and distilled by 1.6.1, into runs/student-lite2-STUDENT_SIZE (resumable) [TRAIN_ARGS=...]
 	nice -n 10 $(PY) scripts/train.py --metadata $(DATA_43)/metadata.csv --images $(DATA)/images $(DATA_43)/images \
-	  --output runs/student-lite2-150x200 --val-split models/provenance/val_split.json \
-	  --arch efficientnet_lite2 --image-size 150 --image-width 200 --resize-mode full_view \
+	  --output $(STUDENT_RUN) --val-split models/provenance/val_split.json \
+	  --arch efficientnet_lite2 --image-size $(word 1,$(subst x, ,$(STUDENT_SIZE))) --image-width $(word 2,$(subst x, ,$(STUDENT_SIZE))) --resize-mode full_view \
 	  --init-checkpoint $(TEACHER) --init-member 3 --freeze-blocks 4 \
 	  --teacher $(TEACHER) --distill-alpha 0.5 --distill-temperature 2.0 \
-	  --epochs 6 --patience 6 --lr 3e-4 --batch-size 32 --ema-decay 0.995 --class-weight-power 1.0 --min-crop-scale 0.6 \
+	  --epochs $(STUDENT_EPOCHS) --patience $(STUDENT_EPOCHS) --lr 3e-4 --batch-size 32 --ema-decay 0.995 --class-weight-power 1.0 --min-crop-scale 0.6 \
 	  --workers 1 --threads 2 --model-version 1.7.0-student $(TRAIN_ARGS)
 
 compare-releases: install ## Releases side by side on the validation lesions at 4:3 (stretched 224 copies and 200x150 copies), lesion-level with intervals: make compare-releases RELEASES="1.6.1=a.pt 1.7.0=b.pt"
