@@ -16,7 +16,7 @@ import torch
 
 from handler.checkpoint import load_checkpoint
 from handler.settings import load_handler_settings
-from lab.explanation_benchmark import METHODS, run_benchmark, stratified_subset, validation_lesions
+from lab.explanation_benchmark import METHODS, development_lesions, run_benchmark, stratified_subset, validation_lesions
 from ops.paths import CHECKPOINT, DATA, MODEL_CONFIG, VAL_SPLIT
 
 
@@ -29,6 +29,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--split", default=str(VAL_SPLIT), help="JSON with val_image_ids")
     parser.add_argument("--lesions", type=int, default=150, help="stratified subset size (default 150)")
     parser.add_argument("--all", action="store_true", help="every validation lesion with a mask")
+    parser.add_argument("--lesion-set", choices=["validation", "development"], default="validation",
+                        help="development: training lesions with masks (none sharing a lesion with validation), "
+                             "for tuning a method without touching the validation lesions that judge it")
     parser.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS))
     parser.add_argument("--step", type=float, default=0.1, help="deletion/insertion step, as a fraction of the view")
     parser.add_argument("--sanity-lesions", type=int, default=30, help="lesions for the randomization check (0: skip)")
@@ -45,12 +48,14 @@ def main(args: argparse.Namespace) -> dict:
         torch.set_num_threads(args.threads)
     loaded = load_checkpoint(args.checkpoint)
     rule = load_handler_settings(args.model_config).decision_rule
-    lesions = stratified_subset(validation_lesions(args.split, args.data), None if args.all else args.lesions, args.seed)
+    pool = (validation_lesions if args.lesion_set == "validation" else development_lesions)(args.split, args.data)
+    lesions = stratified_subset(pool, None if args.all else args.lesions, args.seed)
     steps = round(0.5 / args.step)
     fractions = [round(args.step * (i + 1), 6) for i in range(steps)]
-    print(f"{len(lesions)} validation lesions, checkpoint {loaded.version}, methods {args.methods}", flush=True)
+    print(f"{len(lesions)} {args.lesion_set} lesions, checkpoint {loaded.version}, methods {args.methods}", flush=True)
     report = run_benchmark(loaded, lesions, {name: METHODS[name] for name in args.methods}, fractions, rule, args.out,
-                           args.sanity_lesions, args.resamples, log=lambda line: print(line, flush=True))
+                           args.sanity_lesions, args.resamples, log=lambda line: print(line, flush=True),
+                           lesion_set=args.lesion_set)
     print(Path(args.out, "report.md").read_text())
     print(f"report: {args.out}/report.json, {args.out}/report.md, {args.out}/curves.png ({report['seconds']} s)")
     return report

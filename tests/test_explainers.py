@@ -172,6 +172,27 @@ def test_benchmark_scores_a_map_that_points_at_the_lesion(tiny_checkpoint, tmp_p
     assert len(inside["deletion"]) == len(inside["insertion"]) == 6 and inside["deletion"][0] == row["original"]
     assert inside["insertion"][0] == pytest.approx(row["blurred"])
     assert bench.auc([0.0, 0.5], [1.0, 0.0]) == pytest.approx(0.5)
+    # The same row with the perturbed views run on the folded copy (as run_benchmark does).
+    with torch.inference_mode():
+        folded_row = bench.score_lesion(loaded, lesion, methods, [0.1, 0.2, 0.3, 0.4, 0.5], "most_probable", seed=0,
+                                        perturbed_model=bench.folded_copy(loaded.model))
+    for name in methods:
+        for curve in ("deletion", "insertion"):
+            assert np.allclose(folded_row["methods"][name][curve], row["methods"][name][curve], rtol=0, atol=1e-5)
+    assert folded_row["random_drop"] == pytest.approx(row["random_drop"], abs=1e-5)
+
+
+@pytest.mark.parametrize("source", SOURCES)
+def test_folded_copy_predicts_as_the_model(source):
+    """The benchmark runs its perturbed views on a copy with the batch norms folded into the
+    convolutions: every norm must be gone and the logits unchanged (random norm statistics)."""
+    model, _ = random_network(source, seed=3)
+    folded = bench.folded_copy(model)
+    assert not any(isinstance(module, torch.nn.BatchNorm2d) for module in folded.modules())
+    inputs = torch.randn(3, 3, 64, 80, generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        expected, got = model(inputs), folded(inputs.contiguous(memory_format=torch.channels_last))
+    assert (got - expected).abs().max() <= 1e-5 * max(1.0, float(expected.abs().max()))
 
 
 def test_stratified_subset_keeps_every_class(tmp_path):
