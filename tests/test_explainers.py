@@ -169,6 +169,7 @@ def test_benchmark_scores_a_map_that_points_at_the_lesion(tiny_checkpoint, tmp_p
     assert row["area_share"] == pytest.approx(24 * 24 / 64 / 64)
     assert inside["pointing"] and inside["mass_in_lesion"] == pytest.approx(1.0)
     assert not outside["pointing"] and outside["mass_in_lesion"] == pytest.approx(0.0, abs=1e-6)
+    assert inside["peak_distance_px"] == 0.0 and inside["pointing_tolerant"] and outside["peak_distance_px"] > 0
     assert len(inside["deletion"]) == len(inside["insertion"]) == 6 and inside["deletion"][0] == row["original"]
     assert inside["insertion"][0] == pytest.approx(row["blurred"])
     assert bench.auc([0.0, 0.5], [1.0, 0.0]) == pytest.approx(0.5)
@@ -193,6 +194,21 @@ def test_folded_copy_predicts_as_the_model(source):
     with torch.inference_mode():
         expected, got = model(inputs), folded(inputs.contiguous(memory_format=torch.channels_last))
     assert (got - expected).abs().max() <= 1e-5 * max(1.0, float(expected.abs().max()))
+
+
+def test_pointing_tolerance_is_measured_in_original_pixels():
+    """A full 4:3 view squeezed to 224x224 spans 600/224 original pixels per column, 450/224 per row."""
+    from types import SimpleNamespace
+
+    mask = torch.zeros(224, 224, dtype=torch.bool)
+    mask[100:110, 100:110] = True
+    spacing = bench.original_pixel_size(SimpleNamespace(resize_mode="full_view", resize_size=224), (224, 224))
+    distance = bench.distance_to_mask(mask, spacing)
+    assert distance[105, 105] == 0.0
+    assert float(distance[105, 115]) == pytest.approx(6 * 600 / 224, rel=1e-5)
+    assert float(distance[115, 105]) == pytest.approx(6 * 450 / 224, rel=1e-5)
+    crop = bench.original_pixel_size(SimpleNamespace(resize_mode="shorter_side_center_crop", resize_size=256), (224, 224))
+    assert crop == (450 / 256, 450 / 256)
 
 
 def test_stratified_subset_keeps_every_class(tmp_path):
