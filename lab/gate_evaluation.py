@@ -141,3 +141,34 @@ def clinical_report(folder: Path, loaded: LoadedModel, settings: HandlerSettings
             "accepted": int((kept & ~refused).sum()),
         },
     }
+
+
+def format_gate_report(report: dict[str, Any]) -> str:
+    """The input gate's lines of ``scripts/evaluate.py``'s summary: the labelled images it refuses and the
+    figures on those it accepts, then each measured folder and the clinical photos.
+
+    Args:
+        report: An evaluation report holding ``input_gate`` (:func:`gate_report`), ``balanced_accuracy``
+            and, when any image was accepted, ``accepted``.
+    """
+    gate = report["input_gate"]
+    low, high = gate["interval95"]
+    lines = [f"input gate {gate['method']} (threshold {gate['threshold']:.4f}): refuses {gate['refused']} of "
+             f"{gate['images']} labelled images ({gate['refusal_rate']:.2%}); on the accepted images balanced accuracy "
+             f"{report.get('accepted', {}).get('balanced_accuracy', float('nan')):.4f} (all images "
+             f"{report['balanced_accuracy']:.4f})",
+             f"  labelled dermoscopy falsely refused {gate['refusal_rate']:.2%} (95 % {low:.2%}-{high:.2%})"]
+    for folder in gate.get("ood", []):
+        low, high = folder["interval95"]
+        lines.append(f"  {folder['folder']}: refuses {folder['refused']} of {folder['images']} ({folder['refusal_rate']:.2%}, "
+                     f"95 % {low:.2%}-{high:.2%}; reasons {folder['reasons']}), {len(folder['refused_before_gate'])} refused "
+                     f"before the gate; AUROC of the distance against the labelled images {folder['auroc']:.5f}")
+    if "clinical" in gate:
+        clinical = gate["clinical"]
+        low, high = clinical["interval95"]
+        forced = clinical["forced_answers"]
+        lines.append(f"  clinical photos {clinical['folder']}: refuses {clinical['refused']} of {clinical['images']} "
+                     f"({clinical['refusal_rate']:.2%}, 95 % {low:.2%}-{high:.2%}; reasons {clinical['reasons']}); forced "
+                     f"to answer, balanced accuracy over {forced['classes']} {forced['balanced_accuracy']:.3f} "
+                     f"(95 % {forced['interval95'][0]:.3f}-{forced['interval95'][1]:.3f}, {forced['images']} photos)")
+    return "\n".join(lines)

@@ -11,7 +11,8 @@ augmentation mode.
 ``--freeze-blocks N`` freezes the stem and the first N stages (weights and batch-norm
 statistics): fine-tuning an already adapted model that way runs about 2.7x faster on a CPU.
 
-The pieces (data, loss, optimizer, EMA, epochs, resuming, the checkpoint) are :mod:`lab.training`.
+The run is :mod:`lab.training_run`; its pieces (data, loss, optimizer, EMA, epochs, resuming, the checkpoint)
+are :mod:`lab.training`.
 
 Example:
     python scripts/train.py --metadata ../shared/data/ham10000-224/metadata.csv \
@@ -21,26 +22,14 @@ Example:
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import time
-from pathlib import Path
 from typing import Any
 
-import torch
-
-from handler.architectures import architecture, build_model
-from handler.checkpoint import read_checkpoint
-from handler.labels import CLASS_CODES
 from handler.preprocessing import RESIZE_MODES
-from lab.data import class_counts
-from lab.distillation import cache_teacher_logits, distillation_loss
-from lab.evaluation import format_report
-from lab.provenance import checkpoint_provenance, command_line
-from lab.training import (
-    AMP_MODES, Progress, Recipe, add_recipe_arguments, Trainer, autocast_dtype, data_record, fit_calibrations, freeze_early_layers,
-    initialize, load_best_weights, make_criterion, make_ema, make_loaders, make_optimizer, release_checkpoint, resolve_device,
-    resume, run_epochs, seed_everything, split_records, split_records_by_file, write_split)
+from lab.folds import RunSettings
+from lab.provenance import command_line
+from lab.training import AMP_MODES, Recipe, add_recipe_arguments
+from lab.training_run import TrainingRunOptions, train_and_release
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -90,78 +79,17 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def main(args: argparse.Namespace) -> dict[str, Any] | None:
-    """Train, validate each epoch, early-stop, and write ``best.pt`` with fitted calibrations.
+    """Train, validate each epoch, early-stop, and write ``best.pt`` with fitted calibrations
+    (:func:`lab.training_run.train_and_release`).
 
     Returns:
         The validation report of the released (best) weights, calibrated, or None when
         the run paused early because of ``--epochs-this-run``.
     """
     recipe = Recipe.from_namespace(args)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    seed_everything(recipe.seed)
-    split_seed = recipe.seed if args.split_seed is None else args.split_seed
-    device = resolve_device(args.device)
-    amp = autocast_dtype(args.amp, device)
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-    output = Path(args.output)
-    output.mkdir(parents=True, exist_ok=True)
-
-    if args.val_split:
-        train, val = split_records_by_file(args.metadata, args.images, args.val_split, args.limit, split_seed)
-    else:
-        train, val = split_records(args.metadata, args.images, args.val_fraction, split_seed, args.limit)
-    counts = class_counts(train)
-    print(f"train {len(train)} images {dict(zip(CLASS_CODES, counts))}; val {len(val)} images "
-          f"{dict(zip(CLASS_CODES, class_counts(val)))}; device {device}, autocast {amp}", flush=True)
-    write_split(output / "split.json", val, split_seed, args.val_fraction)
-
-    preprocess = architecture(recipe.arch).training_preprocess(recipe.image_size, args.resize_mode, args.image_width)
-    model = build_model(recipe.arch, dropout=recipe.dropout)
-    try:
-        weights_source = initialize(model, recipe.arch, preprocess, args.init_checkpoint, args.pretrained, args.init_member)
-    except FileNotFoundError as error:
-        raise SystemExit(str(error)) from error
-    print(f"initialized from {weights_source}", flush=True)
-    model = model.to(device).to(memory_format=torch.channels_last)
-    frozen = freeze_early_layers(model, args.freeze_blocks)
-    ema = make_ema(model, recipe.ema_decay)
-    teacher_logits, criterion = None, make_criterion(recipe, counts)
-    if args.teacher:
-        started = time.perf_counter()
-        teacher_logits = cache_teacher_logits(args.teacher, train, output / "teacher_logits.pt", device,
-                                              batch_size=recipe.batch_size, workers=recipe.workers, views=1)[:, 0]
-        print(f"teacher logits of {len(train)} images ready in {time.perf_counter() - started:.0f} s", flush=True)
-        criterion = distillation_loss(counts, recipe.class_weight_power, args.distill_temperature, args.distill_alpha)
-    train_loader, val_loader = make_loaders(recipe, train, val, preprocess, device, teacher_logits)
-    optimizer, scheduler = make_optimizer(model, recipe, len(train_loader))
-    trainer = Trainer(model, ema, optimizer, scheduler, criterion.to(device), preprocess, device, amp, frozen)
-    progress = None if args.no_resume else resume(output / "last.pt", trainer)
-    if progress is None:
-        progress = Progress()
-    else:
-        print(f"resumed from {output / 'last.pt'} at epoch {progress.start_epoch}", flush=True)
-    if not run_epochs(trainer, train_loader, val_loader, recipe, output, progress, args.epochs_this_run):
-        return None
-
-    best_epoch = load_best_weights(trainer, output)
-    calibrations, report, validation = fit_calibrations(trainer, val_loader)
-    checkpoint = release_checkpoint(
-        trainer.eval_model, recipe, preprocess, args.model_version, calibrations,
-        data_record(args.metadata, train, val, args.val_fraction, split_seed)
-        | ({"split": f"every image of the lesions of {args.val_split}'s val_image_ids"} if args.val_split else {})
-        | ({"distillation": {"teacher": checkpoint_provenance(args.teacher, read_checkpoint(args.teacher).meta),
-                             "alpha": args.distill_alpha,
-                             "temperature": args.distill_temperature, "views": "the image as the teacher serves it"}}
-           if args.teacher else {}),
-        trained_epochs=len(progress.history), best_epoch=best_epoch,
-        initialization=weights_source, validation=validation, command=command_line("scripts/train.py"),
-        torch=str(torch.__version__), created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
-    checkpoint.save(output / "best.pt")
-    (output / "val_report.json").write_text(json.dumps(report, indent=2))
-    print(f"best epoch {best_epoch}\n{format_report(report)}", flush=True)
-    return report
+    settings = RunSettings.choose(args.device, args.amp, args.threads, pretrained=args.pretrained,
+                                  freeze_blocks=args.freeze_blocks, epochs_this_run=args.epochs_this_run, limit=args.limit)
+    return train_and_release(recipe, settings, TrainingRunOptions.from_namespace(args), command_line("scripts/train.py"))
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ its refusal rates with intervals, and the forced answers on clinical photos."""
 from __future__ import annotations
 
 import csv
+from pathlib import Path
 
 import pytest
 
@@ -14,16 +15,21 @@ from scripts import evaluate
 pytestmark = pytest.mark.data
 
 
-def test_evaluate_reports_refusals_accepted_figures_and_ood_folders(samples_dir, tmp_path):
-    images = sorted(samples_dir.glob("*.jpg"))[::7]  # 10 images, all 7 classes
+def _labels_of(images: list[Path], samples_dir: Path, labels: Path) -> Path:
+    """A HAM10000 metadata file naming only ``images`` (samples), with their labels from the samples' metadata."""
     with open(samples_dir / "metadata.csv") as handle:
         rows = {row["image_id"]: row for row in csv.DictReader(handle)}
-    labels = tmp_path / "labels.csv"
     with open(labels, "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=["lesion_id", "image_id", "dx"])
         writer.writeheader()
         for path in images:
             writer.writerow({key: rows[path.stem][key] for key in ("lesion_id", "image_id", "dx")})
+    return labels
+
+
+def test_evaluate_reports_refusals_accepted_figures_and_ood_folders(samples_dir, tmp_path):
+    images = sorted(samples_dir.glob("*.jpg"))[::7]  # 10 images, all 7 classes
+    labels = _labels_of(images, samples_dir, tmp_path / "labels.csv")
     ood = tmp_path / "ood"
     ood.mkdir()
     for image in generate(count=9, seed=3):
@@ -60,14 +66,7 @@ def test_evaluate_ood_reports_every_set_with_intervals_and_the_forced_answers_on
     for row in picked:
         (clinical / "images" / row["image"]).write_bytes((pad / "images" / row["image"]).read_bytes())
     images = sorted(samples_dir.glob("*.jpg"))[:2]
-    with open(samples_dir / "metadata.csv") as handle:
-        meta = {row["image_id"]: row for row in csv.DictReader(handle)}
-    labels = tmp_path / "labels.csv"
-    with open(labels, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=["lesion_id", "image_id", "dx"])
-        writer.writeheader()
-        for path in images:
-            writer.writerow({key: meta[path.stem][key] for key in ("lesion_id", "image_id", "dx")})
+    labels = _labels_of(images, samples_dir, tmp_path / "labels.csv")
     args = evaluate.get_args_parser().parse_args(
         ["--images", str(samples_dir), "--labels", str(labels), "--out", str(tmp_path / "eval"), "--bootstrap", "0",
          "--checkpoint", str(CHECKPOINT), "--synthetic", "9", "--clinical", str(clinical), "--samples", str(samples_dir)])
