@@ -270,11 +270,12 @@ def score_lesion(loaded: LoadedModel, lesion: Lesion, methods: dict[str, Method]
     result = {"image_id": lesion.image_id, "dx": lesion.dx, "target": CLASS_CODES[target],
               "area_share": float(mask_f.mean()), "predict_s": predict_s, "methods": {}}
 
-    batch, spans = [inputs, blurred], {}
+    # The unperturbed view's probability is the prediction's: only perturbed views are run again.
+    batch, spans = [blurred], {}
     for draw in range(RANDOM_DRAWS):
         keep = 1.0 - top_masks(random_map(size, generator), [TOP_FRACTION], generator)
         batch.append(blurred + keep[:, None] * (inputs - blurred))
-    spans["random"] = (2, 2 + RANDOM_DRAWS)
+    spans["random"] = (1, 1 + RANDOM_DRAWS)
     maps = {}
     for name, method in methods.items():
         started = time.perf_counter()
@@ -297,7 +298,7 @@ def score_lesion(loaded: LoadedModel, lesion: Lesion, methods: dict[str, Method]
         spans[name] = (start, len(batch))
     probs = class_probability(loaded, torch.cat(batch).contiguous(memory_format=torch.channels_last), target,
                               model=perturbed_model)
-    original, base = float(probs[0]), float(probs[1])
+    original, base = float(probabilities[0, target]), float(probs[0])
     random_drop = float(original - probs[spans["random"][0]:spans["random"][1]].mean())
     result.update(original=original, blurred=base, random_drop=random_drop)
     count = len(fractions)
