@@ -11,23 +11,41 @@ import torch
 from handler.calibration import Calibration
 
 
-def fit_calibration(logits: torch.Tensor, labels: torch.Tensor, class_bias: bool = True, max_iter: int = 500) -> Calibration:
+# How the per-class biases are set: ``fitted`` fits one free bias per class with the temperature
+# (right for a network trained on the data's own class frequencies); ``prior_shift`` fits the
+# temperature only and sets the biases to the log class frequencies of the calibration set, the
+# Bayes prior shift for a network trained to be class-balanced (inverse-frequency class weights,
+# power 1: its softmax estimates the posterior under equal priors, Menon et al. 2021 "logit
+# adjustment"). With prior_shift the balanced decision rule gives back the network's own argmax,
+# instead of a rule bent by six noisy biases fitted on classes of 8 to 70 validation lesions.
+CLASS_BIAS_METHODS: tuple[str, ...] = ("fitted", "prior_shift")
+
+
+def fit_calibration(logits: torch.Tensor, labels: torch.Tensor, class_bias: bool = True, max_iter: int = 500,
+                    bias_method: str = "fitted") -> Calibration:
     """Fit the temperature (and, by default, per-class biases) that minimize validation NLL.
 
     Args:
         logits: (N, K) validation logits.
         labels: (N,) true class indices.
-        class_bias: Also fit one additive bias per class (the prior correction).
+        class_bias: Also set one additive bias per class (the prior correction), by ``bias_method``.
         max_iter: L-BFGS iterations.
+        bias_method: One of :data:`CLASS_BIAS_METHODS`.
 
     Returns:
         The fitted calibration, with the label frequencies as its ``class_prior`` (a class
         absent from ``labels`` counts as one image, so the prior stays positive).
     """
+    if bias_method not in CLASS_BIAS_METHODS:
+        raise ValueError(f"unknown class-bias method {bias_method!r}; choose one of {list(CLASS_BIAS_METHODS)}")
     logits = logits.detach().float().clone()  # a plain tensor, even if made under inference_mode
+    counts = torch.bincount(labels, minlength=logits.shape[1]).clamp(min=1).double()
+    fit_bias = class_bias and bias_method == "fitted"
     log_temperature = torch.zeros(1, requires_grad=True)
     bias = torch.zeros(logits.shape[1], requires_grad=True)
-    parameters = [log_temperature, bias] if class_bias else [log_temperature]
+    if class_bias and bias_method == "prior_shift":
+        bias = (counts / counts.sum()).log().float()
+    parameters = [log_temperature, bias] if fit_bias else [log_temperature]
     optimizer = torch.optim.LBFGS(parameters, lr=0.1, max_iter=max_iter, line_search_fn="strong_wolfe")
 
     def closure() -> torch.Tensor:
@@ -40,6 +58,5 @@ def fit_calibration(logits: torch.Tensor, labels: torch.Tensor, class_bias: bool
     optimizer.step(closure)
     # Softmax is unchanged by a common shift, so centre the biases for a unique, readable answer.
     centred = (bias - bias.mean()).tolist() if class_bias else None
-    counts = torch.bincount(labels, minlength=logits.shape[1]).clamp(min=1).double()
     prior = tuple(round(float(p), 6) for p in counts / counts.sum())
     return Calibration(float(log_temperature.exp().item()), tuple(round(b, 6) for b in centred) if centred else None, prior)

@@ -38,20 +38,21 @@ def fold_partition(labels: np.ndarray, folds: int, seed: int) -> Iterator[tuple[
     return StratifiedKFold(folds, shuffle=True, random_state=seed).split(np.zeros(len(labels)), labels)
 
 
-def calibrated_elsewhere(fit_logits: torch.Tensor, fit_labels: np.ndarray,
-                         score_logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def calibrated_elsewhere(fit_logits: torch.Tensor, fit_labels: np.ndarray, score_logits: torch.Tensor,
+                         bias_method: str = "fitted") -> tuple[torch.Tensor, torch.Tensor]:
     """Probabilities and balanced-rule calls for images whose calibration was fitted on others.
 
     Returns:
         The calibrated (M, K) probabilities of ``score_logits`` and their (M,) balanced-rule
         calls, made with the class prior fitted on ``fit_labels``.
     """
-    calibration = fit_calibration(fit_logits, torch.as_tensor(fit_labels))
+    calibration = fit_calibration(fit_logits, torch.as_tensor(fit_labels), bias_method=bias_method)
     probabilities = calibration.apply(score_logits)
     return probabilities, decide(probabilities, "balanced", calibration.class_prior)
 
 
-def out_of_fold_probabilities(logits: torch.Tensor, labels: np.ndarray, folds: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+def out_of_fold_probabilities(logits: torch.Tensor, labels: np.ndarray, folds: int, seed: int,
+                              bias_method: str = "fitted") -> tuple[np.ndarray, np.ndarray]:
     """Calibrated probabilities where each image's calibration was fitted without it.
 
     Returns:
@@ -61,14 +62,15 @@ def out_of_fold_probabilities(logits: torch.Tensor, labels: np.ndarray, folds: i
     probabilities = np.zeros(tuple(logits.shape), dtype=np.float32)
     balanced_calls = np.zeros(len(labels), dtype=np.int64)
     for fit_rows, score_rows in fold_partition(labels, folds, seed):
-        fold_probabilities, fold_calls = calibrated_elsewhere(logits[fit_rows], labels[fit_rows], logits[score_rows])
+        fold_probabilities, fold_calls = calibrated_elsewhere(logits[fit_rows], labels[fit_rows], logits[score_rows],
+                                                              bias_method)
         probabilities[score_rows] = fold_probabilities.numpy()
         balanced_calls[score_rows] = fold_calls.numpy()
     return probabilities, balanced_calls
 
 
 def repeated_out_of_fold(logits: torch.Tensor, labels: np.ndarray, folds: int, seeds: range,
-                         threshold: float) -> dict[str, Any]:
+                         threshold: float, bias_method: str = "fitted") -> dict[str, Any]:
     """Mean and standard deviation of the out-of-fold figures over several fold partitions.
 
     Args:
@@ -84,7 +86,7 @@ def repeated_out_of_fold(logits: torch.Tensor, labels: np.ndarray, folds: int, s
     """
     rows = []
     for seed in seeds:
-        probabilities, balanced_calls = out_of_fold_probabilities(logits, labels, folds, seed)
+        probabilities, balanced_calls = out_of_fold_probabilities(logits, labels, folds, seed, bias_method)
         report = classification_report(probabilities, labels, threshold, balanced_calls)
         rows.append([report[key] for key in REPEATED_KEYS])
     table = np.asarray(rows, dtype=np.float64)
@@ -93,7 +95,8 @@ def repeated_out_of_fold(logits: torch.Tensor, labels: np.ndarray, folds: int, s
 
 
 def measure_calibration(logits: torch.Tensor, labels: np.ndarray, *, folds: int = 5, seed: int = 0, repeats: int = 10,
-                        target_sensitivity: float = TARGET_MELANOMA_SENSITIVITY, bootstrap: int = 1000) -> tuple[Calibration, dict[str, Any]]:
+                        target_sensitivity: float = TARGET_MELANOMA_SENSITIVITY, bootstrap: int = 1000,
+                        bias_method: str = "fitted") -> tuple[Calibration, dict[str, Any]]:
     """Fit the calibration of one set of validation logits and measure it, in sample and out of fold.
 
     The referral threshold is the highest that keeps ``target_sensitivity`` of melanomas
@@ -107,25 +110,28 @@ def measure_calibration(logits: torch.Tensor, labels: np.ndarray, *, folds: int 
         repeats: Partitions for the repeated figures (seeds ``seed .. seed + repeats - 1``).
         target_sensitivity: The melanoma sensitivity the referral threshold must keep.
         bootstrap: Resamples for the 95% intervals of the out-of-fold figures.
+        bias_method: How the class biases are set (:data:`lab.calibration.CLASS_BIAS_METHODS`).
 
     Returns:
         The calibration fitted on all images, and its figures: ``calibration``, ``in_sample``,
         ``out_of_fold``, ``out_of_fold_bootstrap``, ``out_of_fold_repeated``, ``temperature_only``,
         ``uncalibrated`` and ``referral_threshold``.
     """
-    calibration = fit_calibration(logits, torch.as_tensor(labels))
-    out_of_fold, out_of_fold_calls = out_of_fold_probabilities(logits, labels, folds, seed)
+    calibration = fit_calibration(logits, torch.as_tensor(labels), bias_method=bias_method)
+    out_of_fold, out_of_fold_calls = out_of_fold_probabilities(logits, labels, folds, seed, bias_method)
     threshold = referral_threshold_for_sensitivity(out_of_fold, labels, target_sensitivity)
     temperature_only = fit_calibration(logits, torch.as_tensor(labels), class_bias=False)
     in_sample = calibration.apply(logits)
     in_sample_calls = decide(in_sample, "balanced", calibration.class_prior).numpy()
     figures = {
         "calibration": calibration.to_dict(),
+        "class_bias_method": bias_method,
         "in_sample": headline_figures(in_sample.numpy(), labels, threshold, in_sample_calls),
         "out_of_fold": headline_figures(out_of_fold, labels, threshold, out_of_fold_calls),
         "out_of_fold_bootstrap": bootstrap_intervals(out_of_fold, labels, out_of_fold_calls, threshold, bootstrap,
                                                      seed=seed),
-        "out_of_fold_repeated": repeated_out_of_fold(logits, labels, folds, range(seed, seed + repeats), threshold),
+        "out_of_fold_repeated": repeated_out_of_fold(logits, labels, folds, range(seed, seed + repeats), threshold,
+                                                     bias_method),
         "temperature_only": headline_figures(temperature_only.apply(logits).numpy(), labels, None)
                             | {"temperature": temperature_only.temperature},
         "uncalibrated": headline_figures(torch.softmax(logits, 1).numpy(), labels, None),
@@ -186,7 +192,7 @@ def selection_aware_balanced_accuracy(averaged: dict[tuple[str, ...], torch.Tens
 def recalibrate(checkpoint: Checkpoint, paths: list[str], labels: np.ndarray, tta_modes: Sequence[str],
                 serving_tta: str = "none", *, name: str = "checkpoint", batch_size: int = 32, folds: int = 5, seed: int = 0,
                 repeats: int = 10, target_sensitivity: float = TARGET_MELANOMA_SENSITIVITY, bootstrap: int = 1000,
-                command: str = "") -> dict[str, Any]:
+                command: str = "", bias_method: str = "fitted") -> dict[str, Any]:
     """Refit ``checkpoint``'s calibration of each of ``tta_modes`` on labelled image files and its operating point.
 
     Each mode's logits come through the serving decode, preprocessing and forward pass
@@ -207,7 +213,8 @@ def recalibrate(checkpoint: Checkpoint, paths: list[str], labels: np.ndarray, tt
         started = time.perf_counter()
         logits = logits_for_files(loaded, paths, tta, batch_size)
         calibrations[tta], measured = measure_calibration(logits, labels, folds=folds, seed=seed, repeats=repeats,
-                                                          target_sensitivity=target_sensitivity, bootstrap=bootstrap)
+                                                          target_sensitivity=target_sensitivity, bootstrap=bootstrap,
+                                                          bias_method=bias_method)
         figures[tta] = {**measured, "seconds": time.perf_counter() - started}
         print(f"TTA {tta}: {json.dumps(figures[tta])}", flush=True)
     serving = figures[serving_tta]

@@ -38,6 +38,7 @@ import numpy as np
 from handler.calibration import TTA_MODES
 from handler.checkpoint import read_checkpoint
 from handler.preprocessing import RESIZE_MODES
+from lab.calibration import CLASS_BIAS_METHODS
 from lab.crossfit import calibration_text, recalibrate
 from lab.data import read_labelled_images
 from lab.evaluation import TARGET_MELANOMA_SENSITIVITY
@@ -65,6 +66,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--resize-mode", choices=RESIZE_MODES,
                         help="serve the checkpoint in this geometry from now on: calibrated, measured and written with it")
     parser.add_argument("--model-version", help="version of the written checkpoint (default: the input's)")
+    parser.add_argument("--class-bias", choices=CLASS_BIAS_METHODS, default="fitted",
+                        help="per-class biases fitted freely, or the log class frequencies (prior_shift: for a network "
+                             "trained class-balanced, whose own argmax the balanced rule then keeps)")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--seed", type=int, default=0)
     return parser
@@ -82,7 +86,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     figures = recalibrate(checkpoint, [r.path for r in records], np.array([r.label for r in records]), args.tta_modes,
                           args.serving_tta, name=args.checkpoint, batch_size=args.batch_size, folds=args.folds,
                           seed=args.seed, repeats=args.repeats, target_sensitivity=args.target_sensitivity,
-                          bootstrap=args.bootstrap, command=command_line("scripts/calibrate.py"))
+                          bootstrap=args.bootstrap, command=command_line("scripts/calibrate.py"),
+                          bias_method=args.class_bias)
     checkpoint.save(args.output)
     if args.report:
         Path(args.report).parent.mkdir(parents=True, exist_ok=True)

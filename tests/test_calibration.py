@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from handler.calibration import Calibration, augmented_views, merge_views
+from handler.decision import decide
 from handler.labels import class_index
 from lab.calibration import fit_calibration
 from lab.evaluation import expected_calibration_error, malignant_probability, referral_threshold_for_sensitivity
@@ -24,6 +25,33 @@ def test_fit_recovers_temperature_and_prior_shift():
     assert expected_calibration_error(calibrated, labels.numpy()) < 0.01
     assert expected_calibration_error(temperature_only.apply(logits).numpy(), labels.numpy()) > \
         expected_calibration_error(calibrated, labels.numpy())
+
+
+def test_prior_shift_fits_the_temperature_and_keeps_a_balanced_networks_own_calls():
+    # A network trained class-balanced: in a world of equal class frequencies its softmax(z / T) is the
+    # posterior. The served data keeps each class's images but has skewed frequencies (each class
+    # subsampled to its share), so there the posterior is softmax(z / T + log prior). prior_shift
+    # must find T, set the biases to the log class frequencies, be calibrated, and leave the
+    # balanced rule with the network's own argmax.
+    generator = torch.Generator().manual_seed(1)
+    temperature = 1.5
+    balanced_logits = torch.randn(210_000, 7, generator=generator) * 3
+    balanced_labels = torch.multinomial(torch.softmax(balanced_logits / temperature, 1), 1,
+                                        generator=generator).squeeze(1)
+    prior = torch.tensor([0.03, 0.05, 0.10, 0.01, 0.11, 0.68, 0.02])
+    kept = torch.cat([torch.nonzero(balanced_labels == k).squeeze(1)[:int(share * 40_000)]
+                      for k, share in enumerate(prior.tolist())])
+    logits, labels = balanced_logits[kept], balanced_labels[kept]
+    shifted = fit_calibration(logits, labels, bias_method="prior_shift")
+    assert shifted.temperature == pytest.approx(temperature, rel=0.05)
+    frequencies = torch.bincount(labels, minlength=7).double() / len(labels)
+    log_frequencies = frequencies.log().float()
+    assert torch.tensor(shifted.class_bias) == pytest.approx(log_frequencies - log_frequencies.mean(), abs=1e-5)
+    probabilities = shifted.apply(logits)
+    assert expected_calibration_error(probabilities.numpy(), labels.numpy()) < 0.01
+    assert torch.equal(decide(probabilities, "balanced", shifted.class_prior), logits.argmax(1))
+    with pytest.raises(ValueError, match="prior_shift"):
+        fit_calibration(logits, labels, bias_method="prior")
 
 
 def test_calibration_round_trips_through_plain_dicts():
