@@ -40,11 +40,10 @@ def fit_calibration(logits: torch.Tensor, labels: torch.Tensor, class_bias: bool
         raise ValueError(f"unknown class-bias method {bias_method!r}; choose one of {list(CLASS_BIAS_METHODS)}")
     logits = logits.detach().float().clone()  # a plain tensor, even if made under inference_mode
     counts = torch.bincount(labels, minlength=logits.shape[1]).clamp(min=1).double()
+    frequencies = counts / counts.sum()
     fit_bias = class_bias and bias_method == "fitted"
     log_temperature = torch.zeros(1, requires_grad=True)
-    bias = torch.zeros(logits.shape[1], requires_grad=True)
-    if class_bias and bias_method == "prior_shift":
-        bias = (counts / counts.sum()).log().float()
+    bias = torch.zeros(logits.shape[1], requires_grad=True) if fit_bias else frequencies.log().float()
     parameters = [log_temperature, bias] if fit_bias else [log_temperature]
     optimizer = torch.optim.LBFGS(parameters, lr=0.1, max_iter=max_iter, line_search_fn="strong_wolfe")
 
@@ -58,5 +57,5 @@ def fit_calibration(logits: torch.Tensor, labels: torch.Tensor, class_bias: bool
     optimizer.step(closure)
     # Softmax is unchanged by a common shift, so centre the biases for a unique, readable answer.
     centred = (bias - bias.mean()).tolist() if class_bias else None
-    prior = tuple(round(float(p), 6) for p in counts / counts.sum())
+    prior = tuple(round(float(p), 6) for p in frequencies)
     return Calibration(float(log_temperature.exp().item()), tuple(round(b, 6) for b in centred) if centred else None, prior)

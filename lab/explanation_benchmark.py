@@ -40,6 +40,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from torch import nn
+from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from handler.architectures import forward_features
 from handler.checkpoint import LoadedModel
@@ -190,16 +191,6 @@ def random_map(size: tuple[int, int], generator: torch.Generator) -> torch.Tenso
     return upsample(grid, size)
 
 
-def _folded_batch_norm(conv: nn.Conv2d, norm: nn.BatchNorm2d) -> nn.Conv2d:
-    """A copy of ``conv`` that also applies the eval-mode ``norm`` after it (one affine map per channel)."""
-    scale = norm.weight.detach() / torch.sqrt(norm.running_var + norm.eps)
-    folded = copy.deepcopy(conv)
-    folded.weight = nn.Parameter(conv.weight.detach() * scale.view(-1, 1, 1, 1), requires_grad=False)
-    bias = conv.bias.detach() if conv.bias is not None else torch.zeros_like(norm.running_mean)
-    folded.bias = nn.Parameter((bias - norm.running_mean) * scale + norm.bias.detach(), requires_grad=False)
-    return folded
-
-
 def folded_copy(model: nn.Module, tolerance: float = 1e-4) -> nn.Module:
     """An eval copy of ``model`` with each batch norm folded into the convolution that feeds it.
 
@@ -218,7 +209,7 @@ def folded_copy(model: nn.Module, tolerance: float = 1e-4) -> nn.Module:
         for (conv_name, conv), (norm_name, norm) in zip(children, children[1:]):
             if isinstance(conv, nn.Conv2d) and isinstance(norm, nn.BatchNorm2d) and norm.track_running_stats \
                     and norm.affine:
-                setattr(parent, conv_name, _folded_batch_norm(conv, norm))
+                setattr(parent, conv_name, fuse_conv_bn_eval(conv, norm))
                 after = [module for module in (getattr(norm, "drop", None), getattr(norm, "act", None)) if module is not None]
                 setattr(parent, norm_name, nn.Sequential(*after) if after else nn.Identity())
     probe = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
