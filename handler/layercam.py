@@ -42,11 +42,18 @@ def layercam(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, stag
 
 
 def layercam_fused(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor,
-                   features: torch.Tensor | None = None) -> torch.Tensor:
-    """LayerCAM at stride 16 times the stride-32 Grad-CAM upsampled to it, each scaled to peak 1 first.
+                   features: torch.Tensor | None = None, coarse_power: float = 1.0) -> torch.Tensor:
+    """LayerCAM at stride 16 times the stride-32 Grad-CAM upsampled to it (raised to ``coarse_power``), each scaled to peak 1 first.
 
-    ``features``: the inputs' last feature maps when the caller already has them (the service does,
-    from the forward pass that predicted), so that the Grad-CAM half costs no second forward pass.
+    Args:
+        model: The classifier.
+        inputs: Normalized (N, 3, H, W) batch.
+        targets: (N,) class index to explain for each image.
+        features: The inputs' last feature maps when the caller already has them (the service does,
+            from the forward pass that predicted), so that the Grad-CAM half costs no second forward pass.
+        coarse_power: Exponent of the Grad-CAM factor. Above 1 it confines the fine map more tightly to
+            the coarse map's peak region, where the class evidence is; LayerCAM alone also lights
+            lesion borders and hair, which spreads mass outside the lesion.
     """
     fine = normalize_maps(layercam(model, inputs, targets))
     with torch.no_grad():
@@ -54,4 +61,4 @@ def layercam_fused(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor
             features = forward_features(model, inputs)
         coarse = normalize_maps(gradcam_from_features(model, features, targets.to(inputs.device)))
     coarse = F.interpolate(coarse[:, None], size=fine.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
-    return normalize_maps(fine * coarse.clamp(min=0))
+    return normalize_maps(fine * coarse.clamp(min=0) ** coarse_power)

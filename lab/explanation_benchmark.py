@@ -32,6 +32,7 @@ import csv
 import json
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -67,9 +68,10 @@ def served_gradcam(loaded: LoadedModel, inputs: torch.Tensor, targets: torch.Ten
     return normalize_maps(gradcam_from_features(loaded.model, forward_features(loaded.model, inputs), targets))[0]
 
 
-def fused_layercam(loaded: LoadedModel, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """LayerCAM at stride 16 times the stride-32 Grad-CAM (:mod:`handler.layercam`)."""
-    return layercam_fused(loaded.model, inputs, targets)[0]
+def fused_layercam(loaded: LoadedModel, inputs: torch.Tensor, targets: torch.Tensor, coarse_power: float = 1.0
+                   ) -> torch.Tensor:
+    """LayerCAM at stride 16 times the stride-32 Grad-CAM to ``coarse_power`` (:mod:`handler.layercam`)."""
+    return layercam_fused(loaded.model, inputs, targets, coarse_power=coarse_power)[0]
 
 
 def feature_rise(loaded: LoadedModel, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -80,6 +82,8 @@ def feature_rise(loaded: LoadedModel, inputs: torch.Tensor, targets: torch.Tenso
 METHODS: dict[str, Method] = {
     "grad-cam": served_gradcam,
     "layercam-s16 x grad-cam": fused_layercam,
+    "layercam-s16 x grad-cam^2": partial(fused_layercam, coarse_power=2.0),
+    "layercam-s16 x grad-cam^3": partial(fused_layercam, coarse_power=3.0),
     "rise-s16": feature_rise,
 }
 
@@ -283,10 +287,10 @@ def score_lesion(loaded: LoadedModel, lesion: Lesion, methods: dict[str, Method]
             "mass_in_lesion": float((dense.clamp(min=0) * mask_f).sum() / total) if total > 0 else float("nan"),
             "cost_ratio": elapsed / predict_s, "map_shape": list(heatmap.shape)}
         removed = top_masks(dense, fractions, generator)[:, None]
-        start = len(batch)
+        start = sum(len(views) for views in batch)  # in images: each entry of batch holds several
         batch.append(inputs + removed * (blurred - inputs))     # deletion: top pixels blurred
         batch.append(blurred + removed * (inputs - blurred))    # insertion: top pixels restored
-        spans[name] = (start, len(batch))
+        spans[name] = (start, start + 2 * len(fractions))
     probs = class_probability(loaded, torch.cat(batch).contiguous(memory_format=torch.channels_last), target,
                               model=perturbed_model)
     original, base = float(probabilities[0, target]), float(probs[0])

@@ -183,6 +183,29 @@ def test_benchmark_scores_a_map_that_points_at_the_lesion(tiny_checkpoint, tmp_p
     assert folded_row["random_drop"] == pytest.approx(row["random_drop"], abs=1e-5)
 
 
+def test_each_method_is_scored_on_its_own_perturbed_views(tiny_checkpoint, tmp_path):
+    """A method's deletion and insertion curves are the same whether it is scored alone or after
+    another method: every method's perturbed views share one batch, and each must read its own.
+    (Maps without ties, so that the random tie-breaking cannot differ between the two runs.)"""
+    loaded = load_checkpoint(tiny_checkpoint)
+    view = torch.randint(0, 255, (3, 64, 64), dtype=torch.uint8, generator=torch.Generator().manual_seed(2))
+    image_path, mask_path = tmp_path / "ISIC_1.jpg", tmp_path / "ISIC_1.png"
+    Image.fromarray(view.permute(1, 2, 0).numpy()).save(image_path, quality=95)
+    Image.fromarray(np.full((64, 64), 255, np.uint8)).save(mask_path)
+    lesion = bench.Lesion("ISIC_1", "nv", image_path, mask_path)
+    ramp = torch.arange(64 * 64, dtype=torch.float32).view(64, 64) / (64 * 64)
+    first = {"rows first": lambda loaded, inputs, targets: 1 - ramp}
+    second = {"columns first": lambda loaded, inputs, targets: 1 - ramp.T}
+    fractions = [0.1, 0.2, 0.3, 0.4, 0.5]
+    with torch.inference_mode():
+        together = bench.score_lesion(loaded, lesion, {**first, **second}, fractions, "most_probable", seed=0)
+        alone = bench.score_lesion(loaded, lesion, second, fractions, "most_probable", seed=0)
+    for curve in ("deletion", "insertion"):
+        assert np.allclose(together["methods"]["columns first"][curve], alone["methods"]["columns first"][curve],
+                           rtol=0, atol=1e-6)
+    assert together["methods"]["rows first"]["deletion"] != together["methods"]["columns first"]["deletion"]
+
+
 @pytest.mark.parametrize("source", SOURCES)
 def test_folded_copy_predicts_as_the_model(source):
     """The benchmark runs its perturbed views on a copy with the batch norms folded into the
