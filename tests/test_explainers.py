@@ -10,9 +10,11 @@ import requests
 import torch
 from PIL import Image
 
+from handler.architectures import forward_features
 from handler.checkpoint import load_checkpoint
 from handler.errors import InvalidOptionError
 from handler.explainers import METHOD_NAMES
+from handler.gradcam import gradcam_from_features, normalize_maps
 from handler.inference import handle_batch
 from handler.layercam import layercam, layercam_fused
 from handler.labels import class_index
@@ -55,6 +57,12 @@ def test_layercam_equals_the_hooked_autograd_reference(source):
         assert torch.allclose(layercam(model, inputs, targets), ours, atol=1e-6)
     fused = layercam_fused(model, inputs, targets)
     assert fused.shape == ours.shape and float(fused.max()) == pytest.approx(1.0)
+    # The Grad-CAM factor's power: the fine map times the stride-32 Grad-CAM (upsampled) squared.
+    with torch.no_grad():
+        coarse = normalize_maps(gradcam_from_features(model, forward_features(model, inputs), targets))
+    coarse = torch.nn.functional.interpolate(coarse[:, None], size=ours.shape[-2:], mode="bilinear")[:, 0]
+    expected = normalize_maps(normalize_maps(ours) * coarse.clamp(min=0) ** 2)
+    assert torch.allclose(layercam_fused(model, inputs, targets, coarse_power=2.0), expected, atol=1e-5)
     assert all(p.grad is None for p in model.parameters())
 
 
