@@ -78,7 +78,7 @@ class GradcamResult:
         has_evidence: False when no region raises the class's score (an all-zero map).
         heatmap_box: ``(left, top, right, bottom)`` of the model's view in the overlay.
         method: The map's method (:data:`handler.explainers.METHOD_NAMES`): ``grad-cam`` for the
-            fast explanation, ``layercam-s16-x-grad-cam`` for the faithful one.
+            fast explanation, ``layercam-s16-x-grad-cam-squared`` for the faithful one.
     """
 
     class_code: str

@@ -13,7 +13,7 @@ from PIL import Image
 from handler.architectures import forward_features
 from handler.checkpoint import load_checkpoint
 from handler.errors import InvalidOptionError
-from handler.explainers import METHOD_NAMES
+from handler.explainers import FAITHFUL_COARSE_POWER, METHOD_NAMES
 from handler.gradcam import gradcam_from_features, normalize_maps
 from handler.inference import handle_batch
 from handler.layercam import layercam, layercam_fused
@@ -124,7 +124,7 @@ def test_batch_serves_each_request_its_kind_of_map(tiny_checkpoint, sample_jpeg)
         assert overlay.size == (600, 450) == (gradcam["width"], gradcam["height"])
     inputs = normalize_batch(load_model_input(sample_jpeg, loaded.preprocess)[0][None], loaded.preprocess)
     target = torch.tensor([class_index(faithful["class"])])
-    expected = layercam_fused(loaded.model, inputs, target)[0]
+    expected = layercam_fused(loaded.model, inputs, target, coarse_power=FAITHFUL_COARSE_POWER)[0]
     assert np.allclose(faithful["heatmap"], expected.numpy(), atol=1e-5)
 
 
@@ -154,7 +154,7 @@ def test_explanations_api_serves_fast_and_faithful_maps(torchserve, samples_dir)
         assert heat.shape == (-(-height // stride), -(-width // stride)) and heat.min() >= 0
         assert heat.max() == pytest.approx(1.0) and gradcam["has_evidence"]
     target = torch.tensor([class_index(bodies["faithful"]["gradcam"]["class"])])
-    expected = layercam_fused(loaded.model, inputs, target)[0]
+    expected = layercam_fused(loaded.model, inputs, target, coarse_power=FAITHFUL_COARSE_POWER)[0]
     assert np.abs(np.array(bodies["faithful"]["gradcam"]["heatmap"]) - expected.numpy()).max() <= 2e-3  # 3 decimals served
 
 
