@@ -334,7 +334,7 @@ def load_release_weights(model: nn.Module, arch: str, preprocess: PreprocessConf
         raise ValueError(f"{path} was trained with another normalization: {trained.to_dict()}")
     model.load_state_dict(unpack_state_dict(source.state_dict))
     described = checkpoint_provenance(path, checkpoint.meta)
-    if member is not None:
+    if checkpoint.is_ensemble:  # a single network has no members: --init-member is then ignored
         described += f", member {member}"
     if trained != preprocess:
         described += f", trained with {trained.to_dict()}"

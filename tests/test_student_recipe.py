@@ -63,6 +63,11 @@ def test_a_member_of_an_ensemble_warm_starts_a_network_at_another_geometry(tmp_p
     assert torch.equal(model.state_dict()["classifier.weight"], expected)
     with pytest.raises(ValueError, match="name the member"):
         load_release_weights(build_model("efficientnet_lite0"), "efficientnet_lite0", rectangular, ensemble)
+    # A single network (a second cycle starts from one) has no members: a member given anyway is
+    # ignored, and the provenance must not name one.
+    single = members[0].save(tmp_path / "single.pt")
+    described = load_release_weights(build_model("efficientnet_lite0"), "efficientnet_lite0", rectangular, single, member=3)
+    assert "member" not in described and "0.0.1" in described
     other_normalization = PreprocessConfig(image_size=48, resize_size=48)
     with pytest.raises(ValueError, match="normalization"):
         load_release_weights(build_model("efficientnet_lite0"), "efficientnet_lite0", other_normalization, ensemble, 0)
