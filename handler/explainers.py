@@ -8,8 +8,8 @@ deletion against random regions), for about two more predictions' worth of compu
 coarse factor was chosen on development lesions (training lesions, none reported): it keeps the
 fine map inside the region where the class evidence is, which lifted the map's mass in the lesion
 above three times the lesion's area share. RISE, the
-perturbation method measured beside it, scored worst at four times that cost and stays in the lab
-(:mod:`lab.rise`).
+perturbation method measured beside it, scored worst at about seven times that cost and stays in
+the lab (:mod:`lab.rise`).
 """
 
 from __future__ import annotations
