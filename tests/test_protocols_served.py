@@ -72,7 +72,7 @@ def assert_tensors_equal_plain(result, answers: list[dict]) -> None:
     assert np.allclose(probabilities, expected, atol=1e-4, rtol=0)  # batch-size digits: see same_answer
     assert [str(p) for p in result.as_numpy("prediction")] == [answer["prediction"] for answer in answers]
     assert result.as_numpy("malignant_probability").tolist() == pytest.approx(
-        [answer["malignant_probability"] for answer in answers], abs=1e-6)
+        [answer["malignant_probability"] for answer in answers], abs=1e-4)  # same batch-size digits
     assert result.as_numpy("referral").tolist() == [answer["referral"]["refer"] for answer in answers]
     assert result.as_numpy("in_distribution").tolist() == [answer["input_check"]["in_distribution"] for answer in answers]
     assert [str(c) for c in result.as_numpy("class_names")] == list(CLASS_CODES)
