@@ -18,7 +18,7 @@ import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 import torch
@@ -446,6 +446,9 @@ class Trainer:
         device: Where it runs.
         amp: The autocast dtype, or None for fp32.
         frozen: Modules kept in eval mode (:func:`freeze_early_layers`).
+        batch_targets: Turns each normalized training batch and its labels into what the model trains on
+            and what the criterion scores against, or None to use them as they are (function matching:
+            :class:`lab.function_matching.MixedTeacherTargets`).
     """
 
     model: nn.Module
@@ -457,6 +460,7 @@ class Trainer:
     device: torch.device
     amp: torch.dtype | None = None
     frozen: list[nn.Module] = field(default_factory=list)
+    batch_targets: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None
     scaler: torch.amp.GradScaler = field(init=False)
 
     def __post_init__(self) -> None:
@@ -498,6 +502,8 @@ def train_one_epoch(trainer: Trainer, loader: Iterable, description: str = "epoc
     for images, labels in progress:
         inputs = normalize_batch(images.to(trainer.device, non_blocking=True), trainer.preprocess)
         labels = labels.to(trainer.device, non_blocking=True)
+        if trainer.batch_targets is not None:
+            inputs, labels = trainer.batch_targets(inputs, labels)
         with autocast(trainer.device, trainer.amp):
             loss = trainer.criterion(trainer.model(inputs).float(), labels)
         trainer.optimizer.zero_grad(set_to_none=True)

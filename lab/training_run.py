@@ -21,16 +21,17 @@ import torch
 from torch import nn
 
 from handler.architectures import architecture, build_model
-from handler.checkpoint import read_checkpoint
+from handler.checkpoint import model_from_checkpoint, read_checkpoint
 from handler.labels import CLASS_CODES
 from handler.preprocessing import PreprocessConfig
 from lab.data import LabelledImage, class_counts
 from lab.distillation import cache_teacher_logits, distillation_loss
 from lab.evaluation import format_report
 from lab.folds import RunSettings
+from lab.function_matching import FunctionMatchingLoss, MixedTeacherTargets
 from lab.provenance import checkpoint_provenance
 from lab.training import (
-    Progress, Recipe, Trainer, data_record, fit_calibrations, freeze_early_layers, initialize, load_best_weights,
+    Progress, Recipe, Trainer, class_weights, data_record, fit_calibrations, freeze_early_layers, initialize, load_best_weights,
     make_criterion, make_ema, make_loaders, make_optimizer, release_checkpoint, resume, run_epochs, seed_everything,
     split_records, split_records_by_file, write_split)
 
@@ -54,6 +55,8 @@ class TrainingRunOptions:
         teacher: Release checkpoint whose logits are distilled, or None.
         distill_alpha: Share of the KL term with ``teacher``.
         distill_temperature: Softening of the KL term with ``teacher``.
+        function_matching: With ``teacher``, the mixup parameter of online function matching
+            (:mod:`lab.function_matching`); 0 distils cached logits of the unaugmented images.
         model_version: Version written into ``best.pt``.
         no_resume: Start over even if ``last.pt`` exists.
     """
@@ -71,6 +74,7 @@ class TrainingRunOptions:
     teacher: str | None
     distill_alpha: float
     distill_temperature: float
+    function_matching: float
     model_version: str
     no_resume: bool
 
@@ -110,18 +114,34 @@ def starting_network(recipe: Recipe, preprocess: PreprocessConfig, options: Trai
 
 def training_loss(recipe: Recipe, options: TrainingRunOptions, train: Sequence[LabelledImage], counts: list[int],
                   device: torch.device, output: Path) -> tuple[nn.Module, torch.Tensor | None]:
-    """The loss, and the teacher's cached logits of the training images when distilling (else None).
+    """The loss, and the teacher's cached logits of the training images when distilling them (else None).
 
     The teacher's logits (of each image as the teacher serves it) are computed once into the run folder
-    (``teacher_logits.pt``) and reused when the run resumes.
+    (``teacher_logits.pt``) and reused when the run resumes. Function matching caches nothing: its
+    teacher answers each batch (:func:`matching_targets`).
     """
     if not options.teacher:
         return make_criterion(recipe, counts), None
+    if options.function_matching:
+        weight = class_weights(counts, recipe.class_weight_power)
+        return FunctionMatchingLoss(weight, options.distill_temperature, options.distill_alpha), None
     started = time.perf_counter()
     teacher_logits = cache_teacher_logits(options.teacher, train, output / "teacher_logits.pt", device,
                                           batch_size=recipe.batch_size, workers=recipe.workers, views=1)[:, 0]
     print(f"teacher logits of {len(train)} images ready in {time.perf_counter() - started:.0f} s", flush=True)
     return distillation_loss(counts, recipe.class_weight_power, options.distill_temperature, options.distill_alpha), teacher_logits
+
+
+def matching_targets(options: TrainingRunOptions, preprocess: PreprocessConfig,
+                     device: torch.device) -> MixedTeacherTargets | None:
+    """The batch hook of function matching (the teacher on its device, in eval mode), or None without it."""
+    if not (options.teacher and options.function_matching):
+        return None
+    checkpoint = read_checkpoint(options.teacher)
+    teacher = model_from_checkpoint(checkpoint, device, str(options.teacher)).model
+    for parameter in teacher.parameters():
+        parameter.requires_grad_(False)
+    return MixedTeacherTargets(teacher, preprocess, checkpoint.meta.preprocessing, options.function_matching)
 
 
 def run_data_record(options: TrainingRunOptions, train: Sequence[LabelledImage], val: Sequence[LabelledImage],
@@ -133,7 +153,9 @@ def run_data_record(options: TrainingRunOptions, train: Sequence[LabelledImage],
     if options.teacher:
         record["distillation"] = {"teacher": checkpoint_provenance(options.teacher, read_checkpoint(options.teacher).meta),
                                   "alpha": options.distill_alpha, "temperature": options.distill_temperature,
-                                  "views": "the image as the teacher serves it"}
+                                  "views": (f"the student's own view, mixed up (Beta({options.function_matching:g}, "
+                                            f"{options.function_matching:g})), online (function matching)"
+                                            if options.function_matching else "the image as the teacher serves it")}
     return record
 
 
@@ -167,7 +189,7 @@ def train_and_release(recipe: Recipe, settings: RunSettings, options: TrainingRu
     train_loader, val_loader = make_loaders(recipe, train, val, preprocess, settings.device, teacher_logits)
     optimizer, scheduler = make_optimizer(model, recipe, len(train_loader))
     trainer = Trainer(model, ema, optimizer, scheduler, criterion.to(settings.device), preprocess, settings.device,
-                      settings.amp, frozen)
+                      settings.amp, frozen, matching_targets(options, preprocess, settings.device))
     progress = None if options.no_resume else resume(output / "last.pt", trainer)
     if progress is None:
         progress = Progress()

@@ -59,6 +59,10 @@ def get_args_parser() -> argparse.ArgumentParser:
                              "distilled: loss = alpha * KL + (1 - alpha) * class-weighted CE; cached once in the run folder")
     parser.add_argument("--distill-alpha", type=float, default=0.7, help="share of the KL term with --teacher")
     parser.add_argument("--distill-temperature", type=float, default=2.0, help="softening of the KL term with --teacher")
+    parser.add_argument("--function-matching", type=float, default=0.0, metavar="MIXUP",
+                        help="with --teacher: run the teacher online on the student's own view of each batch, mixed up "
+                             "with weights ~ Beta(MIXUP, MIXUP) (function matching, Beyer et al. 2022), instead of "
+                             "caching its logits of the unaugmented images; 0 (default): cached logits")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     parser.add_argument("--freeze-blocks", type=int, default=0,
                         help="freeze the stem and this many stages after it (weights and batch-norm statistics)")

@@ -116,3 +116,27 @@ def test_the_student_recipe_trains_a_distilled_rectangular_network(tmp_path):
     again = cache_teacher_logits(teacher_path, records, tmp_path / "run" / "teacher_logits.pt", torch.device("cpu"), views=1)
     assert torch.equal(again, logits["logits"])
     assert len(SoftLabelledDataset.__mro__) > 1 and read_checkpoint(tmp_path / "run" / "best.pt").meta.version == "0.0.7"
+
+
+@pytest.mark.slow
+@pytest.mark.data
+def test_function_matching_trains_against_the_teacher_online_and_says_so(tmp_path):
+    folder = DATA / "ham10000-200x150"
+    if not folder.exists():
+        pytest.skip(f"real HAM10000 data not found at {folder}")
+    square = default_preprocess_config("efficientnet_lite0", 40)
+    teacher = combine_members([_tiny(1, square), _tiny(2, square)], Meta(square, version="0.1.0"))
+    teacher_path = teacher.save(tmp_path / "teacher.pt")
+    args = train.get_args_parser().parse_args([
+        "--metadata", str(folder / "metadata.csv"), "--images", str(folder / "images"), "--output", str(tmp_path / "run"),
+        "--limit", "64", "--epochs", "1", "--image-size", "48", "--image-width", "64", "--resize-mode", "full_view",
+        "--val-split", str(PROVENANCE / "val_split.json"), "--freeze-blocks", "3", "--pretrained", "none",
+        "--teacher", str(teacher_path), "--function-matching", "1.0", "--batch-size", "16", "--workers", "0",
+        "--model-version", "0.0.8"])
+    train.main(args)
+    student = load_checkpoint(tmp_path / "run" / "best.pt")
+    assert (student.preprocess.input_height, student.preprocess.input_width) == (48, 64)
+    assert "function matching" in student.meta.data["distillation"]["views"]
+    assert "Beta(1, 1)" in student.meta.data["distillation"]["views"]
+    # Nothing is cached: the teacher (at its own 40 px square input) answered every batch.
+    assert not (tmp_path / "run" / "teacher_logits.pt").exists()
