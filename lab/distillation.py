@@ -173,13 +173,16 @@ class DistillationLoss(nn.Module):
         self.temperature = temperature
         self.alpha = alpha
 
+    def soft_term(self, logits: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+        """``T^2 * KL(teacher_T || student_T)``, averaged over the batch."""
+        t = self.temperature
+        return nn.functional.kl_div(torch.log_softmax(logits / t, 1), torch.log_softmax(teacher / t, 1),
+                                    reduction="batchmean", log_target=True) * t * t
+
     def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         labels, teacher = targets[:, 0].long(), targets[:, 1:]
-        t = self.temperature
-        kl = nn.functional.kl_div(torch.log_softmax(logits / t, 1), torch.log_softmax(teacher / t, 1),
-                                  reduction="batchmean", log_target=True) * t * t
         ce = nn.functional.cross_entropy(logits, labels, weight=self.weight)
-        return self.alpha * kl + (1.0 - self.alpha) * ce
+        return self.alpha * self.soft_term(logits, teacher) + (1.0 - self.alpha) * ce
 
 
 def distillation_loss(counts: list[int], class_weight_power: float, temperature: float, alpha: float) -> DistillationLoss:

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from handler.preprocessing import PreprocessConfig
+from lab.distillation import DistillationLoss
 
 # Columns of the packed targets before the teacher's logits: first label, second label, mixing weight.
 LABEL_A, LABEL_B, WEIGHT_A, TEACHER_FROM = 0, 1, 2, 3
@@ -26,7 +27,7 @@ LABEL_A, LABEL_B, WEIGHT_A, TEACHER_FROM = 0, 1, 2, 3
 def teacher_inputs(inputs: torch.Tensor, student: PreprocessConfig, teacher: PreprocessConfig) -> torch.Tensor:
     """The student's normalized batch as the teacher expects it: resized to the teacher's input (the
     whole view, antialiased) and renormalized with the teacher's mean and std."""
-    height, width = teacher.image_size, teacher.image_width or teacher.image_size
+    height, width = teacher.input_height, teacher.input_width
     pixels = inputs * inputs.new_tensor(student.std).view(1, -1, 1, 1) + inputs.new_tensor(student.mean).view(1, -1, 1, 1)
     if pixels.shape[-2:] != (height, width):
         pixels = nn.functional.interpolate(pixels, size=(height, width), mode="bilinear", align_corners=False,
@@ -74,34 +75,19 @@ class MixedTeacherTargets:
         return mixed, targets
 
 
-class FunctionMatchingLoss(nn.Module):
+class FunctionMatchingLoss(DistillationLoss):
     """``alpha * T^2 * KL(teacher_T || student_T) + (1 - alpha) * mixed class-weighted CE``.
 
-    The cross-entropy is the mixup one: ``w * CE(a) + (1 - w) * CE(b)`` per image, with the
-    recipe's class weights (so the network's argmax stays the balanced rule's, as for the other students).
-
-    Args:
-        weight: Per-class weights of the cross-entropy (:func:`lab.training.class_weights`).
-        temperature: Softening of both distributions in the KL term.
-        alpha: Share of the KL term.
+    :class:`lab.distillation.DistillationLoss` with the mixup cross-entropy: ``w * CE(a) + (1 - w) *
+    CE(b)`` per image, with the recipe's class weights (so the network's argmax stays the balanced
+    rule's, as for the other students). Same arguments.
     """
-
-    def __init__(self, weight: torch.Tensor, temperature: float = 2.0, alpha: float = 0.7) -> None:
-        super().__init__()
-        if temperature <= 0 or not 0.0 <= alpha <= 1.0:
-            raise ValueError(f"need temperature > 0 and 0 <= alpha <= 1, got {temperature} and {alpha}")
-        self.register_buffer("weight", weight.float())
-        self.temperature = temperature
-        self.alpha = alpha
 
     def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         first, second = targets[:, LABEL_A].long(), targets[:, LABEL_B].long()
         share, teacher = targets[:, WEIGHT_A], targets[:, TEACHER_FROM:]
-        t = self.temperature
-        kl = nn.functional.kl_div(torch.log_softmax(logits / t, 1), torch.log_softmax(teacher / t, 1),
-                                  reduction="batchmean", log_target=True) * t * t
         # Weighted CE normalized like nn.functional.cross_entropy(weight=...): by the summed weights.
         per_image = (share * nn.functional.cross_entropy(logits, first, weight=self.weight, reduction="none")
                      + (1 - share) * nn.functional.cross_entropy(logits, second, weight=self.weight, reduction="none"))
         normalizer = (share * self.weight[first] + (1 - share) * self.weight[second]).sum()
-        return self.alpha * kl + (1.0 - self.alpha) * per_image.sum() / normalizer
+        return self.alpha * self.soft_term(logits, teacher) + (1.0 - self.alpha) * per_image.sum() / normalizer

@@ -75,9 +75,7 @@ def test_a_member_of_an_ensemble_warm_starts_a_network_at_another_geometry(tmp_p
 
 @pytest.mark.data
 def test_the_recorded_split_carries_every_image_of_its_lesions():
-    folder = DATA / "ham10000-200x150"
-    if not folder.exists():
-        pytest.skip(f"real HAM10000 data not found at {folder}")
+    folder = _data_43()
     train_records, val_records = split_records_by_file(folder / "metadata.csv", [folder / "images"],
                                                        PROVENANCE / "val_split.json")
     named = set(json.loads((PROVENANCE / "val_split.json").read_text())["val_image_ids"])
@@ -87,23 +85,36 @@ def test_the_recorded_split_carries_every_image_of_its_lesions():
     assert len(val_records) > len(named)  # several images of some lesions
 
 
-@pytest.mark.slow
-@pytest.mark.data
-def test_the_student_recipe_trains_a_distilled_rectangular_network(tmp_path):
+def _data_43() -> "object":
     folder = DATA / "ham10000-200x150"
     if not folder.exists():
         pytest.skip(f"real HAM10000 data not found at {folder}")
-    square = default_preprocess_config("efficientnet_lite0", 48)
+    return folder
+
+
+def _tiny_teacher(tmp_path, side: int) -> "object":
+    """A two-member release of tiny square networks, saved; its path."""
+    square = default_preprocess_config("efficientnet_lite0", side)
     teacher = combine_members([_tiny(1, square), _tiny(2, square)], Meta(square, version="0.1.0"))
     teacher.meta.calibration = {tta: Calibration.from_dict(fitted) for tta, fitted in TINY_CALIBRATION.items()}
-    teacher_path = teacher.save(tmp_path / "teacher.pt")
-    args = train.get_args_parser().parse_args([
-        "--metadata", str(folder / "metadata.csv"), "--images", str(folder / "images"), "--output", str(tmp_path / "run"),
-        "--limit", "200", "--epochs", "1", "--image-size", "48", "--image-width", "64", "--resize-mode", "full_view",
-        "--val-split", str(PROVENANCE / "val_split.json"), "--init-checkpoint", str(teacher_path), "--init-member", "0",
-        "--freeze-blocks", "3", "--teacher", str(teacher_path), "--batch-size", "16", "--workers", "0",
-        "--model-version", "0.0.7"])
-    train.main(args)
+    return teacher.save(tmp_path / "teacher.pt")
+
+
+def _train_rectangular(folder, output, limit: int, *extra: str) -> None:
+    """``scripts/train.py`` at 48x64, full view, on the recorded split, one epoch of batches of 16."""
+    train.main(train.get_args_parser().parse_args([
+        "--metadata", str(folder / "metadata.csv"), "--images", str(folder / "images"), "--output", str(output),
+        "--limit", str(limit), "--epochs", "1", "--image-size", "48", "--image-width", "64", "--resize-mode", "full_view",
+        "--val-split", str(PROVENANCE / "val_split.json"), "--freeze-blocks", "3", "--batch-size", "16", "--workers", "0",
+        *extra]))
+
+
+@pytest.mark.slow
+@pytest.mark.data
+def test_the_student_recipe_trains_a_distilled_rectangular_network(tmp_path):
+    folder, teacher_path = _data_43(), _tiny_teacher(tmp_path, 48)
+    _train_rectangular(folder, tmp_path / "run", 200, "--init-checkpoint", str(teacher_path), "--init-member", "0",
+                       "--teacher", str(teacher_path), "--model-version", "0.0.7")
     student = load_checkpoint(tmp_path / "run" / "best.pt")
     assert (student.preprocess.input_height, student.preprocess.input_width) == (48, 64)
     assert student.meta.data["distillation"]["alpha"] == 0.7
@@ -121,19 +132,9 @@ def test_the_student_recipe_trains_a_distilled_rectangular_network(tmp_path):
 @pytest.mark.slow
 @pytest.mark.data
 def test_function_matching_trains_against_the_teacher_online_and_says_so(tmp_path):
-    folder = DATA / "ham10000-200x150"
-    if not folder.exists():
-        pytest.skip(f"real HAM10000 data not found at {folder}")
-    square = default_preprocess_config("efficientnet_lite0", 40)
-    teacher = combine_members([_tiny(1, square), _tiny(2, square)], Meta(square, version="0.1.0"))
-    teacher_path = teacher.save(tmp_path / "teacher.pt")
-    args = train.get_args_parser().parse_args([
-        "--metadata", str(folder / "metadata.csv"), "--images", str(folder / "images"), "--output", str(tmp_path / "run"),
-        "--limit", "64", "--epochs", "1", "--image-size", "48", "--image-width", "64", "--resize-mode", "full_view",
-        "--val-split", str(PROVENANCE / "val_split.json"), "--freeze-blocks", "3", "--pretrained", "none",
-        "--teacher", str(teacher_path), "--function-matching", "1.0", "--batch-size", "16", "--workers", "0",
-        "--model-version", "0.0.8"])
-    train.main(args)
+    folder, teacher_path = _data_43(), _tiny_teacher(tmp_path, 40)
+    _train_rectangular(folder, tmp_path / "run", 64, "--pretrained", "none", "--teacher", str(teacher_path),
+                       "--function-matching", "1.0", "--model-version", "0.0.8")
     student = load_checkpoint(tmp_path / "run" / "best.pt")
     assert (student.preprocess.input_height, student.preprocess.input_width) == (48, 64)
     assert "function matching" in student.meta.data["distillation"]["views"]
