@@ -6,7 +6,13 @@ disk) with a dynamic batch dimension, then compiled for the CPU with
 - ``INFERENCE_PRECISION_HINT: f32``: OpenVINO otherwise runs bf16 on CPUs that have it
   (AVX-512 BF16, AMX), which would change the calibrated probabilities;
 - ``INFERENCE_NUM_THREADS``: the worker's thread share (``torch_threads``), as TorchScript gets;
-- ``PERFORMANCE_HINT: LATENCY``: one stream, one batch at a time, as a TorchServe worker calls it.
+- ``PERFORMANCE_HINT: LATENCY``: one stream, one batch at a time, as a TorchServe worker calls it;
+- ``ENABLE_CPU_PINNING: False``: OpenVINO otherwise pins its inference threads to cores chosen
+  inside each process, so the workers of one server (separate processes, each with its thread
+  share) pin to the same core and take turns on it. Measured on a 2-core AMD EPYC VM, the
+  handler path of the 192x256 student at 1 thread: one process alone 27.6 ms per image; two side
+  by side 64.6 and 61.1 ms each with pinning, 32.1 and 30.1 without (as with ``taskset`` giving
+  each its own core: 28.4 and 30.0); one process at 2 threads 23.1 ms with pinning, 18.8 without.
 
 Outputs equal frozen TorchScript's to about 1e-6 (logits) and 5e-6 relative (feature maps),
 checked in ``tests/test_runtime.py``; the speed is measured by ``scripts/bench.py``'s runtime
@@ -22,6 +28,15 @@ import torch
 from torch import nn
 
 CompiledNetwork = Callable[[torch.Tensor], tuple[torch.Tensor, ...]]
+
+
+def cpu_config(threads: int = 0) -> dict[str, object]:
+    """The CPU plugin's compile settings (module docstring): ``threads`` inference threads, 0 for every core."""
+    config: dict[str, object] = {"INFERENCE_PRECISION_HINT": "f32", "PERFORMANCE_HINT": "LATENCY",
+                                 "ENABLE_CPU_PINNING": False}
+    if threads > 0:
+        config["INFERENCE_NUM_THREADS"] = threads
+    return config
 
 
 def compile_for_cpu(module: nn.Module, example: torch.Tensor, threads: int = 0) -> CompiledNetwork:
@@ -50,10 +65,7 @@ def compile_for_cpu(module: nn.Module, example: torch.Tensor, threads: int = 0) 
         # because every input has the example's spatial size.
         warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
         converted = openvino.convert_model(module, example_input=example.contiguous(), input=[shape])
-    config = {"INFERENCE_PRECISION_HINT": "f32", "PERFORMANCE_HINT": "LATENCY"}
-    if threads > 0:
-        config["INFERENCE_NUM_THREADS"] = threads
-    compiled = openvino.Core().compile_model(converted, "CPU", config)
+    compiled = openvino.Core().compile_model(converted, "CPU", cpu_config(threads))
     request = compiled.create_infer_request()
 
     def run(inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:

@@ -129,3 +129,29 @@ def test_thread_setting_is_applied(tiny_checkpoint):
         assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)
+
+
+def test_openvino_workers_are_not_pinned_to_cores(monkeypatch):
+    """Each TorchServe worker is its own process: OpenVINO's default pinning put two workers' inference
+    threads on the same core (2.1x slower each, handler/openvino_runtime.py). The settings the handler
+    compiles with are the ones the CPU plugin then reports."""
+    openvino = pytest.importorskip("openvino")
+    from handler.openvino_runtime import compile_for_cpu, cpu_config
+
+    seen = []
+    original = openvino.Core.compile_model
+
+    def recording(core, model, device, config):
+        compiled = original(core, model, device, config)
+        seen.append(compiled)
+        return compiled
+
+    monkeypatch.setattr(openvino.Core, "compile_model", recording)
+    network = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU()).eval()
+    run = compile_for_cpu(network, torch.zeros(1, 3, 16, 16), threads=1)
+    inputs = torch.rand(2, 3, 16, 16)
+    assert torch.allclose(run(inputs)[0], network(inputs), atol=1e-5)
+    (compiled,) = seen
+    assert compiled.get_property("ENABLE_CPU_PINNING") is False
+    assert compiled.get_property("INFERENCE_NUM_THREADS") == 1
+    assert cpu_config(1)["ENABLE_CPU_PINNING"] is False and "INFERENCE_NUM_THREADS" not in cpu_config(0)
