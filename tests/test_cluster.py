@@ -244,11 +244,16 @@ def _kill_when_busy_and_wait_back(cluster: clusters.Cluster, load: Load, name: s
     samples: list = []
     done = threading.Event()
     watcher = threading.Thread(target=_watch, args=(cluster, name, done, samples))
-    busy_deadline = time.monotonic() + 60
-    while int(cluster.stats()[name]["scur"]) == 0 and time.monotonic() < busy_deadline:
-        time.sleep(0.005)
-    in_flight = int(cluster.stats()[name]["scur"])
     watcher.start()
+    # The kill follows the very stats read that saw a request in flight: reading them a second
+    # time (as this did before) let that request finish in between and recorded 0 in flight.
+    busy_deadline = time.monotonic() + 60
+    in_flight = 0
+    while time.monotonic() < busy_deadline:
+        in_flight = int(cluster.stats()[name]["scur"])
+        if in_flight:
+            break
+        time.sleep(0.005)
     killed_at = time.monotonic()
     os.kill(old_pid, signal.SIGKILL)
     sent_at_kill = len(load.results)
