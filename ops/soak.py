@@ -3,9 +3,11 @@
 Phase 1 drives the server closed-loop (``concurrency`` clients back to back) to find its peak
 images/s. Phase 2 sends requests open-loop at ``load`` x peak for ``duration`` seconds,
 sampling the workers' resident memory. After a warm-up share of the run, it checks: zero
-errors, worker RSS growth under ``max_rss_growth``, and p99 latency stable: the second half's
-p99 at most ``max_p99_drift`` times the first half's (a growth check; 80 % load is a queue, so
-single windows scatter both ways).
+errors, worker RSS growth under ``max_rss_growth``, and tail latency stable: the second half's
+``drift_quantile`` latency (p99 by default) at most ``max_tail_drift`` times the first half's (a
+growth check; 80 % load is a queue, so single windows scatter both ways). A p99 is only as steady as
+the requests beyond it: 10 minutes at ~12/s leave ~30 per half, a 60-second run ~3, so short runs
+check a lower quantile (the 60-second test in ``make test`` checks p95, ~14 per half).
 
 The command line is ``scripts/soak.py`` (``make soak``).
 """
@@ -39,7 +41,8 @@ class SoakPlan:
         load: Share of the measured peak to hold.
         warmup_fraction: Share of ``duration`` left out of the checks.
         max_rss_growth: Largest accepted relative growth of the workers' RSS after warm-up.
-        max_p99_drift: Largest accepted ratio of the second half's p99 to the first half's.
+        drift_quantile: The latency quantile compared between the halves (0.99 = p99).
+        max_tail_drift: Largest accepted ratio of the second half's ``drift_quantile`` latency to the first half's.
     """
 
     duration: float = 600.0
@@ -48,7 +51,8 @@ class SoakPlan:
     load: float = 0.8
     warmup_fraction: float = 0.2
     max_rss_growth: float = 0.05
-    max_p99_drift: float = 2.0
+    drift_quantile: float = 0.99
+    max_tail_drift: float = 2.0
 
 
 class Client:
@@ -131,7 +135,7 @@ def run_soak(server: Server, payloads: list[bytes], plan: SoakPlan) -> dict[str,
     steady = [r for r in client.records if r[0] - started >= warmup]
     middle = warmup + (plan.duration - warmup) / 2
     halves = [[r[1] for r in steady if r[0] - started < middle], [r[1] for r in steady if r[0] - started >= middle]]
-    p99s = [percentile(half, 0.99) * 1000 for half in halves]
+    tails = [percentile(half, plan.drift_quantile) * 1000 for half in halves]
     steady_rss = [value for t, value in rss if t >= warmup]
     window = max(1, len(steady_rss) // 10)
     rss_start, rss_end = statistics.median(steady_rss[:window]), statistics.median(steady_rss[-window:])
@@ -145,12 +149,13 @@ def run_soak(server: Server, payloads: list[bytes], plan: SoakPlan) -> dict[str,
         "errors": errors,
         "p50_ms": percentile([r[1] for r in steady], 0.5) * 1000,
         "p99_ms": percentile([r[1] for r in steady], 0.99) * 1000,
-        "p99_ms_by_half": p99s,
-        "p99_drift": p99s[-1] / p99s[0],
+        "drift_quantile": plan.drift_quantile,
+        "tail_ms_by_half": tails,
+        "tail_drift": tails[-1] / tails[0],
         "worker_rss_mb_start": rss_start / 2**20,
         "worker_rss_mb_end": rss_end / 2**20,
         "worker_rss_growth": (rss_end - rss_start) / rss_start,
     }
     report["passed"] = (errors == 0 and report["worker_rss_growth"] < plan.max_rss_growth
-                        and report["p99_drift"] <= plan.max_p99_drift)
+                        and report["tail_drift"] <= plan.max_tail_drift)
     return report

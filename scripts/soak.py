@@ -36,7 +36,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--load", type=float, default=defaults.load, help="share of the measured peak to hold")
     parser.add_argument("--warmup-fraction", type=float, default=defaults.warmup_fraction)
     parser.add_argument("--max-rss-growth", type=float, default=defaults.max_rss_growth)
-    parser.add_argument("--max-p99-drift", type=float, default=defaults.max_p99_drift)
+    parser.add_argument("--drift-quantile", type=float, default=defaults.drift_quantile,
+                        help="latency quantile compared between the two halves (0.99 = p99; lower for short runs)")
+    parser.add_argument("--max-tail-drift", type=float, default=defaults.max_tail_drift,
+                        help="largest accepted ratio of the second half's quantile latency to the first half's")
     parser.add_argument("--out", default=str(ROOT / "runs" / "soak"), help="folder for soak.json")
     return parser
 
@@ -47,7 +50,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     if not payloads:
         raise SystemExit(f"no JPEG payloads in {args.samples}")
     plan = SoakPlan(args.duration, args.peak_seconds, args.concurrency, args.load, args.warmup_fraction,
-                    args.max_rss_growth, args.max_p99_drift)
+                    args.max_rss_growth, args.drift_quantile, args.max_tail_drift)
     server = Server(Path(args.run_dir).resolve())
     temporary = None
     if not server.is_running():
