@@ -2,6 +2,7 @@
 validation by the recorded split's lesions, distillation from a release checkpoint."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -85,14 +86,15 @@ def test_the_recorded_split_carries_every_image_of_its_lesions():
     assert len(val_records) > len(named)  # several images of some lesions
 
 
-def _data_43() -> "object":
+def _data_43() -> Path:
+    """The 4:3 HAM10000 copies (200x150), or a skip naming where they were looked for."""
     folder = DATA / "ham10000-200x150"
     if not folder.exists():
         pytest.skip(f"real HAM10000 data not found at {folder}")
     return folder
 
 
-def _tiny_teacher(tmp_path, side: int) -> "object":
+def _tiny_teacher(tmp_path: Path, side: int) -> Path:
     """A two-member release of tiny square networks, saved; its path."""
     square = default_preprocess_config("efficientnet_lite0", side)
     teacher = combine_members([_tiny(1, square), _tiny(2, square)], Meta(square, version="0.1.0"))
@@ -100,7 +102,7 @@ def _tiny_teacher(tmp_path, side: int) -> "object":
     return teacher.save(tmp_path / "teacher.pt")
 
 
-def _train_rectangular(folder, output, limit: int, *extra: str) -> None:
+def _train_rectangular(folder: Path, output: Path, limit: int, *extra: str) -> None:
     """``scripts/train.py`` at 48x64, full view, on the recorded split, one epoch of batches of 16."""
     train.main(train.get_args_parser().parse_args([
         "--metadata", str(folder / "metadata.csv"), "--images", str(folder / "images"), "--output", str(output),
