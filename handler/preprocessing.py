@@ -175,7 +175,7 @@ class DecodedImage:
     original_size: tuple[int, int]
 
 
-def decode_image(data: bytes, limits: DecodeLimits = DecodeLimits(), draft_size: int | None = None,
+def decode_image(data: bytes, limits: DecodeLimits = DecodeLimits(), draft_size: int | tuple[int, int] | None = None,
                  reduce_gap: int = 3) -> DecodedImage:
     """Decode image bytes safely into an upright RGB PIL image.
 
@@ -183,10 +183,11 @@ def decode_image(data: bytes, limits: DecodeLimits = DecodeLimits(), draft_size:
         data: Encoded image bytes (JPEG, PNG, WebP, TIFF, GIF, BMP...). Multi-frame
             images use their first frame.
         limits: Pixel limits checked from the header, before pixel decoding.
-        draft_size: If given, JPEGs are decoded with DCT scaling straight to the smallest
-            size whose sides are all at least this many pixels, which is much cheaper
-            than a full decode followed by a resize; other formats are box-reduced right
-            after decoding while their shorter side stays at least ``reduce_gap`` times it.
+        draft_size: If given, the smallest upright ``(width, height)`` the caller needs (an int:
+            a square). JPEGs are decoded with DCT scaling straight to the smallest size that
+            holds it, which is much cheaper than a full decode followed by a resize; other
+            formats are box-reduced right after decoding while their shorter side stays at
+            least ``reduce_gap`` times its larger side.
         reduce_gap: See ``draft_size``; 3 keeps the later resize as fair as one from full size.
 
     Returns:
@@ -223,14 +224,20 @@ def decode_image(data: bytes, limits: DecodeLimits = DecodeLimits(), draft_size:
     if width == 0 or height == 0:
         raise InvalidImageError(f"image header declares {width}x{height} pixels")
     limits.check(width, height)
+    needed = (draft_size, draft_size) if isinstance(draft_size, int) else draft_size
     try:
-        if draft_size is not None and image.format == "JPEG":
-            image.draft("RGB", (draft_size, draft_size))
-        # Before EXIF is read: a PNG's getexif() decodes the pixels.
+        orientation = None
+        if needed is not None and image.format == "JPEG":
+            # A JPEG's EXIF sits in its header (read without decoding pixels), and the draft is
+            # asked in the stored orientation: a photo stored on its side needs its sides swapped.
+            orientation = _exif_orientation(image)
+            image.draft("RGB", needed[::-1] if orientation in _ORIENTATIONS_ON_SIDE else needed)
+        # Before EXIF is read for other formats: a PNG's getexif() decodes the pixels.
         limits.budget.check_raster(image, len(data), (width, height))
-        orientation = _exif_orientation(image)
+        if orientation is None:
+            orientation = _exif_orientation(image)
         # Turned upright after the reduction and conversion, on the smaller RGB image.
-        rgb = to_rgb(image, draft_size, reduce_gap)
+        rgb = to_rgb(image, None if needed is None else max(needed), reduce_gap)
         if orientation != 1:
             rgb = rgb.transpose(_UPRIGHT[orientation])
     except Image.DecompressionBombError as exc:
@@ -374,8 +381,17 @@ def load_model_input(data: bytes, config: PreprocessConfig, limits: DecodeLimits
     Returns:
         ``(uint8 CHW tensor of config.image_size, decoded image)``.
     """
-    decoded = decode_image(data, limits, draft_size=config.resize_size)
+    decoded = decode_image(data, limits, draft_size=decode_size(config))
     return pil_to_uint8_tensor(resize_to_model_input(decoded.image, config)), decoded
+
+
+def decode_size(config: PreprocessConfig) -> tuple[int, int]:
+    """The smallest upright ``(width, height)`` an image must be decoded at for ``config``'s resize to
+    lose nothing: the input itself under ``full_view`` (a 4:3 input needs its width, not only its
+    height), ``resize_size`` on both sides for a centre crop (either side may be the shorter)."""
+    if config.resize_mode == FULL_VIEW:
+        return config.input_width, config.input_height
+    return config.resize_size, config.resize_size
 
 
 def normalize_batch(batch: torch.Tensor, config: PreprocessConfig) -> torch.Tensor:

@@ -70,6 +70,27 @@ def test_jpeg_draft_decode_matches_full_decode(sample_jpeg):
     assert np.abs(fast.permute(1, 2, 0).numpy().astype(float) - full).mean() < 4
 
 
+# A 4:3 full-view input, as the 4:3 students use: 256 wide, 192 high.
+WIDE_CONFIG = PreprocessConfig(image_size=192, resize_size=192, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5),
+                               resize_mode="full_view", image_width=256)
+
+
+@pytest.mark.parametrize("stored, orientation, decoded_size", [
+    ((600, 450), 1, (300, 225)),  # halved: 300x225 still holds 256x192
+    ((500, 400), 1, (500, 400)),  # halved would be 250 wide, under the input's 256
+    ((450, 600), 6, (300, 225)),  # stored on its side: the draft is asked in the stored orientation
+    ((520, 400), 6, (400, 520)),  # upright 400x520: halved would be 200 wide, under 256
+])
+def test_jpeg_draft_keeps_every_side_of_a_rectangular_input(stored, orientation, decoded_size):
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    data = encode(gradient_image(*stored), "JPEG", exif=exif.tobytes(), quality=95)
+    tensor, decoded = load_model_input(data, WIDE_CONFIG)
+    assert decoded.image.size == decoded_size
+    assert decoded.image.width >= 256 and decoded.image.height >= 192
+    assert tuple(tensor.shape) == (3, 192, 256)
+
+
 def test_normalize_batch_uses_checkpoint_mean_and_std():
     batch = torch.full((2, 3, 4, 4), 255, dtype=torch.uint8)
     out = normalize_batch(batch, CONFIG)
