@@ -163,6 +163,7 @@ def write_report(path: Path, result: dict[str, Any]) -> None:
     if result.get("baseline"):
         baseline = result["baseline"]
         lines += [f"## Against the baseline `{baseline['checkpoint']}` (release {baseline.get('version')}), same run", "",
+                  f"The baseline was served with {baseline_serving_text(baseline)}.", "",
                   "| figure | this release | baseline | ratio |", "|---|---|---|---|",
                   f"| best served images/s | {fmt(summary['best_served_images_per_s'], 1)} | "
                   f"{fmt(summary['baseline_best_served_images_per_s'], 1)} | {fmt(summary['baseline_served_ratio'], 3)} |",
@@ -297,3 +298,15 @@ def summary_text(result: dict[str, Any]) -> str:
                      f"in-process {fmt(summary['baseline_in_process_ratio'], 3)}x")
     lines.append(f"  p99 at best throughput: {fmt(summary['p99_ms_at_best'], 0)} ms; tail check from {summary['tail_level']}")
     return "\n".join(lines)
+
+
+def baseline_serving_text(baseline: dict[str, Any]) -> str:
+    """How the baseline was served, in words: as released (its own batching and runtime) or as this release is."""
+    overrides = baseline.get("overrides") or {}
+    handler = overrides.get("handler") or {}
+    settings = [f"{key} {value}" for key, value in overrides.items() if key != "handler"]
+    settings += [f"{key} {value}" for key, value in handler.items()]
+    if not settings:
+        return "this run's model config, as this release"
+    how = "its own release's serving choices" if baseline.get("serving") == "released" else "this run's overrides"
+    return f"{how} ({', '.join(settings)})"

@@ -18,8 +18,8 @@ from typing import Any
 from ops.bench_inprocess import (bench_decode, bench_gate, bench_gradcam, bench_in_process, bench_runtimes,
                                  machine_description, parse_layout)
 from ops.bench_report import summarize
-from ops.bench_served import (UNBATCHED_OVERRIDES, baseline_checkpoint, model_config_overrides, model_config_with,
-                              protocol_sweep, served_sweep)
+from ops.bench_served import (UNBATCHED_OVERRIDES, baseline_checkpoint, merged_overrides, model_config_overrides,
+                              model_config_with, protocol_sweep, released_serving, served_sweep)
 from ops.loadgen import ServedTarget, SweepPlan, default_plan, sweep_target
 from ops.paths import MODEL_NAME
 
@@ -53,6 +53,7 @@ class BenchOptions:
     rounds: int = 7
     layouts: list[str] | None = None
     baseline: str | None = None
+    baseline_serving: str = "released"
     inprocess_seconds: float | None = None
 
     @classmethod
@@ -86,19 +87,32 @@ class _Run:
         seconds = self.options.inprocess_seconds
         return seconds if seconds is not None else (3.0 if self.options.quick else 10.0)
 
-    def inprocess_settings(self) -> Any:
-        """The served handler settings with every core: in-process figures use them all, whatever a
-        served worker's thread share is."""
+    def inprocess_settings(self, served_config: dict[str, Any] | None = None) -> Any:
+        """The served handler settings (this run's, or ``served_config``'s) with every core: in-process
+        figures use them all, whatever a served worker's thread share is."""
         from handler.settings import HandlerSettings
 
-        return dataclasses.replace(HandlerSettings.from_mapping(self.served_config.get("handler")), torch_threads=0)
+        handler = (served_config or self.served_config).get("handler")
+        return dataclasses.replace(HandlerSettings.from_mapping(handler), torch_threads=0)
 
-    def in_process(self, checkpoint: str) -> list[dict[str, Any]]:
-        return bench_in_process(checkpoint, self.inprocess_settings(), self.payloads,
-                                sorted({self.batch_size, 1}, reverse=True), self.inprocess_seconds, self.layouts)
+    def in_process(self, checkpoint: str, overrides: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+        served_config = None if overrides is None else model_config_with(Path(self.options.model_config), overrides)
+        batch_size = self.batch_size if served_config is None else int(served_config["batchSize"])
+        return bench_in_process(checkpoint, self.inprocess_settings(served_config), self.payloads,
+                                sorted({batch_size, 1}, reverse=True), self.inprocess_seconds, self.layouts)
 
-    def served(self, checkpoint: Path) -> dict[str, Any]:
-        return served_sweep(self.overrides, self.payload_paths, self.plan, checkpoint, Path(self.options.model_config))
+    def served(self, checkpoint: Path, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+        return served_sweep(self.overrides if overrides is None else overrides, self.payload_paths, self.plan,
+                            checkpoint, Path(self.options.model_config))
+
+    def baseline_overrides(self) -> dict[str, Any]:
+        """The model-config changes the baseline is served with: a ``git:REV`` baseline's own serving
+        choices under ``baseline_serving == "released"`` (this run's explicit options still win), else
+        this run's."""
+        reference = self.options.baseline or ""
+        if self.options.baseline_serving != "released" or not reference.startswith("git:"):
+            return self.overrides
+        return merged_overrides(released_serving(reference[len("git:"):]), self.overrides)
 
 
 def prepare(options: BenchOptions) -> _Run:
@@ -217,10 +231,13 @@ def baseline_sections(run: _Run, sections: set[str]) -> dict[str, Any]:
 
     with tempfile.TemporaryDirectory(prefix="bench-baseline-") as folder:
         baseline = baseline_checkpoint(run.options.baseline, Path(folder))
-        result: dict[str, Any] = {"checkpoint": run.options.baseline, "version": read_checkpoint(baseline).meta.version}
-        print(f"baseline {run.options.baseline} (release {result['version']})", flush=True)
+        overrides = run.baseline_overrides()
+        result: dict[str, Any] = {"checkpoint": run.options.baseline, "version": read_checkpoint(baseline).meta.version,
+                                  "serving": run.options.baseline_serving, "overrides": overrides}
+        served_with = overrides or "this run's model config"
+        print(f"baseline {run.options.baseline} (release {result['version']}), served with {served_with}", flush=True)
         if "inprocess" in sections:
-            result["in_process"] = run.in_process(str(baseline))
+            result["in_process"] = run.in_process(str(baseline), overrides)
         if "served" in sections and not run.options.url:
-            result["served"] = run.served(baseline)
+            result["served"] = run.served(baseline, overrides)
     return result

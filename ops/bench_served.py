@@ -204,6 +204,38 @@ def protocol_sweep(payload_paths: Sequence[str], plan: SweepPlan, checkpoint: Pa
             "ratio_to_plain": {protocol: value / plain if plain > 0 else None for protocol, value in images_per_s.items()}}
 
 
+# What a release chooses for its own speed: its batching, its workers and how its handler runs the
+# networks. A ``git:REV`` baseline is served with REV's choices (``--baseline-serving released``), so
+# that "release X's throughput" is X as it was released; every other setting (limits, the gate's
+# policy) is this run's, so both archives refuse and answer alike.
+RELEASE_SERVING_KEYS = ("batchSize", "maxBatchDelay", "minWorkers", "maxWorkers")
+RELEASE_HANDLER_KEYS = ("runtime", "precision", "torch_threads", "tta")
+
+
+def released_serving(revision: str) -> dict[str, Any]:
+    """The serving choices (:data:`RELEASE_SERVING_KEYS`, :data:`RELEASE_HANDLER_KEYS`) of the model
+    config committed at ``revision``, as model-config overrides.
+
+    Raises:
+        SystemExit: ``revision`` is unknown or holds no model config.
+    """
+    relative = MODEL_CONFIG.relative_to(ROOT).as_posix()
+    shown = subprocess.run(["git", "-C", str(ROOT), "show", f"{revision}:{relative}"], capture_output=True, text=True)
+    if shown.returncode != 0:
+        raise SystemExit(f"--baseline git:{revision}: {shown.stderr.strip()}")
+    config = yaml.safe_load(shown.stdout) or {}
+    overrides: dict[str, Any] = {key: config[key] for key in RELEASE_SERVING_KEYS if key in config}
+    handler = config.get("handler") or {}
+    overrides["handler"] = {key: handler[key] for key in RELEASE_HANDLER_KEYS if key in handler}
+    return overrides
+
+
+def merged_overrides(base: dict[str, Any], on_top: dict[str, Any]) -> dict[str, Any]:
+    """``base`` with ``on_top``'s keys replacing its own (their ``handler`` blocks merged key by key)."""
+    handler = {**(base.get("handler") or {}), **(on_top.get("handler") or {})}
+    return {**base, **on_top, **({"handler": handler} if handler else {})}
+
+
 def baseline_checkpoint(reference: str, folder: Path) -> Path:
     """The checkpoint named by ``reference``: a path, or ``git:REV`` for the release checkpoint
     (``models/skin_lesion.pt``) as committed at REV, written into ``folder``.

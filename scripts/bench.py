@@ -32,7 +32,9 @@ growing batch sizes.
 ``--baseline CHECKPOINT`` (or ``git:REV`` for the release checkpoint committed at REV) runs the
 ``inprocess`` and ``served`` sections a second time for that checkpoint, right after the
 release's, and reports the release's throughput as a ratio to it (``make bench
-BASELINE=git:360bf4d`` compares with release 1.5.0).
+BASELINE=git:360bf4d`` compares with release 1.5.0). A ``git:REV`` baseline serves as it was
+released: with the batching, workers, runtime, precision, threads and TTA of REV's model config
+(``--baseline-serving current`` serves it with this run's instead, to compare the networks alone).
 
 ``unbatched``: the real TorchServe with an archive built from a copy of the model config at
 ``batchSize: 1``, ``maxBatchDelay: 0``, driven with one request in flight.
@@ -116,6 +118,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--baseline", metavar="CHECKPOINT",
                         help="also bench this checkpoint (or git:REV, the release checkpoint at a commit) in the "
                              "same run, in-process and served, and report throughput ratios to it")
+    parser.add_argument("--baseline-serving", choices=("released", "current"), default="released",
+                        help="released (default): a git:REV baseline is served with the batching, workers, runtime, "
+                             "precision, threads and TTA committed at REV, as it was released (--handler and the "
+                             "batch/worker options still apply on top); current: with this run's model config, as "
+                             "the release is")
     parser.add_argument("--inprocess-seconds", type=float, help="seconds per batch size in-process (default 10, quick 3)")
     parser.add_argument("--out", default=str(ROOT / "runs" / "bench"), help="folder for bench.json")
     parser.add_argument("--report", default=str(ROOT / "docs" / "PERFORMANCE.md"), help="markdown report to write")

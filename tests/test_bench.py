@@ -170,6 +170,39 @@ def test_baseline_from_git_is_the_release_checkpoint_at_that_commit(tmp_path):
         baseline_checkpoint("git:no-such-revision", tmp_path)
 
 
+def test_a_git_baseline_is_served_as_it_was_released_unless_asked_otherwise(tmp_path):
+    from ops.bench_run import BenchOptions, prepare
+    from ops.bench_served import RELEASE_HANDLER_KEYS, RELEASE_SERVING_KEYS, released_serving
+
+    committed = yaml.safe_load(MODEL_CONFIG.read_text())  # HEAD's config, unless this tree edits it
+    released = released_serving("HEAD")
+    assert released == {**{key: committed[key] for key in RELEASE_SERVING_KEYS if key in committed},
+                        "handler": {key: committed["handler"][key] for key in RELEASE_HANDLER_KEYS
+                                    if key in committed["handler"]}}
+    assert released["handler"]["runtime"] and released["batchSize"]
+    with pytest.raises(SystemExit, match="no-such-revision"):
+        released_serving("no-such-revision")
+
+    (tmp_path / "a.jpg").write_bytes(b"not read here")
+
+    def options(**changes):
+        return BenchOptions(checkpoint=str(RELEASED_CHECKPOINT), model_config=str(MODEL_CONFIG),
+                            samples=str(tmp_path), **changes)
+
+    # As released: REV's choices, with this run's explicit options on top (they apply to both sides).
+    run = prepare(options(baseline="git:HEAD", handler=["tta=flip", "gradcam_alpha=0.3"], workers=1))
+    overrides = run.baseline_overrides()
+    assert overrides["handler"] == {**released["handler"], "tta": "flip", "gradcam_alpha": 0.3}
+    assert overrides["batchSize"] == released["batchSize"] and overrides["minWorkers"] == overrides["maxWorkers"] == 1
+    # Served with this run's config: the run's overrides alone, and so for a checkpoint file.
+    assert prepare(options(baseline="git:HEAD", baseline_serving="current", workers=1)).baseline_overrides() == {
+        "minWorkers": 1, "maxWorkers": 1}
+    assert prepare(options(baseline=str(RELEASED_CHECKPOINT))).baseline_overrides() == {}
+    # The report says how the baseline was served.
+    assert "runtime" in bench_report.baseline_serving_text({"serving": "released", "overrides": overrides})
+    assert bench_report.baseline_serving_text({"serving": "current", "overrides": {}}).startswith("this run's model config")
+
+
 def test_command_line_masks_the_token():
     shown = bench_report.command_line(["scripts/bench.py", "--url", "http://127.0.0.1:8080", "--token", "s3cret", "--quick"])
     assert shown == "python scripts/bench.py --url http://127.0.0.1:8080 --token *** --quick"
