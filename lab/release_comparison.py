@@ -11,7 +11,10 @@ the mean of its images' probabilities. Two presentations of the same validation 
 - ``200x150``: every ``ham10000-200x150`` image of the lesion (softer: JPEG quality about 75).
 
 Intervals are 95 % bootstrap intervals, lesions resampled within each class
-(:func:`lab.evaluation.bootstrap_intervals`).
+(:func:`lab.evaluation.bootstrap_intervals`). Each release after the first is also compared with
+the first *paired* (:func:`paired_differences`): the same resampled lesions score both, so the
+interval of the difference leaves out what both releases share (which lesions were drawn), and is
+much narrower than the two releases' own intervals side by side.
 """
 
 from __future__ import annotations
@@ -62,9 +65,23 @@ def per_lesion(probabilities: np.ndarray, records: Sequence[LabelledImage]) -> t
     return np.stack([probabilities[rows[lesion]].mean(0) for lesion in lesions]), labels, lesions
 
 
-def release_report(checkpoint: str | os.PathLike, records: Sequence[LabelledImage], settings: HandlerSettings,
-                   bootstrap: int = 1000, batch_size: int = 32) -> dict[str, Any]:
-    """One release on one presentation, lesion-level, as it serves, with bootstrap intervals.
+@dataclasses.dataclass
+class LesionCalls:
+    """One release's answers on one presentation, a row per lesion (in the records' first-seen order)."""
+
+    checkpoint: str
+    version: str
+    images: int
+    lesions: list[str]
+    labels: np.ndarray
+    probabilities: np.ndarray
+    calls: np.ndarray
+    referral_threshold: float
+
+
+def serve_lesions(checkpoint: str | os.PathLike, records: Sequence[LabelledImage], settings: HandlerSettings,
+                  batch_size: int = 32) -> LesionCalls:
+    """One release on one presentation as it serves, per lesion.
 
     The referral threshold is the release's own measured operating point (``meta.operating_point``),
     the decision rule and TTA mode the serving settings'.
@@ -78,13 +95,64 @@ def release_report(checkpoint: str | os.PathLike, records: Sequence[LabelledImag
     probabilities, labels, lesions = per_lesion(served.probabilities.numpy(), records)
     calls = decide(torch.from_numpy(probabilities), settings.decision_rule,
                    loaded.calibration(settings.tta).class_prior).numpy()
-    report = classification_report(probabilities, labels, threshold, calls)
+    return LesionCalls(str(checkpoint), loaded.version, len(records), lesions, labels, probabilities, calls, threshold)
+
+
+def lesion_report(answers: LesionCalls, bootstrap: int = 1000) -> dict[str, Any]:
+    """The headline figures of :func:`serve_lesions`' answers, with bootstrap intervals."""
+    report = classification_report(answers.probabilities, answers.labels, answers.referral_threshold, answers.calls)
     figures = {key: report[key] for key in HEADLINE}
-    intervals = bootstrap_intervals(probabilities, labels, calls, threshold, bootstrap)["intervals"] if bootstrap else {}
-    return {"checkpoint": str(checkpoint), "version": loaded.version, "images": len(records), "lesions": len(lesions),
-            "referral_threshold": threshold, "figures": figures,
+    intervals = (bootstrap_intervals(answers.probabilities, answers.labels, answers.calls, answers.referral_threshold,
+                                     bootstrap)["intervals"] if bootstrap else {})
+    return {"checkpoint": answers.checkpoint, "version": answers.version, "images": answers.images,
+            "lesions": len(answers.lesions), "referral_threshold": answers.referral_threshold, "figures": figures,
             "intervals": {key: value for key, value in intervals.items() if key in HEADLINE},
             "per_class_recall": {code: row["recall"] for code, row in report["per_class"].items()}}
+
+
+def release_report(checkpoint: str | os.PathLike, records: Sequence[LabelledImage], settings: HandlerSettings,
+                   bootstrap: int = 1000, batch_size: int = 32) -> dict[str, Any]:
+    """One release on one presentation, lesion-level, as it serves, with bootstrap intervals."""
+    return lesion_report(serve_lesions(checkpoint, records, settings, batch_size), bootstrap)
+
+
+def paired_differences(first: LesionCalls, other: LesionCalls, resamples: int = 1000, confidence: float = 0.95,
+                       seed: int = 0) -> dict[str, dict[str, float]]:
+    """``other`` minus ``first`` on each headline figure, with a paired bootstrap interval.
+
+    Each resample draws lesions within each class (as :func:`lab.evaluation.bootstrap_intervals`
+    does) and scores both releases on the same draw, so the interval measures how far apart the
+    two releases are, not how uncertain each figure is alone.
+
+    Returns:
+        ``{figure: {"difference", "low", "high"}}`` for the figures both releases define.
+
+    Raises:
+        ValueError: The two were not measured on the same lesions in the same order.
+    """
+    if first.lesions != other.lesions or not np.array_equal(first.labels, other.labels):
+        raise ValueError("paired differences need both releases measured on the same lesions")
+    if resamples < 1 or not 0 < confidence < 1:
+        raise ValueError(f"need resamples >= 1 and 0 < confidence < 1, got {resamples} and {confidence}")
+
+    def figures(answers: LesionCalls, rows: np.ndarray) -> dict[str, Any]:
+        return classification_report(answers.probabilities[rows], answers.labels[rows], answers.referral_threshold,
+                                     answers.calls[rows])
+
+    everything = np.arange(len(first.lesions))
+    full_first, full_other = figures(first, everything), figures(other, everything)
+    keys = [key for key in HEADLINE if full_first[key] is not None and full_other[key] is not None]
+    rng = np.random.default_rng(seed)
+    by_class = [np.flatnonzero(first.labels == index) for index in np.unique(first.labels)]
+    draws = np.empty((resamples, len(keys)))
+    for row in range(resamples):
+        rows = np.concatenate([rng.choice(members, size=len(members)) for members in by_class])
+        one, two = figures(first, rows), figures(other, rows)
+        draws[row] = [two[key] - one[key] for key in keys]
+    tail = (1 - confidence) / 2 * 100
+    low, high = np.percentile(draws, [tail, 100 - tail], axis=0)
+    return {key: {"difference": float(full_other[key] - full_first[key]), "low": float(a), "high": float(b)}
+            for key, a, b in zip(keys, low, high)}
 
 
 def format_comparison(reports: dict[str, dict[str, dict[str, Any]]]) -> str:
@@ -99,4 +167,16 @@ def format_comparison(reports: dict[str, dict[str, dict[str, Any]]]) -> str:
                 low_high = report["intervals"].get(key)
                 cells.append(f"{value:.3f}" + (f" ({low_high[0]:.3f}-{low_high[1]:.3f})" if low_high else ""))
             lines.append(f"| {presentation} | {name} ({report['version']}) | {report['lesions']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def format_differences(differences: dict[str, dict[str, dict[str, dict[str, float]]]], first: str) -> str:
+    """A markdown table of :func:`paired_differences`: one row per (presentation, release), minus ``first``."""
+    lines = [f"| presentation | release minus {first} | " + " | ".join(key.replace("_", " ") for key in HEADLINE) + " |",
+             "|---|---|" + "---|" * len(HEADLINE)]
+    for presentation, by_release in differences.items():
+        for name, figures in by_release.items():
+            cells = [f"{row['difference']:+.3f} ({row['low']:+.3f} to {row['high']:+.3f})" if (row := figures.get(key))
+                     else "-" for key in HEADLINE]
+            lines.append(f"| {presentation} | {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)

@@ -1,7 +1,8 @@
 """Release checkpoints side by side on the validation lesions at 4:3, lesion-level, as each serves.
 
-Presentations and method: :mod:`lab.release_comparison`. Writes ``comparison.json`` and
-``comparison.md`` into ``--out`` and prints the table.
+Presentations and method: :mod:`lab.release_comparison`. Writes ``comparison.json`` (each release's
+figures and intervals), ``paired_differences.json`` (each release minus the first, with paired
+bootstrap intervals) and ``comparison.md`` into ``--out`` and prints the tables.
 
 Example (what ``make compare-releases`` runs):
     python scripts/compare_releases.py --release 1.6.1=runs/release/skin_lesion-1.6.1.pt \
@@ -18,7 +19,8 @@ from typing import Any
 
 from handler.settings import load_handler_settings
 from lab.data import read_labelled_images
-from lab.release_comparison import PRESENTATIONS, format_comparison, release_report, stretched_copies
+from lab.release_comparison import (PRESENTATIONS, format_comparison, format_differences, lesion_report,
+                                    paired_differences, serve_lesions, stretched_copies)
 from lab.training import split_records_by_file
 from ops.paths import DATA, MODEL_CONFIG, PROVENANCE
 
@@ -35,7 +37,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--stretched-dir", help="where the 299x224 copies are made (default: a temporary folder)")
     parser.add_argument("--model-config", default=str(MODEL_CONFIG), help="serving settings (TTA, decision rule)")
     parser.add_argument("--bootstrap", type=int, default=1000, help="resamples of the 95%% intervals")
-    parser.add_argument("--out", required=True, help="folder for comparison.json and comparison.md")
+    parser.add_argument("--out", required=True, help="folder for comparison.json, paired_differences.json and comparison.md")
     return parser
 
 
@@ -51,20 +53,29 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         if "200x150" in args.presentations:
             presentations["200x150"] = split_records_by_file(f"{args.data_43}/metadata.csv", [f"{args.data_43}/images"],
                                                              args.split)[1]
-        reports = {}
+        reports, differences = {}, {}
+        first = next(iter(releases))
         for presentation, records in presentations.items():
-            reports[presentation] = {}
+            reports[presentation], answers = {}, {}
             for name, checkpoint in releases.items():
-                reports[presentation][name] = release_report(checkpoint, records, settings, args.bootstrap)
+                answers[name] = serve_lesions(checkpoint, records, settings)
+                reports[presentation][name] = lesion_report(answers[name], args.bootstrap)
                 figures = reports[presentation][name]["figures"]
                 print(f"{presentation} {name}: " + ", ".join(f"{k} {v:.4f}" for k, v in figures.items()), flush=True)
+            if args.bootstrap:
+                differences[presentation] = {name: paired_differences(answers[first], answers[name], args.bootstrap)
+                                             for name in releases if name != first}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "comparison.json").write_text(json.dumps(reports, indent=2))
     table = format_comparison(reports)
+    if any(differences.values()):
+        (out / "paired_differences.json").write_text(json.dumps({"minus": first, "presentations": differences}, indent=2))
+        table += ("\n\nEach release minus the first, paired (the same resampled lesions score both; 95 % intervals):\n\n"
+                  + format_differences(differences, first))
     (out / "comparison.md").write_text(table + "\n")
     print(table)
-    return reports
+    return {"reports": reports, "paired_differences": differences}
 
 
 if __name__ == "__main__":

@@ -74,3 +74,38 @@ def test_seeded_and_leaves_out_figures_the_data_cannot_define():
     assert "melanoma_sensitivity" not in first["intervals"] and "macro_auc" in first["intervals"]
     with pytest.raises(ValueError, match="resamples"):
         bootstrap_intervals(probabilities, labels, calls, resamples=0)
+
+
+def lesion_calls(labels: np.ndarray, calls: np.ndarray, probabilities: np.ndarray):
+    from lab.release_comparison import LesionCalls
+
+    return LesionCalls("x.pt", "0", len(labels), [f"L{i}" for i in range(len(labels))], labels, probabilities,
+                       calls, 0.1)
+
+
+def test_paired_differences_see_one_lesion_that_side_by_side_intervals_cannot():
+    from lab.release_comparison import paired_differences
+
+    # 8 dermatofibromas among 7 classes at recall 0.6: the second release is right on one df the first misses.
+    labels, calls, probabilities = noisy_calls(60, 0.6, seed=2)
+    rare = np.flatnonzero(labels == class_index("df"))
+    keep = np.concatenate([np.flatnonzero(labels != class_index("df")), rare[:8]])
+    labels, calls, probabilities = labels[keep], calls[keep].copy(), probabilities[keep]
+    missed = np.flatnonzero((labels == class_index("df")) & (calls != labels))[0]
+    better = calls.copy()
+    better[missed] = labels[missed]
+    first, other = lesion_calls(labels, calls, probabilities), lesion_calls(labels, better, probabilities)
+
+    paired = paired_differences(first, other, resamples=500)["balanced_accuracy"]
+    assert paired["difference"] == pytest.approx(1 / 8 / K)
+    # On every draw the second release is right on a superset of the first's lesions.
+    assert 0 <= paired["low"] <= paired["difference"] <= paired["high"]
+    alone = bootstrap_intervals(probabilities, labels, calls, resamples=500)["intervals"]["balanced_accuracy"]
+    assert paired["high"] - paired["low"] < (alone[1] - alone[0]) / 2
+    from lab.release_comparison import format_differences
+    table = format_differences({"stretched": {"other": {"balanced_accuracy": paired}}}, "first")
+    assert "| stretched | other | +0.018 (" in table and table.count("| - ") == 5
+    same = paired_differences(first, first, resamples=50)
+    assert all(row == {"difference": 0.0, "low": 0.0, "high": 0.0} for row in same.values())
+    with pytest.raises(ValueError, match="same lesions"):
+        paired_differences(first, lesion_calls(labels[1:], calls[1:], probabilities[1:]))
