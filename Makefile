@@ -110,7 +110,7 @@ train-student: install $(TEACHER) ## Train the 4:3 student for 1.7.0: one Lite2 
 	  --epochs $(STUDENT_EPOCHS) --patience $(STUDENT_EPOCHS) --lr 3e-4 --batch-size 32 --ema-decay 0.995 --class-weight-power 1.0 --min-crop-scale 0.6 \
 	  --workers 1 --threads 2 --model-version 1.7.0-student $(TRAIN_ARGS)
 
-compare-releases: install ## Releases side by side on the validation lesions at 4:3 (stretched 224 copies and 200x150 copies), lesion-level with intervals: make compare-releases RELEASES="1.6.1=a.pt 1.7.0=b.pt"
+compare-releases: install ## Releases side by side on the validation lesions at 4:3 (stretched 224 copies and 200x150 copies), lesion-level with intervals, and each minus the first with paired intervals: make compare-releases RELEASES="1.6.1=a.pt 1.7.0=b.pt"
 	$(PY) scripts/compare_releases.py $(foreach release,$(RELEASES),--release $(release)) --out runs/compare-releases
 
 compare: install ## Every combination of MEMBERS as a calibrated ensemble, out of fold on the validation split: make compare MEMBERS="a.pt b.pt" (report: runs/members.json)

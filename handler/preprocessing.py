@@ -187,7 +187,7 @@ def decode_image(data: bytes, limits: DecodeLimits = DecodeLimits(), draft_size:
             a square). JPEGs are decoded with DCT scaling straight to the smallest size that
             holds it, which is much cheaper than a full decode followed by a resize; other
             formats are box-reduced right after decoding while their shorter side stays at
-            least ``reduce_gap`` times its larger side.
+            least ``reduce_gap`` times the larger of the two needed sides.
         reduce_gap: See ``draft_size``; 3 keeps the later resize as fair as one from full size.
 
     Returns:
@@ -386,9 +386,9 @@ def load_model_input(data: bytes, config: PreprocessConfig, limits: DecodeLimits
 
 
 def decode_size(config: PreprocessConfig) -> tuple[int, int]:
-    """The smallest upright ``(width, height)`` an image must be decoded at for ``config``'s resize to
-    lose nothing: the input itself under ``full_view`` (a 4:3 input needs its width, not only its
-    height), ``resize_size`` on both sides for a centre crop (either side may be the shorter)."""
+    """The smallest upright ``(width, height)`` that ``config``'s resize reads from without upscaling:
+    the input itself under ``full_view`` (a 4:3 input needs its width, not only its height),
+    ``resize_size`` on both sides for a centre crop (either side may be the shorter)."""
     if config.resize_mode == FULL_VIEW:
         return config.input_width, config.input_height
     return config.resize_size, config.resize_size
