@@ -185,17 +185,28 @@ def bootstrap_intervals(probabilities: np.ndarray, labels: np.ndarray, predictio
         raise ValueError(f"need resamples >= 1 and 0 < confidence < 1, got {resamples} and {confidence}")
     full = classification_report(probabilities, labels, referral_threshold, predictions)
     keys = [key for key in BOOTSTRAP_KEYS if full[key] is not None]
-    rng = np.random.default_rng(seed)
-    by_class = [np.flatnonzero(labels == index) for index in np.unique(labels)]
     draws = np.empty((resamples, len(keys)))
-    for row in range(resamples):
-        rows = np.concatenate([rng.choice(members, size=len(members)) for members in by_class])
+    for row, rows in enumerate(class_resamples(labels, resamples, seed)):
         report = classification_report(probabilities[rows], labels[rows], referral_threshold, predictions[rows])
         draws[row] = [report[key] for key in keys]
-    tail = (1 - confidence) / 2 * 100
-    low, high = np.percentile(draws, [tail, 100 - tail], axis=0)
+    low, high = percentile_interval(draws, confidence)
     return {"resamples": resamples, "confidence": confidence, "seed": seed,
             "intervals": {key: [float(a), float(b)] for key, a, b in zip(keys, low, high)}}
+
+
+def class_resamples(labels: np.ndarray, resamples: int, seed: int = 0) -> Iterator[np.ndarray]:
+    """Row indices of ``resamples`` bootstrap draws, each class's rows drawn with replacement to its own size."""
+    rng = np.random.default_rng(seed)
+    by_class = [np.flatnonzero(labels == index) for index in np.unique(labels)]
+    for _ in range(resamples):
+        yield np.concatenate([rng.choice(members, size=len(members)) for members in by_class])
+
+
+def percentile_interval(draws: np.ndarray, confidence: float) -> tuple[np.ndarray, np.ndarray]:
+    """The two-sided percentile interval of each column of ``draws`` at ``confidence``."""
+    tail = (1 - confidence) / 2 * 100
+    low, high = np.percentile(draws, [tail, 100 - tail], axis=0)
+    return low, high
 
 
 def format_report(report: dict[str, Any]) -> str:

@@ -34,7 +34,8 @@ from handler.decision import decide
 from handler.inference import prepare_for_serving
 from handler.settings import HandlerSettings
 from lab.data import LabelledImage
-from lab.evaluation import bootstrap_intervals, classification_report, serve_files
+from lab.evaluation import (bootstrap_intervals, class_resamples, classification_report, percentile_interval,
+                            serve_files)
 
 PRESENTATIONS: tuple[str, ...] = ("stretched", "200x150")
 STRETCHED_SIZE = (299, 224)  # width, height: a 224x224 squashed copy back at 4:3
@@ -110,12 +111,6 @@ def lesion_report(answers: LesionCalls, bootstrap: int = 1000) -> dict[str, Any]
             "per_class_recall": {code: row["recall"] for code, row in report["per_class"].items()}}
 
 
-def release_report(checkpoint: str | os.PathLike, records: Sequence[LabelledImage], settings: HandlerSettings,
-                   bootstrap: int = 1000, batch_size: int = 32) -> dict[str, Any]:
-    """One release on one presentation, lesion-level, as it serves, with bootstrap intervals."""
-    return lesion_report(serve_lesions(checkpoint, records, settings, batch_size), bootstrap)
-
-
 def paired_differences(first: LesionCalls, other: LesionCalls, resamples: int = 1000, confidence: float = 0.95,
                        seed: int = 0) -> dict[str, dict[str, float]]:
     """``other`` minus ``first`` on each headline figure, with a paired bootstrap interval.
@@ -142,15 +137,11 @@ def paired_differences(first: LesionCalls, other: LesionCalls, resamples: int = 
     everything = np.arange(len(first.lesions))
     full_first, full_other = figures(first, everything), figures(other, everything)
     keys = [key for key in HEADLINE if full_first[key] is not None and full_other[key] is not None]
-    rng = np.random.default_rng(seed)
-    by_class = [np.flatnonzero(first.labels == index) for index in np.unique(first.labels)]
     draws = np.empty((resamples, len(keys)))
-    for row in range(resamples):
-        rows = np.concatenate([rng.choice(members, size=len(members)) for members in by_class])
+    for row, rows in enumerate(class_resamples(first.labels, resamples, seed)):
         one, two = figures(first, rows), figures(other, rows)
         draws[row] = [two[key] - one[key] for key in keys]
-    tail = (1 - confidence) / 2 * 100
-    low, high = np.percentile(draws, [tail, 100 - tail], axis=0)
+    low, high = percentile_interval(draws, confidence)
     return {key: {"difference": float(full_other[key] - full_first[key]), "low": float(a), "high": float(b)}
             for key, a, b in zip(keys, low, high)}
 

@@ -219,11 +219,7 @@ def released_serving(revision: str) -> dict[str, Any]:
     Raises:
         SystemExit: ``revision`` is unknown or holds no model config.
     """
-    relative = MODEL_CONFIG.relative_to(ROOT).as_posix()
-    shown = subprocess.run(["git", "-C", str(ROOT), "show", f"{revision}:{relative}"], capture_output=True, text=True)
-    if shown.returncode != 0:
-        raise SystemExit(f"--baseline git:{revision}: {shown.stderr.strip()}")
-    config = yaml.safe_load(shown.stdout) or {}
+    config = yaml.safe_load(committed_file(revision, MODEL_CONFIG)) or {}
     overrides: dict[str, Any] = {key: config[key] for key in RELEASE_SERVING_KEYS if key in config}
     handler = config.get("handler") or {}
     overrides["handler"] = {key: handler[key] for key in RELEASE_HANDLER_KEYS if key in handler}
@@ -246,10 +242,19 @@ def baseline_checkpoint(reference: str, folder: Path) -> Path:
     if not reference.startswith("git:"):
         return Path(reference)
     revision = reference[len("git:"):]
-    relative = CHECKPOINT.relative_to(ROOT).as_posix()
+    path = folder / f"baseline-{revision.replace('/', '_')}.pt"
+    path.write_bytes(committed_file(revision, CHECKPOINT))
+    return path
+
+
+def committed_file(revision: str, path: Path) -> bytes:
+    """The bytes of ``path`` (inside the repository) as committed at ``revision``.
+
+    Raises:
+        SystemExit: ``revision`` is unknown or does not hold ``path``.
+    """
+    relative = path.relative_to(ROOT).as_posix()
     shown = subprocess.run(["git", "-C", str(ROOT), "show", f"{revision}:{relative}"], capture_output=True)
     if shown.returncode != 0:
-        raise SystemExit(f"--baseline {reference}: {shown.stderr.decode(errors='replace').strip()}")
-    path = folder / f"baseline-{revision.replace('/', '_')}.pt"
-    path.write_bytes(shown.stdout)
-    return path
+        raise SystemExit(f"--baseline git:{revision}: {shown.stderr.decode(errors='replace').strip()}")
+    return shown.stdout
