@@ -73,7 +73,7 @@ java: ## Install Java 17 (TorchServe's frontend) if no Java 17+ is on PATH
 train: install ## Fine-tune on $(DATA) into $(RUN) (resumable: rerun to continue)
 	$(PY) scripts/train.py --metadata $(DATA)/metadata.csv --images $(DATA)/images --output $(RUN) $(TRAIN_ARGS)
 
-train-folds: install ## Cross-fitted training over every image of $(FOLDS_DATA): K lesion-grouped folds, one network per fold, out-of-fold predictions (resumable: rerun to continue): make train-folds K=5 [DEVICE=cuda] [ARCH=...] [EPOCHS=...] [FOLDS_ARGS=...]
+train-folds: install ## Cross-fitted training over the training lesions of $(FOLDS_DATA) (the validation split's lesions left out): K lesion-grouped folds, one network per fold, out-of-fold predictions (resumable: rerun to continue): make train-folds K=5 [DEVICE=cuda] [ARCH=...] [EPOCHS=...] [FOLDS_ARGS=...]
 	nice -n 10 $(PY) scripts/train_folds.py --k $(K) --metadata $(FOLDS_DATA)/metadata.csv --images $(FOLDS_DATA)/images \
 	  --output runs/folds_k$(K) --device $(DEVICE) $(if $(ARCH),--arch $(ARCH)) $(if $(EPOCHS),--epochs $(EPOCHS)) \
 	  --provenance-dir models/provenance $(FOLDS_ARGS)

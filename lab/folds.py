@@ -5,7 +5,10 @@ so that all images of a lesion are in one fold and each fold has about the same 
 diagnosis. It is saved once (``models/provenance/folds_k<K>.json``) with a digest of the records
 it was built from (image, lesion and diagnosis of every row) and a digest of itself, and every tool
 that uses it checks both (:func:`load_folds`): a fold file that was edited, or a metadata file
-with other images, lesions or labels, is refused rather than silently re-split.
+with other images, lesions or labels, is refused rather than silently re-split. An assignment can
+leave out the lesions of a recorded validation split (:func:`ensure_folds`, ``exclude_split``): no
+fold network and no student distilled from them then trains on those lesions, so both can be compared
+with a release on them; the left-out lesions are listed in the file and covered by its digest.
 
 Network ``k`` is trained on the other K-1 folds and scores fold ``k`` after every epoch
 (:func:`run_fold_epochs`), so the out-of-fold predictions cover every image at every epoch. There
@@ -59,7 +62,8 @@ from lab.evaluation import (TARGET_MELANOMA_SENSITIVITY, bootstrap_intervals, cl
 from lab.provenance import file_sha256
 from lab.training import (
     Progress, Recipe, Trainer, autocast_dtype, freeze_early_layers, initialize, make_criterion, make_ema, make_loaders,
-    make_optimizer, predict_logits, resolve_device, resume, save_state, seed_epoch, seed_everything, train_one_epoch)
+    lesions_of_split, make_optimizer, predict_logits, resolve_device, resume, save_state, seed_epoch, seed_everything,
+    train_one_epoch)
 
 FOLDS_FORMAT = 1
 FOLD_METHOD = "sklearn StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed): grouped by lesion_id, stratified by dx"
@@ -93,6 +97,10 @@ class FoldAssignment:
         records_sha256: :func:`records_digest` of the rows it partitions.
         folds: Each fold's image ids, sorted.
         counts: Per fold: images, lesions and images per class (descriptive).
+        excluded_lesions: Lesions of the metadata left out of every fold, sorted (a release's
+            validation lesions, so that no fold network or student ever trains on them and both can
+            be compared with releases on them). Part of the digest when there are any.
+        excluded_because: Where they come from (descriptive).
     """
 
     k: int
@@ -102,22 +110,34 @@ class FoldAssignment:
     records_sha256: str
     folds: tuple[tuple[str, ...], ...]
     counts: tuple[dict[str, Any], ...] = ()
+    excluded_lesions: tuple[str, ...] = ()
+    excluded_because: str = ""
 
     @property
     def digest(self) -> str:
-        """SHA-256 of what defines the assignment (k, seed, records digest, the folds): names it in checkpoints."""
-        body = json.dumps({"k": self.k, "seed": self.seed, "records_sha256": self.records_sha256,
-                           "folds": [list(fold) for fold in self.folds]}, sort_keys=True, separators=(",", ":"))
-        return hashlib.sha256(body.encode()).hexdigest()
+        """SHA-256 of what defines the assignment (k, seed, records digest, the folds, the lesions left out):
+        names it in checkpoints. Without lesions left out it is what it was before they could be."""
+        body: dict[str, Any] = {"k": self.k, "seed": self.seed, "records_sha256": self.records_sha256,
+                                "folds": [list(fold) for fold in self.folds]}
+        if self.excluded_lesions:
+            body["excluded_lesions"] = list(self.excluded_lesions)
+        return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+    def kept(self, records: Sequence[LabelledImage]) -> list[LabelledImage]:
+        """The records the folds partition: those of lesions not left out, in their order."""
+        excluded = set(self.excluded_lesions)
+        return [r for r in records if r.lesion_id not in excluded]
 
     def fold_of(self) -> dict[str, int]:
         """Image id -> its fold."""
         return {image_id: index for index, fold in enumerate(self.folds) for image_id in fold}
 
     def to_dict(self) -> dict[str, Any]:
+        excluded = ({"excluded_because": self.excluded_because, "excluded_lesions": list(self.excluded_lesions)}
+                    if self.excluded_lesions else {})
         return {"format": FOLDS_FORMAT, "method": FOLD_METHOD, "k": self.k, "seed": self.seed, "metadata": self.metadata,
                 "metadata_sha256": self.metadata_sha256, "records_sha256": self.records_sha256, "digest": self.digest,
-                "counts": list(self.counts), "folds": [list(fold) for fold in self.folds]}
+                "counts": list(self.counts), **excluded, "folds": [list(fold) for fold in self.folds]}
 
     @classmethod
     def from_dict(cls, values: dict[str, Any], name: str = "fold file") -> "FoldAssignment":
@@ -130,7 +150,8 @@ class FoldAssignment:
             raise FoldMismatchError(f"{name}: fold file format {values.get('format')!r}, expected {FOLDS_FORMAT}")
         assignment = cls(int(values["k"]), int(values["seed"]), str(values["metadata"]), str(values["metadata_sha256"]),
                          str(values["records_sha256"]), tuple(tuple(fold) for fold in values["folds"]),
-                         tuple(values.get("counts") or ()))
+                         tuple(values.get("counts") or ()), tuple(values.get("excluded_lesions") or ()),
+                         str(values.get("excluded_because") or ""))
         if assignment.digest != values.get("digest"):
             raise FoldMismatchError(f"{name}: its folds do not match its digest (the file was edited after it was "
                                     f"written); rebuild it with scripts/train_folds.py --rebuild-folds")
@@ -168,7 +189,8 @@ def lesion_grouped_folds(records: Sequence[LabelledImage], k: int, seed: int) ->
     return [sorted(int(i) for i in held_out) for _, held_out in split]
 
 
-def make_folds(records: Sequence[LabelledImage], k: int, seed: int, metadata: str | os.PathLike) -> FoldAssignment:
+def make_folds(records: Sequence[LabelledImage], k: int, seed: int, metadata: str | os.PathLike,
+               excluded_lesions: Iterable[str] = (), excluded_because: str = "") -> FoldAssignment:
     """Partition every record into ``k`` lesion-grouped, class-stratified folds (:func:`lesion_grouped_folds`).
 
     Args:
@@ -176,7 +198,11 @@ def make_folds(records: Sequence[LabelledImage], k: int, seed: int, metadata: st
         k: Number of folds (at least 2).
         seed: Seed of the partition.
         metadata: The metadata file the records were read from.
+        excluded_lesions: Lesions whose images are left out of every fold.
+        excluded_because: Where those lesions come from (recorded in the fold file).
     """
+    excluded = tuple(sorted(set(excluded_lesions)))
+    records = [r for r in records if r.lesion_id not in set(excluded)]
     folds: list[tuple[str, ...]] = []
     counts = []
     for held_out in lesion_grouped_folds(records, k, seed):
@@ -186,15 +212,18 @@ def make_folds(records: Sequence[LabelledImage], k: int, seed: int, metadata: st
                        "class_images": dict(zip(CLASS_CODES, class_counts(members)))})
     metadata = Path(metadata)
     return FoldAssignment(k, seed, f"{metadata.resolve().parent.name}/{metadata.name}", file_sha256(metadata),
-                          records_digest(records), tuple(folds), tuple(counts))
+                          records_digest(records), tuple(folds), tuple(counts), excluded,
+                          excluded_because if excluded else "")
 
 
 def check_folds(assignment: FoldAssignment, records: Sequence[LabelledImage], name: str = "fold file") -> None:
-    """Refuse an assignment that is not a lesion-grouped partition of exactly these records.
+    """Refuse an assignment that is not a lesion-grouped partition of exactly these records (less the
+    lesions it leaves out).
 
     Raises:
         FoldMismatchError: Naming what differs.
     """
+    records = assignment.kept(records)
     digest = records_digest(records)
     if digest != assignment.records_sha256:
         fold_of = assignment.fold_of()
@@ -220,7 +249,8 @@ def read_folds(path: str | os.PathLike) -> FoldAssignment:
 
 
 def load_folds(path: str | os.PathLike, metadata: str | os.PathLike) -> tuple[FoldAssignment, list[LabelledImage]]:
-    """A stored assignment checked against a metadata file, and that file's records.
+    """A stored assignment checked against a metadata file, and the records it partitions: that file's
+    records less the lesions the assignment leaves out.
 
     Raises:
         FoldMismatchError: If either does not match (:func:`check_folds`).
@@ -228,29 +258,55 @@ def load_folds(path: str | os.PathLike, metadata: str | os.PathLike) -> tuple[Fo
     records = read_labels(metadata)
     assignment = read_folds(path)
     check_folds(assignment, records, str(path))
-    return assignment, records
+    return assignment, assignment.kept(records)
 
 
-def ensure_folds(path: str | os.PathLike, metadata: str | os.PathLike, k: int, seed: int,
-                 rebuild: bool = False) -> tuple[FoldAssignment, list[LabelledImage]]:
+def folds_description(assignment: FoldAssignment) -> str:
+    """One line for people: how many folds of how many images, what was left out, the digest."""
+    left_out = (f", {len(assignment.excluded_lesions)} lesions left out ({assignment.excluded_because})"
+                if assignment.excluded_lesions else ", nothing left out")
+    return (f"{assignment.k} folds of {[len(fold) for fold in assignment.folds]} images over {assignment.metadata}"
+            f"{left_out}, digest {assignment.digest[:12]}")
+
+
+def ensure_folds(path: str | os.PathLike, metadata: str | os.PathLike, k: int, seed: int, rebuild: bool = False,
+                 exclude_split: str | os.PathLike | None = None) -> tuple[FoldAssignment, list[LabelledImage]]:
     """The assignment at ``path``, checked against ``metadata``; built and saved there if there is none.
 
+    Args:
+        exclude_split: A recorded validation split (JSON with ``val_image_ids``, e.g.
+            ``models/provenance/val_split.json``): every image of the lesions it shows is left out of
+            every fold (:func:`lab.training.lesions_of_split`). None leaves nothing out.
+
+    Returns:
+        The assignment and the records it partitions.
+
     Raises:
-        FoldMismatchError: An existing file for other metadata, or with another ``k`` or ``seed``
-            (``rebuild`` overwrites it instead).
+        FoldMismatchError: An existing file for other metadata, with another ``k`` or ``seed``, or
+            leaving out other lesions (``rebuild`` overwrites it instead).
     """
     path = Path(path)
+    records = read_labels(metadata)
+    excluded: tuple[str, ...] = ()
+    because = ""
+    if exclude_split is not None:
+        excluded = tuple(sorted(lesions_of_split(records, exclude_split, str(metadata))))
+        because = (f"every image of the lesions shown by {Path(exclude_split).name}'s val_image_ids "
+                   f"(sha256 {file_sha256(exclude_split)[:12]})")
     if path.exists() and not rebuild:
-        assignment, records = load_folds(path, metadata)
+        assignment, kept = load_folds(path, metadata)
         if (assignment.k, assignment.seed) != (k, seed):
             raise FoldMismatchError(f"{path} holds k={assignment.k}, seed={assignment.seed}; asked for k={k}, seed={seed}")
-        return assignment, records
-    records = read_labels(metadata)
-    assignment = make_folds(records, k, seed, metadata)
+        if assignment.excluded_lesions != excluded:
+            asked = f"the {len(excluded)} lesions of {exclude_split}" if excluded else "none"
+            raise FoldMismatchError(f"{path} leaves out {len(assignment.excluded_lesions)} lesions "
+                                    f"({assignment.excluded_because or 'none'}); asked to leave out {asked}. Use the "
+                                    f"split it was built with, another --folds-file, or --rebuild-folds")
+        return assignment, kept
+    assignment = make_folds(records, k, seed, metadata, excluded, because)
     assignment.save(path)
-    print(f"wrote {path}: {k} folds of {[len(fold) for fold in assignment.folds]} images, digest {assignment.digest[:12]}",
-          flush=True)
-    return assignment, records
+    print(f"wrote {path}: {folds_description(assignment)}", flush=True)
+    return assignment, assignment.kept(records)
 
 
 def fold_split(records: Sequence[LabelledImage], assignment: FoldAssignment,

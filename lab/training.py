@@ -199,6 +199,19 @@ def split_records(metadata: str | os.PathLike, images: Sequence[str | os.PathLik
     return train, val
 
 
+def lesions_of_split(records: Sequence[LabelledImage], split_file: str | os.PathLike, source: str = "the metadata") -> set[str]:
+    """The lesions that a recorded validation split's ``val_image_ids`` show, among ``records``.
+
+    Raises:
+        ValueError: If none of the file's images is among the records.
+    """
+    named = set(json.loads(Path(split_file).read_text())["val_image_ids"])
+    lesions = {r.lesion_id for r in records if r.image_id in named}
+    if not lesions:
+        raise ValueError(f"none of the validation images of {split_file} is in {source}")
+    return lesions
+
+
 def split_records_by_file(metadata: str | os.PathLike, images: Sequence[str | os.PathLike], split_file: str | os.PathLike,
                           limit: int = 0, seed: int = 0) -> tuple[list[LabelledImage], list[LabelledImage]]:
     """The labelled images, split by a recorded validation split: every image of a lesion that one of
@@ -218,10 +231,7 @@ def split_records_by_file(metadata: str | os.PathLike, images: Sequence[str | os
         ValueError: If none of the file's images is in the metadata.
     """
     records = attach_paths(read_labels(metadata), images)
-    named = set(json.loads(Path(split_file).read_text())["val_image_ids"])
-    val_lesions = {r.lesion_id for r in records if r.image_id in named}
-    if not val_lesions:
-        raise ValueError(f"none of the validation images of {split_file} is in {metadata}")
+    val_lesions = lesions_of_split(records, split_file, str(metadata))
     if limit:
         records = random.Random(seed).sample(records, min(limit, len(records)))
     train = [r for r in records if r.lesion_id not in val_lesions]

@@ -23,8 +23,10 @@
 # FOLDS_ARGS, DISTILL_ARGS (extra options, given last, so they override). Where things go: DATA_DIR (the
 # ham10000-200x150 folder), RUNS=<repo>/runs, PROVENANCE_DIR=<repo>/models/provenance (empty: not written,
 # as smoke runs with --limit need), FOLDS_FILE (default: the scripts' models/provenance/folds_k<K>.json),
-# DEVICE=cuda (cpu runs the same steps, for a smoke test). RESULTS defaults to $OUT when set, else
-# $RUNS/gpu_results.
+# DEVICE=cuda (cpu runs the same steps, for a smoke test), EXCLUDE_SPLIT (default the release's
+# models/provenance/val_split.json: its validation lesions are left out of every fold, so that no fold
+# network and no student trains on them and the student can be compared with a release on them; 'none'
+# leaves nothing out). RESULTS defaults to $OUT when set, else $RUNS/gpu_results.
 #
 # The bundle (at most 8 files of at most 15 MiB, so that a size-limited transfer brings it back):
 #   student.pt            the distilled student (release-format checkpoint, float16)
@@ -50,6 +52,7 @@ DEVICE=${DEVICE:-cuda}
 RUNS=${RUNS:-$ROOT/runs}
 PROVENANCE_DIR=${PROVENANCE_DIR-$ROOT/models/provenance}
 FOLDS_FILE=${FOLDS_FILE:-$ROOT/models/provenance/folds_k$K.json}
+EXCLUDE_SPLIT=${EXCLUDE_SPLIT:-$ROOT/models/provenance/val_split.json}
 if [[ -z "${PYTHON:-}" ]]; then
   if [[ -x "$ROOT/.venv/bin/python" ]]; then PYTHON=$ROOT/.venv/bin/python; else PYTHON=python3; fi
 fi
@@ -106,6 +109,8 @@ run() {
   mkdir -p "$logs" "$results"
   local common=(--k "$K" --metadata "$data/metadata.csv" --images "$data/images" --folds-file "$FOLDS_FILE"
                 --device "$DEVICE" --workers "$workers" --batch-size "$BATCH_SIZE")
+  # Only train_folds.py builds and checks the fold file against the split; distill.py reads what it leaves out from the file.
+  local folds_common=("${common[@]}" --exclude-split "$EXCLUDE_SPLIT")
   local started=$SECONDS
   phase() { echo "[$((SECONDS - started)) s] $*" | tee -a "$logs/timings.txt"; }
   if [[ "$DEVICE" == cuda ]]; then
@@ -113,19 +118,19 @@ run() {
   fi
 
   phase "fold file $FOLDS_FILE checked against $data"
-  "$PYTHON" "$ROOT/scripts/train_folds.py" "${common[@]}" --folds-only
+  "$PYTHON" "$ROOT/scripts/train_folds.py" "${folds_common[@]}" --folds-only
   phase "training $K fold networks in parallel ($workers loader processes each)"
   local pids=() fold
   for ((fold = 0; fold < K; fold++)); do
     # shellcheck disable=SC2086
-    "$PYTHON" "$ROOT/scripts/train_folds.py" "${common[@]}" --arch "$ARCH" --epochs "$EPOCHS" --pretrained "$pretrained" \
+    "$PYTHON" "$ROOT/scripts/train_folds.py" "${folds_common[@]}" --arch "$ARCH" --epochs "$EPOCHS" --pretrained "$pretrained" \
       --output "$folds_run" --folds "$fold" $FOLDS_ARGS >"$logs/fold_$fold.log" 2>&1 &
     pids+=($!)
   done
-  for pid in "${pids[@]}"; do wait "$pid" || { echo "a fold failed; see $logs" >&2; tail -20 "$logs"/fold_*.log >&2; exit 1; }; done
+  for pid in "${pids[@]}"; do wait "$pid" || { echo "a fold failed; see $logs" >&2; tail -n 20 "$logs"/fold_*.log >&2; exit 1; }; done
   phase "out-of-fold summary and teachers"
   # shellcheck disable=SC2086
-  "$PYTHON" "$ROOT/scripts/train_folds.py" "${common[@]}" --workers "$cores" --arch "$ARCH" --epochs "$EPOCHS" \
+  "$PYTHON" "$ROOT/scripts/train_folds.py" "${folds_common[@]}" --workers "$cores" --arch "$ARCH" --epochs "$EPOCHS" \
     --pretrained "$pretrained" --output "$folds_run" "${provenance[@]}" $FOLDS_ARGS 2>&1 | tee "$logs/folds_summary.log"
   phase "teacher logits of the 8 views"
   local distill=(--teachers "$folds_run" --output "$distill_run" --arch "$STUDENT_ARCH" --epochs "$STUDENT_EPOCHS"
@@ -144,7 +149,7 @@ run() {
   # shellcheck disable=SC2086
   "$PYTHON" "$ROOT/scripts/distill.py" "${common[@]}" "${distill[@]}" $DISTILL_ARGS --check-folds >"$logs/student.log" 2>&1 &
   pids+=($!)
-  for pid in "${pids[@]}"; do wait "$pid" || { echo "a student failed; see $logs" >&2; tail -20 "$logs"/*.log >&2; exit 1; }; done
+  for pid in "${pids[@]}"; do wait "$pid" || { echo "a student failed; see $logs" >&2; tail -n 20 "$logs"/*.log >&2; exit 1; }; done
   phase "check figures, calibration from the check students, student checkpoint"
   # shellcheck disable=SC2086
   "$PYTHON" "$ROOT/scripts/distill.py" "${common[@]}" "${distill[@]}" "${provenance[@]}" $DISTILL_ARGS \

@@ -1,6 +1,9 @@
-"""Cross-fitted training: K lesion-grouped folds over every image, one network per fold, out-of-fold predictions.
+"""Cross-fitted training: K lesion-grouped folds over the training lesions, one network per fold, out-of-fold predictions.
 
-Builds (or checks) the fold assignment ``models/provenance/folds_k<K>.json``, trains network k on
+Builds (or checks) the fold assignment ``models/provenance/folds_k<K>.json`` over every image of
+the metadata except the validation lesions of ``--exclude-split`` (default the release's
+``models/provenance/val_split.json``, so that the fold networks, and any student distilled from
+them, can be compared with a release on lesions none of them trained on), trains network k on
 the other K-1 folds for a fixed schedule while scoring fold k after every epoch, and, once every
 fold has run, chooses one epoch count for all folds from the out-of-fold curve, writes each fold's
 weights at that epoch as ``fold_<k>/teacher.pt`` (for ``scripts/distill.py``) and a summary with
@@ -27,10 +30,11 @@ from handler.preprocessing import RESIZE_MODES
 from lab.data import attach_paths
 from lab.evaluation import TARGET_MELANOMA_SENSITIVITY
 from lab.folds import (
-    SELECT_KEYS, FoldLayout, RunSettings, copy_folds_provenance, ensure_folds, finish_folds, limit_records, train_folds)
+    SELECT_KEYS, FoldLayout, RunSettings, copy_folds_provenance, ensure_folds, finish_folds, folds_description, limit_records,
+    train_folds)
 from lab.provenance import command_line
 from lab.training import AMP_MODES, Recipe, add_recipe_arguments
-from ops.paths import DATA, PROVENANCE, ROOT
+from ops.paths import DATA, PROVENANCE, ROOT, VAL_SPLIT
 
 DEFAULT_DATA = DATA / "ham10000-200x150"
 # The fold recipe: a fixed 15-epoch schedule (no early stopping; the epoch is chosen out of fold).
@@ -47,6 +51,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--fold-seed", type=int, default=0, help="seed of the fold assignment")
     parser.add_argument("--folds-file", help="the fold assignment (default: models/provenance/folds_k<K>.json); "
                                              "built if absent, checked against --metadata if present")
+    parser.add_argument("--exclude-split", default=str(VAL_SPLIT),
+                        help="a recorded validation split (JSON with val_image_ids): every image of its lesions is left "
+                             "out of every fold (recorded in the fold file); 'none' leaves nothing out")
     parser.add_argument("--rebuild-folds", action="store_true", help="overwrite an existing fold file (starts over)")
     parser.add_argument("--folds-only", action="store_true", help="build (or check) the fold file, then stop")
     parser.add_argument("--folds", type=int, nargs="+", help="train only these folds (default: all)")
@@ -91,10 +98,10 @@ def main(args: argparse.Namespace) -> dict[str, Any] | None:
         raise SystemExit("--limit is a smoke run: it does not write provenance (drop --provenance-dir)")
     settings = RunSettings.choose(args.device, args.amp, args.threads, pretrained=args.pretrained,
                                   freeze_blocks=args.freeze_blocks, epochs_this_run=args.epochs_this_run, limit=args.limit)
-    assignment, records = ensure_folds(folds_file, args.metadata, args.k, args.fold_seed, args.rebuild_folds)
+    exclude_split = None if args.exclude_split.lower() == "none" else args.exclude_split
+    assignment, records = ensure_folds(folds_file, args.metadata, args.k, args.fold_seed, args.rebuild_folds, exclude_split)
     if args.folds_only:
-        print(f"{folds_file}: {args.k} folds of {[len(fold) for fold in assignment.folds]} images over {assignment.metadata}, "
-              f"checked (digest {assignment.digest[:12]})", flush=True)
+        print(f"{folds_file}: {folds_description(assignment)}, checked", flush=True)
         return None
     records = limit_records(attach_paths(records, args.images), args.limit, args.fold_seed)
     preprocess = architecture(recipe.arch).training_preprocess(recipe.image_size, args.resize_mode)

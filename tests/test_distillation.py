@@ -99,7 +99,8 @@ def tiny_teachers(tmp_path, k=2):
               "--folds-file", str(tmp_path / f"folds_k{k}.json"), "--arch", "efficientnet_lite0", "--image-size", "32",
               "--epochs", "1", "--batch-size", "4", "--workers", "0", "--pretrained", "none", "--ema-decay", "0",
               "--bootstrap", "10", "--device", "cpu"]
-    train_folds.main(train_folds.get_args_parser().parse_args(common + ["--output", str(tmp_path / "folds")]))
+    train_folds.main(train_folds.get_args_parser().parse_args(
+        common + ["--output", str(tmp_path / "folds"), "--exclude-split", "none"]))
     return metadata, common
 
 
@@ -164,7 +165,7 @@ def test_distill_refuses_metadata_that_is_not_the_fold_files(tmp_path):
     other = synthetic_ham(tmp_path / "other", lesions=(1, 1))
     train_folds.main(train_folds.get_args_parser().parse_args(
         ["--metadata", str(metadata), "--images", str(metadata.parent / "images"), "--k", "2", "--folds-only",
-         "--folds-file", str(tmp_path / "folds_k2.json")]))
+         "--folds-file", str(tmp_path / "folds_k2.json"), "--exclude-split", "none"]))
     with pytest.raises(FoldMismatchError, match="built from other metadata"):
         distill.main(distill.get_args_parser().parse_args(
             ["--metadata", str(other), "--images", str(other.parent / "images"), "--k", "2",
@@ -177,17 +178,21 @@ def test_distill_refuses_metadata_that_is_not_the_fold_files(tmp_path):
 
 @pytest.mark.slow
 def test_gpu_script_runs_every_step_and_bundles_on_cpu_with_tiny_settings(tmp_path):
-    """scripts/gpu_train_all.sh with DEVICE=cpu: parallel folds, summary, teacher logits, parallel students, bundle, unpack."""
+    """scripts/gpu_train_all.sh with DEVICE=cpu: parallel folds, summary, teacher logits, parallel students, bundle, unpack;
+    the validation lesions of EXCLUDE_SPLIT never reach a fold network or the student."""
     import os
     import subprocess
 
     from ops.paths import ROOT
 
-    synthetic_ham(tmp_path / "data", lesions=(1, 2, 1))
+    metadata = synthetic_ham(tmp_path / "data", lesions=(1, 2, 1, 1))
+    # Lesion 3 of each class (one image) is the validation split.
+    split = tmp_path / "val_split.json"
+    split.write_text(json.dumps({"val_image_ids": [f"ISIC_{label}030" for label in range(7)]}))
     tiny = "--image-size 32 --pretrained none --ema-decay 0 --bootstrap 10 --threads 1"
     env = {**os.environ, "K": "2", "CHECK_FOLDS": "0 1", "EPOCHS": "1", "STUDENT_EPOCHS": "1", "BATCH_SIZE": "4", "WORKERS": "0", "DEVICE": "cpu",
            "DATA_DIR": str(tmp_path / "data"), "RUNS": str(tmp_path / "runs"), "PROVENANCE_DIR": str(tmp_path / "provenance"),
-           "FOLDS_FILE": str(tmp_path / "provenance" / "folds_k2.json"), "VERSION": "0.0.2-gpu-smoke",
+           "FOLDS_FILE": str(tmp_path / "provenance" / "folds_k2.json"), "VERSION": "0.0.2-gpu-smoke", "EXCLUDE_SPLIT": str(split),
            "FOLDS_ARGS": tiny, "DISTILL_ARGS": tiny, "PYTHON": os.environ.get("PYTHON", str(ROOT / ".venv" / "bin" / "python"))}
     if not os.path.exists(env["PYTHON"]):
         env["PYTHON"] = "python3"
@@ -202,6 +207,9 @@ def test_gpu_script_runs_every_step_and_bundles_on_cpu_with_tiny_settings(tmp_pa
     assert "training 2 fold networks in parallel" in timings and "done" in timings
     student = read_checkpoint(tmp_path / "results" / "student.pt")
     assert student.meta.version == "0.0.2-gpu-smoke" and "none" in student.meta.calibration
+    assert student.meta.data["train_images"] == len(read_labels(metadata)) - 7  # every image but the validation lesions'
+    assignment, kept = load_folds(tmp_path / "provenance" / "folds_k2.json", metadata)
+    assert len(assignment.excluded_lesions) == 7 and not any(r.image_id.endswith("30") for r in kept)
     summary = json.loads((tmp_path / "provenance" / "distill_k2" / "summary.json").read_text())
     assert set(summary["check"]["per_fold"]) == {"0", "1"} and "check_all_folds" in summary
     # Unpacking the bundle elsewhere restores the teachers, the student and the provenance.

@@ -71,6 +71,46 @@ def test_fold_file_round_trips_and_refuses_other_metadata_or_edits(tmp_path):
         read_folds(path)
 
 
+def validation_split(folder: Path, lesion: int = 0) -> Path:
+    """A val_split.json naming the first image of lesion ``lesion`` of every class of :func:`synthetic_ham`."""
+    path = folder / "val_split.json"
+    path.write_text(json.dumps({"seed": 0, "val_image_ids": [f"ISIC_{label}{lesion:02d}0" for label in range(len(CLASS_CODES))]}))
+    return path
+
+
+def test_folds_can_leave_out_the_validation_lesions_and_every_user_of_the_file_then_does(tmp_path):
+    metadata = synthetic_ham(tmp_path / "data")
+    split = validation_split(tmp_path)
+    records = read_labels(metadata)
+    left_out = {f"HAM_{label}00" for label in range(len(CLASS_CODES))}
+    path = tmp_path / "folds_k3.json"
+    assignment, kept = ensure_folds(path, metadata, 3, 0, exclude_split=split)
+    # Every image of those lesions is out (lesion 0 of each class has 1 image here, the split names it), the rest are in.
+    assert assignment.excluded_lesions == tuple(sorted(left_out)) and "val_split.json" in assignment.excluded_because
+    assert {r.image_id for r in kept} == set(assignment.fold_of()) == {r.image_id for r in records if r.lesion_id not in left_out}
+    assert load_folds(path, metadata) == (assignment, kept)  # the file alone says what to leave out
+    for fold in range(3):
+        train, holdout = fold_split(kept, assignment, fold)
+        assert not {r.lesion_id for r in train + holdout} & left_out
+    # Leaving out other lesions than the file does is refused both ways; --rebuild-folds replaces it.
+    with pytest.raises(FoldMismatchError, match="leaves out 7 lesions"):
+        ensure_folds(path, metadata, 3, 0)
+    with pytest.raises(FoldMismatchError, match="asked to leave out the 7 lesions"):
+        ensure_folds(path, metadata, 3, 0, exclude_split=validation_split(tmp_path / "data", lesion=1))
+    # The left-out lesions are part of the digest: an edited list fails it.
+    stored = json.loads(path.read_text())
+    assert stored["digest"] != make_folds(records, 3, 0, metadata).digest
+    stored["excluded_lesions"] = stored["excluded_lesions"][1:]
+    path.write_text(json.dumps(stored))
+    with pytest.raises(FoldMismatchError, match="digest"):
+        read_folds(path)
+    # The script leaves out the release's validation split by default and says so.
+    assert train_folds.get_args_parser().parse_args([]).exclude_split == str(PROVENANCE / "val_split.json")
+    with pytest.raises(ValueError, match="none of the validation images"):  # the release's split names no synthetic image
+        train_folds.main(train_folds.get_args_parser().parse_args(
+            ["--metadata", str(metadata), "--k", "3", "--folds-only", "--folds-file", str(tmp_path / "other.json")]))
+
+
 def test_a_lesion_split_across_folds_is_refused(tmp_path):
     records = [LabelledImage("a", 0, "L1"), LabelledImage("b", 0, "L1"), LabelledImage("c", 1, "L2"), LabelledImage("d", 1, "L3")]
     split = FoldAssignment(2, 0, "m.csv", "x", records_digest(records), (("a", "c"), ("b", "d")))
@@ -114,7 +154,7 @@ def fold_args(metadata: Path, tmp_path: Path, *extra: str) -> list[str]:
     return ["--metadata", str(metadata), "--images", str(metadata.parent / "images"), "--k", "3",
             "--folds-file", str(tmp_path / "folds_k3.json"), "--output", str(tmp_path / "run"), "--arch", "efficientnet_lite0",
             "--image-size", "32", "--epochs", "2", "--batch-size", "12", "--workers", "0", "--pretrained", "none",
-            "--ema-decay", "0", "--bootstrap", "20", "--device", "cpu", *extra]
+            "--ema-decay", "0", "--bootstrap", "20", "--device", "cpu", "--exclude-split", "none", *extra]
 
 
 @pytest.mark.slow
@@ -178,8 +218,13 @@ def test_committed_k5_folds_match_the_4_3_metadata():
     if not metadata.exists():
         pytest.skip(f"HAM10000 200x150 metadata not found at {metadata} (set SKIN_LESION_DATA or place ../shared/data)")
     assignment, records = load_folds(PROVENANCE / "folds_k5.json", metadata)
-    assert assignment.k == 5 and len(records) == 10015 and len({r.lesion_id for r in records}) == 7470
-    assert make_folds(records, 5, 0, metadata).digest == assignment.digest  # what `train_folds.py --folds-only` writes
+    # The training lesions only: the 855 validation lesions (1,156 images) of the release's split are left out.
+    assert assignment.k == 5 and len(records) == 10015 - 1156 and len({r.lesion_id for r in records}) == 7470 - 855
+    every = read_labels(metadata)
+    val_lesions = {r.lesion_id for r in every if r.image_id in set(json.loads((PROVENANCE / "val_split.json").read_text())["val_image_ids"])}
+    assert set(assignment.excluded_lesions) == val_lesions and not val_lesions & {r.lesion_id for r in records}
+    # What `train_folds.py --folds-only` writes.
+    assert make_folds(every, 5, 0, metadata, val_lesions).digest == assignment.digest
     sizes = [len(fold) for fold in assignment.folds]
     assert max(sizes) - min(sizes) < 0.05 * len(records) / 5
     for count in assignment.counts:  # every fold holds every class
