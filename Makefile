@@ -41,6 +41,8 @@ ARCH ?=
 EPOCHS ?=
 FOLDS_DATA ?= ../shared/data/ham10000-200x150
 FOLDS_ARGS ?=
+# The fold networks' input, height x width: the photo's 4:3 shape at 224x224's pixel count (docs/EXPERIMENTS.md, "Third try").
+FOLDS_SIZE ?= 192x256
 DISTILL_ARGS ?=
 
 .PHONY: evaluate-explanations train-bench train-student compare-releases fit-gate evaluate-ood help install java train compare ensemble calibrate evaluate archive serve stop status release rollout rollback predict explain bench soak demo test clean kserve-bundle cluster-up cluster-down cluster-rollout
@@ -76,6 +78,7 @@ train: install ## Fine-tune on $(DATA) into $(RUN) (resumable: rerun to continue
 train-folds: install ## Cross-fitted training over the training lesions of $(FOLDS_DATA) (the validation split's lesions left out): K lesion-grouped folds, one network per fold, out-of-fold predictions (resumable: rerun to continue): make train-folds K=5 [DEVICE=cuda] [ARCH=...] [EPOCHS=...] [FOLDS_ARGS=...]
 	nice -n 10 $(PY) scripts/train_folds.py --k $(K) --metadata $(FOLDS_DATA)/metadata.csv --images $(FOLDS_DATA)/images \
 	  --output runs/folds_k$(K) --device $(DEVICE) $(if $(ARCH),--arch $(ARCH)) $(if $(EPOCHS),--epochs $(EPOCHS)) \
+	  --image-size $(word 1,$(subst x, ,$(FOLDS_SIZE))) --image-width $(word 2,$(subst x, ,$(FOLDS_SIZE))) \
 	  --provenance-dir models/provenance $(FOLDS_ARGS)
 
 distill: install ## Distil the fold teachers of train-folds into one student, runs/distill_k$(K)/student.pt, with an out-of-fold check (resumable): make distill K=5 [DEVICE=cuda] [ARCH=student] [EPOCHS=...] [VERSION=x.y] [DISTILL_ARGS=...]

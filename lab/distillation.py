@@ -1,8 +1,9 @@
 """Distilling the fold teachers into one student network, and measuring the student out of fold.
 
 Cost is bounded by a fixed set of views: every image is preprocessed once as served
-(:func:`lab.data.build_eval_transform`) and seen in its 8 dihedral views (flips and right-angle
-rotations, :func:`dihedral`), each teacher's logits for all 8 views are computed once and cached
+(:func:`lab.data.build_eval_transform`) and seen in its dihedral views (flips and right-angle
+rotations, :func:`dihedral`): all 8 for a square input, the 4 that keep a rectangular (4:3) input's
+shape otherwise (:func:`views_of`). Each teacher's logits for those views are computed once and cached
 (:func:`cache_teacher_logits`, resumable), and the student trains on a random one of those views
 per image and epoch with colour jitter on top (:class:`DistillationDataset`), against the cached
 logits of that view. The loss (:class:`DistillationLoss`) is the temperature-scaled KL divergence
@@ -46,6 +47,9 @@ from lab.provenance import file_sha256
 from lab.training import Recipe, autocast, class_weights
 
 VIEWS = 8
+ALL_VIEWS = tuple(range(VIEWS))
+# A right-angle rotation turns a 4:3 input into 3:4: a rectangular input keeps the identity, the half turn and the flips.
+SHAPE_KEEPING_VIEWS = (0, 2, 4, 6)
 SOFT_LABELS = ("out_of_fold", "ensemble")
 
 
@@ -60,15 +64,20 @@ def dihedral(images: torch.Tensor, view: int) -> torch.Tensor:
     return torch.rot90(flipped, view % 4, dims=(-2, -1))
 
 
+def views_of(preprocess: PreprocessConfig) -> tuple[int, ...]:
+    """The dihedral views a model input of this preprocessing can take: all 8 if it is square, else the 4 that keep its shape."""
+    return ALL_VIEWS if preprocess.input_height == preprocess.input_width else SHAPE_KEEPING_VIEWS
+
+
 @torch.no_grad()
 def view_logits(model: nn.Module, batch: torch.Tensor, preprocess: PreprocessConfig, device: torch.device,
-                amp: torch.dtype | None = None, views: int = VIEWS) -> torch.Tensor:
-    """(N, views, C) float32 logits of the first ``views`` dihedral views of a ``uint8`` batch, in one forward pass."""
+                amp: torch.dtype | None = None, views: Sequence[int] = ALL_VIEWS) -> torch.Tensor:
+    """(N, len(views), C) float32 logits of the dihedral ``views`` of a ``uint8`` batch, in one forward pass."""
     inputs = normalize_batch(batch.to(device), preprocess)
-    stacked = torch.cat([dihedral(inputs, view) for view in range(views)]).contiguous(memory_format=torch.channels_last)
+    stacked = torch.cat([dihedral(inputs, view) for view in views]).contiguous(memory_format=torch.channels_last)
     with autocast(device, amp):
         logits = model(stacked).float()
-    return logits.reshape(views, len(batch), -1).transpose(0, 1).cpu()
+    return logits.reshape(len(views), len(batch), -1).transpose(0, 1).cpu()
 
 
 def image_set_digest(records: Sequence[LabelledImage]) -> str:
@@ -82,8 +91,8 @@ def image_set_digest(records: Sequence[LabelledImage]) -> str:
 
 def cache_teacher_logits(teacher: str | os.PathLike, records: Sequence[LabelledImage], cache: str | os.PathLike,
                          device: torch.device, batch_size: int = 64, amp: torch.dtype | None = None, workers: int = 0,
-                         save_every: int = 2048, views: int = VIEWS) -> torch.Tensor:
-    """One teacher's (N, views, C) logits of every record's first ``views`` dihedral views, read from or written to ``cache``.
+                         save_every: int = 2048, views: Sequence[int] | None = None) -> torch.Tensor:
+    """One teacher's (N, len(views), C) logits of every record's dihedral ``views``, read from or written to ``cache``.
 
     The cache is named by the teacher file's SHA-256 and the ordered image files; a cache of another
     teacher or image set is recomputed. Written every ``save_every`` images, so an interrupted run
@@ -94,24 +103,26 @@ def cache_teacher_logits(teacher: str | os.PathLike, records: Sequence[LabelledI
         records: The images, with paths.
         cache: The cache file.
         device: Where the teacher runs.
-        batch_size: Images per forward pass (times 8 views).
+        batch_size: Images per forward pass (times the views).
         amp: Autocast dtype, or None for fp32.
         workers: Data-loader worker processes.
         save_every: Images between partial saves.
-        views: How many dihedral views (1: the image as served only, for a student that trains on
-            its own augmentations against the unaugmented image's soft labels).
+        views: Which dihedral views (``(0,)``: the image as served only, for a student that trains on
+            its own augmentations against the unaugmented image's soft labels); None: every view the
+            teacher's input shape can take (:func:`views_of`).
     """
     cache = Path(cache)
-    key = {"teacher_sha256": file_sha256(teacher), "images_sha256": image_set_digest(records)}
-    if views != VIEWS:
-        key["views"] = views
+    checkpoint = read_checkpoint(teacher)
+    views = tuple(views_of(checkpoint.meta.preprocessing) if views is None else views)
+    key: dict[str, Any] = {"teacher_sha256": file_sha256(teacher), "images_sha256": image_set_digest(records)}
+    if views != ALL_VIEWS:
+        key["views"] = list(views)
     state = torch.load(cache, map_location="cpu", weights_only=True) if cache.exists() else None
     if state is None or any(state.get(name) != value for name, value in key.items()):
-        state = {**key, "done": 0, "logits": torch.zeros(len(records), views, 0)}
+        state = {**key, "done": 0, "logits": torch.zeros(len(records), len(views), 0)}
     done = int(state["done"])
     if done >= len(records):
         return state["logits"]
-    checkpoint = read_checkpoint(teacher)
     loaded = model_from_checkpoint(checkpoint, device, str(teacher))
     dataset = LesionDataset(list(records)[done:], build_eval_transform(checkpoint.meta.preprocessing))
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
@@ -191,7 +202,8 @@ def distillation_loss(counts: list[int], class_weight_power: float, temperature:
 
 
 class DistillationDataset(torch.utils.data.Dataset):
-    """Served-geometry images in a random dihedral view, colour-jittered, with that view's teacher logits.
+    """Served-geometry images in a random dihedral view (of those their shape can take, :func:`views_of`),
+    colour-jittered, with that view's teacher logits.
 
     Each item draws its view from torch's generator, so :func:`lab.training.seed_epoch` makes an
     epoch's views, like its jitter, depend only on the seed and the epoch (resuming stays exact).
@@ -199,7 +211,8 @@ class DistillationDataset(torch.utils.data.Dataset):
     Args:
         records: The images, with paths.
         preprocess: The student's preprocessing (the teachers' logits were computed with the same).
-        teacher_logits: (N, 8, C) logits to distil, row ``i`` for ``records[i]``.
+        teacher_logits: (N, V, C) logits to distil, row ``i`` for ``records[i]``, column ``j`` for view
+            ``views_of(preprocess)[j]``.
         jitter: Colour jitter on top of the view (brightness, contrast, saturation 0.2, hue 0.03).
     """
 
@@ -207,8 +220,10 @@ class DistillationDataset(torch.utils.data.Dataset):
                  jitter: bool = True) -> None:
         from torchvision.transforms import v2
 
-        if teacher_logits.shape[:2] != (len(records), VIEWS):
-            raise ValueError(f"teacher logits {tuple(teacher_logits.shape)} do not cover {len(records)} images x {VIEWS} views")
+        self.views = views_of(preprocess)
+        if teacher_logits.shape[:2] != (len(records), len(self.views)):
+            raise ValueError(f"teacher logits {tuple(teacher_logits.shape)} do not cover {len(records)} images x "
+                             f"{len(self.views)} views")
         self.images = LesionDataset(records, build_eval_transform(preprocess))
         self.teacher_logits = teacher_logits.float()
         self.jitter = v2.ColorJitter(brightness=0.2, contrast=0.2, saturation=0.2, hue=0.03) if jitter else None
@@ -218,11 +233,11 @@ class DistillationDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         image, label = self.images[index]
-        view = int(torch.randint(VIEWS, ()))
-        image = dihedral(image, view).contiguous()
+        column = int(torch.randint(len(self.views), ()))
+        image = dihedral(image, self.views[column]).contiguous()
         if self.jitter is not None:
             image = self.jitter(image)
-        return image, pack_targets(torch.tensor([label]), self.teacher_logits[index, view][None])[0]
+        return image, pack_targets(torch.tensor([label]), self.teacher_logits[index, column][None])[0]
 
 
 class SoftLabelledDataset(torch.utils.data.Dataset):
@@ -256,9 +271,11 @@ def distillation_loader(records: Sequence[LabelledImage], preprocess: Preprocess
                                        pin_memory=device.type == "cuda")
 
 
-def distillation_record(temperature: float, alpha: float, teachers: Sequence[str]) -> dict[str, Any]:
+def distillation_record(temperature: float, alpha: float, teachers: Sequence[str],
+                        views: Sequence[int] = ALL_VIEWS) -> dict[str, Any]:
     """What a student's provenance records about its distillation."""
-    return {"temperature": temperature, "alpha": alpha, "views": "8 dihedral views, colour jitter on top",
+    return {"temperature": temperature, "alpha": alpha,
+            "views": f"dihedral views {list(views)} (lab.distillation.dihedral), colour jitter on top",
             "soft_labels": "check students: the teacher that held each image out; final student: the mean of all "
                            "teachers' logits",
             "teachers": list(teachers)}
@@ -349,14 +366,15 @@ class DistillationRun:
         return np.array([fold_of[r.image_id] for r in self.records])
 
     def cache_logits(self, batch_size: int = 64) -> None:
-        """Every teacher's logits of the 8 views of every image, read from or written to ``teacher_logits/``."""
+        """Every teacher's logits of every view of every image (:func:`views_of`), read from or written to ``teacher_logits/``."""
         print(f"{len(self.records)} images, {len(self.teachers)} teachers, folds digest {self.assignment.digest[:12]}; "
               f"device {self.settings.device}, autocast {self.settings.amp}; student {self.recipe.arch}", flush=True)
         started = time.perf_counter()
         self.cached = [cache_teacher_logits(path, self.records, self.layout.root / "teacher_logits" / f"fold_{fold}.pt",
                                             self.settings.device, batch_size, self.settings.amp, self.recipe.workers)
                        for fold, path in enumerate(self.teachers)]
-        print(f"teacher logits of {len(self.records)} images x 8 views x {len(self.teachers)} teachers ready "
+        print(f"teacher logits of {len(self.records)} images x {len(views_of(self.preprocess))} views x "
+              f"{len(self.teachers)} teachers ready "
               f"({time.perf_counter() - started:.0f} s this run)", flush=True)
 
     def summary(self, command: str, limit: int = 0) -> dict[str, Any]:
@@ -364,7 +382,7 @@ class DistillationRun:
         digests = [file_sha256(path) for path in self.teachers]
         return {"folds_file": self.folds_file.name, "folds_sha256": self.assignment.digest,
                 "distillation": distillation_record(self.temperature, self.alpha, [
-                    f"{path} (sha256 {digest[:12]})" for path, digest in zip(self.teachers, digests)]),
+                    f"{path} (sha256 {digest[:12]})" for path, digest in zip(self.teachers, digests)], views_of(self.preprocess)),
                 "recipe": dataclasses.asdict(self.recipe), "preprocessing": self.preprocess.to_dict(),
                 "limit": limit, "command": command}
 

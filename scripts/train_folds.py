@@ -61,6 +61,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--resize-mode", choices=RESIZE_MODES,
                         help="geometry of training and serving (meta.preprocessing.resize_mode; default: the --arch "
                              "entry's, handler.architectures)")
+    parser.add_argument("--image-width", type=int,
+                        help="width of a rectangular model input (--image-size is then its height; needs --resize-mode "
+                             "full_view, the default): e.g. --image-size 192 --image-width 256 for the photo's 4:3 shape")
     parser.add_argument("--pretrained", default="auto",
                         help="'auto' (ImageNet weights found locally, error if none), 'none', or a state-dict path")
     parser.add_argument("--freeze-blocks", type=int, default=0,
@@ -104,7 +107,7 @@ def main(args: argparse.Namespace) -> dict[str, Any] | None:
         print(f"{folds_file}: {folds_description(assignment)}, checked", flush=True)
         return None
     records = limit_records(attach_paths(records, args.images), args.limit, args.fold_seed)
-    preprocess = architecture(recipe.arch).training_preprocess(recipe.image_size, args.resize_mode)
+    preprocess = architecture(recipe.arch).training_preprocess(recipe.image_size, args.resize_mode, args.image_width)
     layout = FoldLayout(Path(args.output or ROOT / "runs" / f"folds_k{args.k}"))
     if not train_folds(recipe, preprocess, assignment, records, layout, settings, args.folds):
         return None

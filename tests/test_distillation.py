@@ -1,5 +1,6 @@
 """Distillation (lab.distillation, scripts/distill.py) on synthetic metadata, tiny images and tiny networks."""
 
+import dataclasses
 import json
 import shutil
 
@@ -14,7 +15,8 @@ from handler.inference import predict_probabilities
 from handler.preprocessing import FULL_VIEW, PreprocessConfig, normalize_batch
 from lab.data import attach_paths, build_eval_transform, read_labels
 from lab.distillation import (
-    VIEWS, DistillationDataset, DistillationLoss, cache_teacher_logits, dihedral, pack_targets, soft_labels, view_logits)
+    SHAPE_KEEPING_VIEWS, VIEWS, DistillationDataset, DistillationLoss, cache_teacher_logits, dihedral, pack_targets, soft_labels,
+    view_logits, views_of)
 from lab.evaluation import input_batches
 from lab.folds import FoldMismatchError, check_trained_on, load_folds
 from scripts import distill, train_folds
@@ -35,6 +37,19 @@ def test_the_eight_dihedral_views_are_distinct_and_closed():
         dihedral(image, 8)
 
 
+def test_a_rectangular_input_keeps_to_the_views_that_keep_its_shape():
+    assert views_of(PREPROCESS) == tuple(range(8))
+    rectangular = dataclasses.replace(PREPROCESS, image_width=40)
+    assert views_of(dataclasses.replace(PREPROCESS, image_width=32)) == tuple(range(8))  # 32 wide and 32 high is square
+    assert views_of(rectangular) == SHAPE_KEEPING_VIEWS == (0, 2, 4, 6)
+    image = torch.arange(2 * 3 * 4).reshape(2, 3, 4)
+    for view in range(VIEWS):
+        assert (dihedral(image, view).shape == image.shape) == (view in SHAPE_KEEPING_VIEWS)
+    # The four are distinct and what they say: the image, the half turn, the left-right and the up-down flip.
+    assert [dihedral(image, v).tolist() for v in SHAPE_KEEPING_VIEWS] == [
+        image.tolist(), image.flip(-1, -2).tolist(), image.flip(-1).tolist(), image.flip(-2).tolist()]
+
+
 def test_view_logits_score_each_view_in_one_pass():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(16, 7)).eval()
@@ -42,8 +57,10 @@ def test_view_logits_score_each_view_in_one_pass():
     logits = view_logits(model, batch, PREPROCESS, torch.device("cpu"))
     assert logits.shape == (3, 8, 7)
     for view in range(VIEWS):
-        single = view_logits(model, dihedral(batch, view), PREPROCESS, torch.device("cpu"))[:, 0]
+        single = view_logits(model, dihedral(batch, view), PREPROCESS, torch.device("cpu"), views=(0,))[:, 0]
         assert torch.allclose(logits[:, view], single, atol=1e-5)
+    some = view_logits(model, batch, PREPROCESS, torch.device("cpu"), views=SHAPE_KEEPING_VIEWS)
+    assert torch.allclose(some, logits[:, list(SHAPE_KEEPING_VIEWS)], atol=1e-5)
 
 
 def test_loss_is_temperature_scaled_kl_plus_weighted_cross_entropy():
@@ -91,6 +108,23 @@ def test_dataset_pairs_each_view_with_its_teacher_logits(tmp_path):
     assert len(seen) > 4
     with pytest.raises(ValueError, match="do not cover"):
         DistillationDataset(records, PREPROCESS, teacher[:2])
+    # A 4:3 input: one column per shape-keeping view, each paired with its view, never a quarter turn.
+    rectangular = dataclasses.replace(PREPROCESS, image_size=12, resize_size=12, image_width=16)
+    teacher = torch.zeros(len(records), len(SHAPE_KEEPING_VIEWS), 7)
+    teacher[:, :, 0] = torch.tensor(SHAPE_KEEPING_VIEWS, dtype=torch.float32)
+    dataset = DistillationDataset(records, rectangular, teacher, jitter=False)
+    base = build_eval_transform(rectangular)
+    seen = set()
+    for _ in range(6):
+        for index in range(len(records)):
+            image, target = dataset[index]
+            view = int(target[1])
+            seen.add(view)
+            assert image.shape[-2:] == (12, 16)
+            assert torch.equal(image, dihedral(base(Image.open(records[index].path).convert("RGB")), view))
+    assert seen == set(SHAPE_KEEPING_VIEWS)
+    with pytest.raises(ValueError, match="4 views"):
+        DistillationDataset(records, rectangular, torch.zeros(len(records), VIEWS, 7))
 
 
 def tiny_teachers(tmp_path, k=2):
@@ -189,11 +223,11 @@ def test_gpu_script_runs_every_step_and_bundles_on_cpu_with_tiny_settings(tmp_pa
     # Lesion 3 of each class (one image) is the validation split.
     split = tmp_path / "val_split.json"
     split.write_text(json.dumps({"val_image_ids": [f"ISIC_{label}030" for label in range(7)]}))
-    tiny = "--image-size 32 --pretrained none --ema-decay 0 --bootstrap 10 --threads 1"
+    tiny = "--image-size 24 --pretrained none --ema-decay 0 --bootstrap 10 --threads 1"
     env = {**os.environ, "K": "2", "CHECK_FOLDS": "0 1", "EPOCHS": "1", "STUDENT_EPOCHS": "1", "BATCH_SIZE": "4", "WORKERS": "0", "DEVICE": "cpu",
            "DATA_DIR": str(tmp_path / "data"), "RUNS": str(tmp_path / "runs"), "PROVENANCE_DIR": str(tmp_path / "provenance"),
            "FOLDS_FILE": str(tmp_path / "provenance" / "folds_k2.json"), "VERSION": "0.0.2-gpu-smoke", "EXCLUDE_SPLIT": str(split),
-           "FOLDS_ARGS": tiny, "DISTILL_ARGS": tiny, "PYTHON": os.environ.get("PYTHON", str(ROOT / ".venv" / "bin" / "python"))}
+           "FOLDS_ARGS": tiny + " --image-width 32", "DISTILL_ARGS": tiny, "PYTHON": os.environ.get("PYTHON", str(ROOT / ".venv" / "bin" / "python"))}
     if not os.path.exists(env["PYTHON"]):
         env["PYTHON"] = "python3"
     script = str(ROOT / "scripts" / "gpu_train_all.sh")
@@ -207,6 +241,9 @@ def test_gpu_script_runs_every_step_and_bundles_on_cpu_with_tiny_settings(tmp_pa
     assert "training 2 fold networks in parallel" in timings and "done" in timings
     student = read_checkpoint(tmp_path / "results" / "student.pt")
     assert student.meta.version == "0.0.2-gpu-smoke" and "none" in student.meta.calibration
+    # 4:3 from the folds to the student: the teachers' geometry, and only the views that keep it.
+    assert (student.meta.preprocessing.input_height, student.meta.preprocessing.input_width) == (24, 32)
+    assert "[0, 2, 4, 6]" in student.meta.provenance["distillation"]["views"]
     assert student.meta.data["train_images"] == len(read_labels(metadata)) - 7  # every image but the validation lesions'
     assignment, kept = load_folds(tmp_path / "provenance" / "folds_k2.json", metadata)
     assert len(assignment.excluded_lesions) == 7 and not any(r.image_id.endswith("30") for r in kept)

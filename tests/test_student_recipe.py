@@ -123,10 +123,10 @@ def test_the_student_recipe_trains_a_distilled_rectangular_network(tmp_path):
     assert "val_split.json" in student.meta.data["split"]
     assert "member 0" in student.meta.provenance["initialization"]
     logits = torch.load(tmp_path / "run" / "teacher_logits.pt", weights_only=True)
-    assert logits["views"] == 1 and logits["logits"].shape[1:] == (1, 7)
+    assert logits["views"] == [0] and logits["logits"].shape[1:] == (1, 7)
     # The cache is reused, not recomputed, by a rerun.
     records = split_records_by_file(folder / "metadata.csv", [folder / "images"], PROVENANCE / "val_split.json", 200, 42)[0]
-    again = cache_teacher_logits(teacher_path, records, tmp_path / "run" / "teacher_logits.pt", torch.device("cpu"), views=1)
+    again = cache_teacher_logits(teacher_path, records, tmp_path / "run" / "teacher_logits.pt", torch.device("cpu"), views=(0,))
     assert torch.equal(again, logits["logits"])
     assert len(SoftLabelledDataset.__mro__) > 1 and read_checkpoint(tmp_path / "run" / "best.pt").meta.version == "0.0.7"
 
