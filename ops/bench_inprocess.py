@@ -23,6 +23,7 @@ import numpy as np
 
 if TYPE_CHECKING:
     from handler.checkpoint import LoadedModel
+    from handler.preprocessing import PreprocessConfig
     from handler.settings import HandlerSettings
 
 # torch and the handler are imported inside the functions that need them.
@@ -46,56 +47,51 @@ def median_seconds(candidates: dict[str, Callable[[], Any]], rounds: int,
     return {name: statistics.median(values) for name, values in timings.items()}
 
 
-def decoders(resize_size: int) -> dict[str, Callable[[bytes], np.ndarray]]:
-    """JPEG bytes to an RGB array whose shorter side is ``resize_size``, four ways.
+def decoders(config: PreprocessConfig) -> dict[str, Callable[[bytes], np.ndarray]]:
+    """JPEG bytes to the model input of ``config`` (an RGB array in its geometry: a centre crop, or the
+    whole image at a square or 4:3 input), four ways.
 
-    ``pillow_draft`` is the served path (:func:`handler.preprocessing.load_model_input`):
-    DCT-domain downscaling in libjpeg, then a bilinear resize of the small image.
+    ``pillow_draft`` is the served path itself (:func:`handler.preprocessing.load_model_input`):
+    DCT-domain downscaling in libjpeg to :func:`handler.preprocessing.decode_size`, then the resize.
+    The others decode in full (or OpenCV's halved decode) and take the same resize, so only the
+    decoder differs.
     """
     import cv2
     from PIL import Image
 
-    def shorter_side_to(width: int, height: int) -> tuple[int, int]:
-        scale = resize_size / min(width, height)
-        return max(resize_size, round(width * scale)), max(resize_size, round(height * scale))
+    from handler.preprocessing import load_model_input, resize_to_model_input
 
     def pillow_draft(data: bytes) -> np.ndarray:
-        image = Image.open(io.BytesIO(data))
-        image.draft("RGB", (resize_size, resize_size))
-        image = image.convert("RGB")
-        return np.asarray(image.resize(shorter_side_to(*image.size), Image.BILINEAR))
+        return load_model_input(data, config)[0].permute(1, 2, 0).numpy()
 
     def pillow_full(data: bytes) -> np.ndarray:
-        image = Image.open(io.BytesIO(data)).convert("RGB")
-        return np.asarray(image.resize(shorter_side_to(*image.size), Image.BILINEAR))
+        return np.asarray(resize_to_model_input(Image.open(io.BytesIO(data)).convert("RGB"), config))
 
     def opencv(flag: int) -> Callable[[bytes], np.ndarray]:
         def decode(data: bytes) -> np.ndarray:
-            image = cv2.imdecode(np.frombuffer(data, np.uint8), flag)
-            height, width = image.shape[:2]
-            resized = cv2.resize(image, shorter_side_to(width, height), interpolation=cv2.INTER_LINEAR)
-            return cv2.cvtColor(resized, cv2.COLOR_BGR2RGB)
+            image = cv2.cvtColor(cv2.imdecode(np.frombuffer(data, np.uint8), flag), cv2.COLOR_BGR2RGB)
+            return np.asarray(resize_to_model_input(Image.fromarray(image), config))
         return decode
 
     return {"pillow_draft": pillow_draft, "pillow_full": pillow_full,
             "opencv_reduced": opencv(cv2.IMREAD_REDUCED_COLOR_2), "opencv_full": opencv(cv2.IMREAD_COLOR)}
 
 
-def bench_decode(payloads: Sequence[bytes], resize_size: int, rounds: int) -> list[dict[str, Any]]:
-    """Per-image decode + resize time of each decoder, as a ratio to the served ``pillow_draft``.
+def bench_decode(payloads: Sequence[bytes], config: PreprocessConfig, rounds: int) -> list[dict[str, Any]]:
+    """Per-image decode + resize time of each decoder (:func:`decoders`), as a ratio to the served ``pillow_draft``.
 
     Also reports how far each decoder's pixels are from the served path's (mean absolute
-    difference in 8-bit levels on the resized image), since a faster decoder that changes
+    difference in 8-bit levels on the model input), since a faster decoder that changes
     the model's input is not a free win.
     """
-    candidates = decoders(resize_size)
+    candidates = decoders(config)
     timings = median_seconds({name: (lambda decode=decode: [decode(p) for p in payloads])
                                for name, decode in candidates.items()}, rounds)
     reference = [candidates["pillow_draft"](p).astype(np.int16) for p in payloads]
     rows = []
     for name, decode in candidates.items():
         pixels = [decode(p).astype(np.int16) for p in payloads]
-        difference = float(np.mean([np.abs(a - b).mean() for a, b in zip(pixels, reference) if a.shape == b.shape]))
+        difference = float(np.mean([np.abs(a - b).mean() for a, b in zip(pixels, reference)]))
         rows.append({"decoder": name, "ms_per_image": timings[name] * 1000 / len(payloads),
                      "ratio_to_served": timings[name] / timings["pillow_draft"], "mean_abs_pixel_difference": difference})
         print(f"decode {name}: {rows[-1]['ms_per_image']:.2f} ms/image, ratio {rows[-1]['ratio_to_served']:.3f}, "

@@ -235,8 +235,8 @@ def write_report(path: Path, result: dict[str, Any]) -> None:
                          f"{row['ratio_to_served']:.3f} | {'' if difference is None else f'{difference:.1e}'} |")
         lines.append("")
     if result.get("decode"):
-        lines += ["## JPEG decode + resize (per 600x450 image, to the model's resize size)", "",
-                  "Pixel difference = mean absolute difference, in 8-bit levels, from the served path's resized image.", "",
+        lines += ["## JPEG decode + resize (per 600x450 image, to the model's input in its geometry)", "",
+                  "Pixel difference = mean absolute difference, in 8-bit levels, from the served path's model input.", "",
                   "| decoder | ms/image | ratio to served | pixel difference |", "|---|---|---|---|"]
         lines += [f"| {row['decoder']}{' (served)' if row['decoder'] == 'pillow_draft' else ''} | {row['ms_per_image']:.2f} | "
                   f"{row['ratio_to_served']:.3f} | {row['mean_abs_pixel_difference']:.2f} |" for row in result["decode"]]

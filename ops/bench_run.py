@@ -179,8 +179,7 @@ def in_process_sections(run: _Run, sections: set[str]) -> dict[str, Any]:
 
     options, result = run.options, {}
     if "decode" in sections:
-        result["decode"] = bench_decode(run.payloads[:16], load_checkpoint(options.checkpoint).preprocess.resize_size,
-                                        run.rounds)
+        result["decode"] = bench_decode(run.payloads[:16], load_checkpoint(options.checkpoint).preprocess, run.rounds)
     if "runtime" in sections:
         result["runtime"] = bench_runtimes(options.checkpoint, run.payloads[:16], sorted({1, run.batch_size}), run.rounds,
                                            include_compile=not options.quick, device=options.device,

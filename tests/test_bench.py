@@ -306,3 +306,31 @@ def test_gate_cost_is_measured_against_predict_in_the_same_run(samples_dir):
     summary = bench_report.summarize({"gate": row}, batch_size=2)
     (check,) = [c for c in summary["checks"] if c["name"] == "gate_cost_ratio"]
     assert check["value"] == row["gate_cost_ratio"] and check["target"] == "<= 0.25"
+
+
+@pytest.mark.parametrize("geometry", [dict(image_size=48, resize_size=48, resize_mode="full_view", image_width=64),
+                                      dict(image_size=40, resize_size=48, resize_mode="shorter_side_center_crop")])
+def test_decode_section_compares_decoders_on_the_served_model_input(geometry):
+    """Every decoder ends at the model input of the checkpoint's geometry (a 4:3 input keeps its width);
+    the served row is the serving path itself."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from handler.preprocessing import PreprocessConfig, load_model_input
+
+    config = PreprocessConfig(mean=(0.5,) * 3, std=(0.5,) * 3, **geometry)
+    rng = np.random.default_rng(0)
+    pixels = np.clip(rng.normal(128, 20, (450, 600, 3)) + np.linspace(0, 80, 600)[None, :, None], 0, 255).astype(np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, "JPEG", quality=90)
+    data = buffer.getvalue()
+    outputs = {name: decode(data) for name, decode in bench_inprocess.decoders(config).items()}
+    assert set(outputs) == {"pillow_draft", "pillow_full", "opencv_reduced", "opencv_full"}
+    for name, array in outputs.items():
+        assert array.shape == (config.input_height, config.input_width, 3), name
+    assert np.array_equal(outputs["pillow_draft"], load_model_input(data, config)[0].permute(1, 2, 0).numpy())
+    rows = bench_inprocess.bench_decode([data], config, rounds=1)
+    assert [row["decoder"] for row in rows][0] == "pillow_draft" and rows[0]["mean_abs_pixel_difference"] == 0
+    assert all(row["mean_abs_pixel_difference"] < 10 for row in rows)
