@@ -314,8 +314,8 @@ def student_geometry(recipe: Recipe, teacher_preprocess: PreprocessConfig) -> tu
     arch = architecture(recipe.arch)
     preprocess = dataclasses.replace(teacher_preprocess, mean=arch.mean, std=arch.std)
     if preprocess.image_size != recipe.image_size:
-        print(f"student input {preprocess.image_size} px, as the teachers' (--image-size {recipe.image_size} ignored)",
-              flush=True)
+        print(f"student input {preprocess.input_height}x{preprocess.input_width} px, as the teachers' "
+              f"(--image-size {recipe.image_size} ignored)", flush=True)
         recipe = dataclasses.replace(recipe, image_size=preprocess.image_size)
     return recipe, preprocess
 

@@ -201,8 +201,8 @@ def make_folds(records: Sequence[LabelledImage], k: int, seed: int, metadata: st
         excluded_lesions: Lesions whose images are left out of every fold.
         excluded_because: Where those lesions come from (recorded in the fold file).
     """
-    excluded = tuple(sorted(set(excluded_lesions)))
-    records = [r for r in records if r.lesion_id not in set(excluded)]
+    left_out = set(excluded_lesions)
+    records = [r for r in records if r.lesion_id not in left_out]
     folds: list[tuple[str, ...]] = []
     counts = []
     for held_out in lesion_grouped_folds(records, k, seed):
@@ -212,8 +212,8 @@ def make_folds(records: Sequence[LabelledImage], k: int, seed: int, metadata: st
                        "class_images": dict(zip(CLASS_CODES, class_counts(members)))})
     metadata = Path(metadata)
     return FoldAssignment(k, seed, f"{metadata.resolve().parent.name}/{metadata.name}", file_sha256(metadata),
-                          records_digest(records), tuple(folds), tuple(counts), excluded,
-                          excluded_because if excluded else "")
+                          records_digest(records), tuple(folds), tuple(counts), tuple(sorted(left_out)),
+                          excluded_because if left_out else "")
 
 
 def check_folds(assignment: FoldAssignment, records: Sequence[LabelledImage], name: str = "fold file") -> None:
