@@ -66,7 +66,24 @@ stage() {
   [[ -f "$source/metadata.csv" ]] || { echo "no data at $source" >&2; exit 1; }
   mkdir -p .devdata/data .devdata/weights
   rm -rf .devdata/data/ham10000-200x150
-  cp -r "$source" .devdata/data/ham10000-200x150
+  # Only what the run reads: the metadata and the images of the lesions the folds keep (no masks, no validation
+  # lesions), so that the tree, the data and the weights travel in one call.
+  "$PYTHON" - "$source" .devdata/data/ham10000-200x150 "$EXCLUDE_SPLIT" <<'EOF'
+import shutil
+import sys
+from pathlib import Path
+from lab.data import attach_paths, read_labels
+from lab.training import lesions_of_split
+source, target, split = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]
+records = attach_paths(read_labels(source / "metadata.csv"), [source / "images"])
+left_out = set() if split.lower() == "none" else lesions_of_split(records, split, str(source))
+(target / "images").mkdir(parents=True)
+shutil.copy2(source / "metadata.csv", target / "metadata.csv")
+kept = [r for r in records if r.lesion_id not in left_out]
+for record in kept:
+    shutil.copy2(record.path, target / "images" / Path(record.path).name)
+print(f"{target}: {len(kept)} of {len(records)} images ({len(left_out)} validation lesions left out, as the folds leave them)")
+EOF
   for arch in $(printf '%s\n' "$ARCH" "$STUDENT_ARCH" | sort -u); do
     "$PYTHON" - "$arch" ".devdata/weights/$arch.pth" <<'EOF'
 import sys
