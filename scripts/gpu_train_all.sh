@@ -151,7 +151,7 @@ run() {
   # shellcheck disable=SC2086
   "$PYTHON" "$ROOT/scripts/train_folds.py" "${folds_common[@]}" --workers "$cores" --arch "$ARCH" --epochs "$EPOCHS" \
     --pretrained "$pretrained" --output "$folds_run" "${provenance[@]}" $FOLDS_ARGS 2>&1 | tee "$logs/folds_summary.log"
-  phase "teacher logits of the 8 views"
+  phase "teacher logits of every view"
   local distill=(--teachers "$folds_run" --output "$distill_run" --arch "$STUDENT_ARCH" --epochs "$STUDENT_EPOCHS"
                  --pretrained "$student_pretrained" --model-version "$VERSION")
   # shellcheck disable=SC2086
