@@ -1,4 +1,4 @@
-"""Cross-fitted training over every image: K lesion-grouped, class-stratified folds, one network per fold.
+"""Cross-fitted training over the training lesions: K lesion-grouped, class-stratified folds, one network per fold.
 
 The fold assignment (:class:`FoldAssignment`) partitions every image of a metadata CSV into K folds
 so that all images of a lesion are in one fold and each fold has about the same share of every
