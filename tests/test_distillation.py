@@ -89,40 +89,35 @@ def test_soft_labels_come_from_the_held_out_teacher_or_the_ensemble():
         soft_labels(teachers, folds, "teacher")
 
 
+def drawn_views(records, preprocess, views) -> set[int]:
+    """Six passes over a DistillationDataset whose teacher logits carry their view's number: every item must be
+    its image in the view its target names, at the input's shape, with its label. Returns the views drawn."""
+    teacher = torch.zeros(len(records), len(views), 7)
+    teacher[:, :, 0] = torch.tensor(views, dtype=torch.float32)  # the view's number, readable from the target
+    dataset = DistillationDataset(records, preprocess, teacher, jitter=False)
+    base = build_eval_transform(preprocess)
+    seen = set()
+    for _ in range(6):
+        for index in range(len(records)):
+            image, target = dataset[index]
+            view = int(target[1])
+            seen.add(view)
+            assert image.shape[-2:] == (preprocess.input_height, preprocess.input_width)
+            expected = dihedral(base(Image.open(records[index].path).convert("RGB")), view)
+            assert torch.equal(image, expected) and int(target[0]) == records[index].label
+    return seen
+
+
 def test_dataset_pairs_each_view_with_its_teacher_logits(tmp_path):
     metadata = synthetic_ham(tmp_path, lesions=(1,))
     records = attach_paths(read_labels(metadata), [tmp_path / "images"])
-    teacher = torch.zeros(len(records), VIEWS, 7)
-    teacher[:, :, 0] = torch.arange(VIEWS, dtype=torch.float32)  # the view's number, readable from the target
-    dataset = DistillationDataset(records, PREPROCESS, teacher, jitter=False)
-    base = build_eval_transform(PREPROCESS)
     torch.manual_seed(0)
-    seen = set()
-    for _ in range(6):
-        for index in range(len(records)):
-            image, target = dataset[index]
-            view = int(target[1])
-            seen.add(view)
-            expected = dihedral(base(Image.open(records[index].path).convert("RGB")), view)
-            assert torch.equal(image, expected) and int(target[0]) == records[index].label
-    assert len(seen) > 4
+    assert len(drawn_views(records, PREPROCESS, tuple(range(VIEWS)))) > 4
     with pytest.raises(ValueError, match="do not cover"):
-        DistillationDataset(records, PREPROCESS, teacher[:2])
+        DistillationDataset(records, PREPROCESS, torch.zeros(2, VIEWS, 7))
     # A 4:3 input: one column per shape-keeping view, each paired with its view, never a quarter turn.
     rectangular = dataclasses.replace(PREPROCESS, image_size=12, resize_size=12, image_width=16)
-    teacher = torch.zeros(len(records), len(SHAPE_KEEPING_VIEWS), 7)
-    teacher[:, :, 0] = torch.tensor(SHAPE_KEEPING_VIEWS, dtype=torch.float32)
-    dataset = DistillationDataset(records, rectangular, teacher, jitter=False)
-    base = build_eval_transform(rectangular)
-    seen = set()
-    for _ in range(6):
-        for index in range(len(records)):
-            image, target = dataset[index]
-            view = int(target[1])
-            seen.add(view)
-            assert image.shape[-2:] == (12, 16)
-            assert torch.equal(image, dihedral(base(Image.open(records[index].path).convert("RGB")), view))
-    assert seen == set(SHAPE_KEEPING_VIEWS)
+    assert drawn_views(records, rectangular, SHAPE_KEEPING_VIEWS) == set(SHAPE_KEEPING_VIEWS)
     with pytest.raises(ValueError, match="4 views"):
         DistillationDataset(records, rectangular, torch.zeros(len(records), VIEWS, 7))
 

@@ -16,6 +16,7 @@ from lab.data import LabelledImage, read_labels
 from lab.folds import (
     FoldAssignment, FoldMismatchError, check_folds, check_trained_on, cross_fitted_probabilities, ensure_folds, fold_split,
     lesion_average, lesion_figures, load_folds, make_folds, read_folds, records_digest, select_epoch)
+from lab.training import lesions_of_split
 from ops.paths import DATA, PROVENANCE
 from scripts import train_folds
 from tests.conftest import synthetic_ham
@@ -221,7 +222,7 @@ def test_committed_k5_folds_match_the_4_3_metadata():
     # The training lesions only: the 855 validation lesions (1,156 images) of the release's split are left out.
     assert assignment.k == 5 and len(records) == 10015 - 1156 and len({r.lesion_id for r in records}) == 7470 - 855
     every = read_labels(metadata)
-    val_lesions = {r.lesion_id for r in every if r.image_id in set(json.loads((PROVENANCE / "val_split.json").read_text())["val_image_ids"])}
+    val_lesions = lesions_of_split(every, PROVENANCE / "val_split.json")
     assert set(assignment.excluded_lesions) == val_lesions and not val_lesions & {r.lesion_id for r in records}
     # What `train_folds.py --folds-only` writes.
     assert make_folds(every, 5, 0, metadata, val_lesions).digest == assignment.digest
