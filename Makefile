@@ -102,6 +102,10 @@ TEACHER ?= runs/release-1.6.1/skin_lesion.pt
 STUDENT_SIZE ?= 192x256
 STUDENT_EPOCHS ?= 5
 STUDENT_RUN ?= runs/student-lite2-$(STUDENT_SIZE)
+# What the student distils: 1.6.1's logits of each training image (the default; 1.6.1 trained on these images, so its
+# logits describe its fit), or out-of-fold logits from a fold run that left the validation lesions out:
+# STUDENT_TEACHER="--teacher-out-of-fold models/provenance/folds_k4/out_of_fold_logits.csv".
+STUDENT_TEACHER ?= --teacher $(TEACHER)
 runs/release-1.6.1/skin_lesion.pt:
 	mkdir -p $(@D) && git show $(TEACHER_COMMIT):models/skin_lesion.pt > $@.tmp && mv $@.tmp $@
 train-student: install $(TEACHER) ## Train the 4:3 student for 1.7.0: one Lite2 at STUDENT_SIZE (192x256), warm-started from and distilled by 1.6.1, into runs/student-lite2-STUDENT_SIZE (resumable) [TRAIN_ARGS=...]
@@ -109,7 +113,7 @@ train-student: install $(TEACHER) ## Train the 4:3 student for 1.7.0: one Lite2 
 	  --output $(STUDENT_RUN) --val-split models/provenance/val_split.json \
 	  --arch efficientnet_lite2 --image-size $(word 1,$(subst x, ,$(STUDENT_SIZE))) --image-width $(word 2,$(subst x, ,$(STUDENT_SIZE))) --resize-mode full_view \
 	  --init-checkpoint $(TEACHER) --init-member 3 --freeze-blocks 4 \
-	  --teacher $(TEACHER) --distill-alpha 0.5 --distill-temperature 2.0 \
+	  $(STUDENT_TEACHER) --distill-alpha 0.5 --distill-temperature 2.0 \
 	  --epochs $(STUDENT_EPOCHS) --patience $(STUDENT_EPOCHS) --lr 3e-4 --batch-size 32 --ema-decay 0.995 --class-weight-power 1.0 --min-crop-scale 0.6 \
 	  --workers 1 --threads 2 --model-version 1.7.0-student $(TRAIN_ARGS)
 

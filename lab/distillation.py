@@ -42,7 +42,7 @@ from lab.calibration import fit_calibration
 from lab.data import LabelledImage, LesionDataset, build_eval_transform, class_counts
 from lab.evaluation import TARGET_MELANOMA_SENSITIVITY
 from lab.folds import (FoldAssignment, FoldLayout, RunSettings, check_trained_on, fold_split, folds_data_record,
-                       lesion_figures, load_epoch_weights, single_fold_figures)
+                       lesion_figures, load_epoch_weights, read_out_of_fold_csv, single_fold_figures)
 from lab.provenance import file_sha256
 from lab.training import Recipe, autocast, class_weights
 
@@ -157,6 +157,28 @@ def soft_labels(teacher_logits: Sequence[torch.Tensor], folds: np.ndarray, sourc
     if source == "out_of_fold":
         return stacked[torch.as_tensor(folds), torch.arange(stacked.shape[1])]
     raise ValueError(f"unknown soft-label source {source!r}; choose one of {SOFT_LABELS}")
+
+
+def out_of_fold_teacher_logits(path: str | os.PathLike, records: Sequence[LabelledImage]) -> torch.Tensor:
+    """(N, C) soft labels of ``records`` from a fold run's out-of-fold logits (``scripts/train_folds.py``'s CSV).
+
+    Each image's logits come from the fold network that did not train on it, so they say how the
+    teachers generalize to that image rather than how well they fit it. A teacher's logits of images
+    it trained on describe its fit (see docs/EXPERIMENTS.md, "Second try").
+
+    Raises:
+        ValueError: A record is not in the file, or the file gives it another class.
+    """
+    rows = read_out_of_fold_csv(path)
+    missing = [r.image_id for r in records if r.image_id not in rows]
+    if missing:
+        raise ValueError(f"{path} has no out-of-fold logits for {len(missing)} of the {len(records)} training images "
+                         f"(e.g. {', '.join(missing[:3])}): the fold run must cover every training image")
+    relabelled = [r.image_id for r in records if rows[r.image_id][0] != CLASS_CODES[r.label]]
+    if relabelled:
+        raise ValueError(f"{path} gives {len(relabelled)} images another class than the metadata "
+                         f"(e.g. {', '.join(relabelled[:3])})")
+    return torch.from_numpy(np.stack([rows[r.image_id][2] for r in records]))
 
 
 def pack_targets(labels: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:

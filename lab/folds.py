@@ -743,6 +743,18 @@ def write_out_of_fold_csv(oof: OutOfFold, epoch: int, path: Path) -> None:
                              *[f"{value:.5f}" for value in logits[i]]])
 
 
+def read_out_of_fold_csv(path: str | os.PathLike) -> dict[str, tuple[str, int, np.ndarray]]:
+    """The rows of :func:`write_out_of_fold_csv`: image id -> (true class code, fold, (C,) logits)."""
+    with open(path, newline="") as handle:
+        reader = csv.DictReader(handle)
+        columns = [f"logit_{code}" for code in CLASS_CODES]
+        missing = {"image_id", "dx", "fold", *columns} - set(reader.fieldnames or ())
+        if missing:
+            raise ValueError(f"{path} is not an out-of-fold logits file: no column {', '.join(sorted(missing))}")
+        return {row["image_id"]: (row["dx"], int(row["fold"]), np.array([float(row[c]) for c in columns], np.float32))
+                for row in reader}
+
+
 def export_teachers(layout: FoldLayout, assignment: FoldAssignment, folds_file: str | os.PathLike, epoch: int,
                     recipe: Recipe, preprocess: PreprocessConfig, records: Sequence[LabelledImage],
                     storage: str = "float16", **provenance: Any) -> list[Path]:

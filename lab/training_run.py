@@ -25,11 +25,11 @@ from handler.checkpoint import model_from_checkpoint, read_checkpoint
 from handler.labels import CLASS_CODES
 from handler.preprocessing import PreprocessConfig
 from lab.data import LabelledImage, class_counts
-from lab.distillation import cache_teacher_logits, distillation_loss
+from lab.distillation import cache_teacher_logits, distillation_loss, out_of_fold_teacher_logits
 from lab.evaluation import format_report
 from lab.folds import RunSettings
 from lab.function_matching import FunctionMatchingLoss, MixedTeacherTargets
-from lab.provenance import checkpoint_provenance
+from lab.provenance import checkpoint_provenance, file_sha256
 from lab.training import (
     Progress, Recipe, Trainer, class_weights, data_record, fit_calibrations, freeze_early_layers, initialize, load_best_weights,
     make_criterion, make_ema, make_loaders, make_optimizer, release_checkpoint, resume, run_epochs, seed_everything,
@@ -53,8 +53,10 @@ class TrainingRunOptions:
         image_width: Width of a rectangular input (the recipe's ``image_size`` is then its height).
         resize_mode: The geometry; None takes the architecture entry's.
         teacher: Release checkpoint whose logits are distilled, or None.
-        distill_alpha: Share of the KL term with ``teacher``.
-        distill_temperature: Softening of the KL term with ``teacher``.
+        teacher_out_of_fold: Instead of ``teacher``, a fold run's out-of-fold logits CSV to distil
+            (:func:`lab.distillation.out_of_fold_teacher_logits`), or None.
+        distill_alpha: Share of the KL term with a teacher.
+        distill_temperature: Softening of the KL term with a teacher.
         function_matching: With ``teacher``, the mixup parameter of online function matching
             (:mod:`lab.function_matching`); 0 distils cached logits of the unaugmented images.
         model_version: Version written into ``best.pt``.
@@ -72,6 +74,7 @@ class TrainingRunOptions:
     image_width: int | None
     resize_mode: str | None
     teacher: str | None
+    teacher_out_of_fold: str | None
     distill_alpha: float
     distill_temperature: float
     function_matching: float
@@ -117,9 +120,12 @@ def training_loss(recipe: Recipe, options: TrainingRunOptions, train: Sequence[L
     """The loss, and the teacher's cached logits of the training images when distilling them (else None).
 
     The teacher's logits (of each image as the teacher serves it) are computed once into the run folder
-    (``teacher_logits.pt``) and reused when the run resumes. Function matching caches nothing: its
-    teacher answers each batch (:func:`matching_targets`).
+    (``teacher_logits.pt``) and reused when the run resumes. Out-of-fold logits are read from their CSV.
+    Function matching caches nothing: its teacher answers each batch (:func:`matching_targets`).
     """
+    loss = distillation_loss(counts, recipe.class_weight_power, options.distill_temperature, options.distill_alpha)
+    if options.teacher_out_of_fold:
+        return loss, out_of_fold_teacher_logits(options.teacher_out_of_fold, train)
     if not options.teacher:
         return make_criterion(recipe, counts), None
     if options.function_matching:
@@ -129,7 +135,7 @@ def training_loss(recipe: Recipe, options: TrainingRunOptions, train: Sequence[L
     teacher_logits = cache_teacher_logits(options.teacher, train, output / "teacher_logits.pt", device,
                                           batch_size=recipe.batch_size, workers=recipe.workers, views=(0,))[:, 0]
     print(f"teacher logits of {len(train)} images ready in {time.perf_counter() - started:.0f} s", flush=True)
-    return distillation_loss(counts, recipe.class_weight_power, options.distill_temperature, options.distill_alpha), teacher_logits
+    return loss, teacher_logits
 
 
 def matching_targets(options: TrainingRunOptions, preprocess: PreprocessConfig,
@@ -156,6 +162,12 @@ def run_data_record(options: TrainingRunOptions, train: Sequence[LabelledImage],
                                   "views": (f"the student's own view, mixed up (Beta({options.function_matching:g}, "
                                             f"{options.function_matching:g})), online (function matching)"
                                             if options.function_matching else "the image as the teacher serves it")}
+    if options.teacher_out_of_fold:
+        record["distillation"] = {"teacher": "out-of-fold logits: each image's from the fold network that did not train on it",
+                                  "logits": Path(options.teacher_out_of_fold).name,
+                                  "logits_sha256": file_sha256(options.teacher_out_of_fold),
+                                  "alpha": options.distill_alpha, "temperature": options.distill_temperature,
+                                  "views": "the image as the fold network scored it"}
     return record
 
 

@@ -54,11 +54,16 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--val-split",
                         help="a recorded validation split (JSON with val_image_ids, e.g. models/provenance/val_split.json): "
                              "every image of those lesions validates, the rest trains (instead of --val-fraction)")
-    parser.add_argument("--teacher",
-                        help="release-format checkpoint whose logits (of each training image as it serves it) are "
-                             "distilled: loss = alpha * KL + (1 - alpha) * class-weighted CE; cached once in the run folder")
-    parser.add_argument("--distill-alpha", type=float, default=0.7, help="share of the KL term with --teacher")
-    parser.add_argument("--distill-temperature", type=float, default=2.0, help="softening of the KL term with --teacher")
+    teachers = parser.add_mutually_exclusive_group()
+    teachers.add_argument("--teacher",
+                          help="release-format checkpoint whose logits (of each training image as it serves it) are "
+                               "distilled: loss = alpha * KL + (1 - alpha) * class-weighted CE; cached once in the run folder")
+    teachers.add_argument("--teacher-out-of-fold", metavar="CSV",
+                          help="distil out-of-fold logits instead: scripts/train_folds.py's CSV (its run folder's "
+                               "out_of_fold_logits_epoch_<E>.csv, or the copy in models/provenance/folds_k<K>/), which "
+                               "gives each training image the logits of the fold network that did not train on it")
+    parser.add_argument("--distill-alpha", type=float, default=0.7, help="share of the KL term with a teacher")
+    parser.add_argument("--distill-temperature", type=float, default=2.0, help="softening of the KL term with a teacher")
     parser.add_argument("--function-matching", type=float, default=0.0, metavar="MIXUP",
                         help="with --teacher: run the teacher online on the student's own view of each batch, mixed up "
                              "with weights ~ Beta(MIXUP, MIXUP) (function matching, Beyer et al. 2022), instead of "
@@ -90,6 +95,8 @@ def main(args: argparse.Namespace) -> dict[str, Any] | None:
         The validation report of the released (best) weights, calibrated, or None when
         the run paused early because of ``--epochs-this-run``.
     """
+    if args.function_matching and not args.teacher:
+        raise SystemExit("--function-matching runs a teacher network online: it needs --teacher")
     recipe = Recipe.from_namespace(args)
     settings = RunSettings.choose(args.device, args.amp, args.threads, pretrained=args.pretrained,
                                   freeze_blocks=args.freeze_blocks, epochs_this_run=args.epochs_this_run, limit=args.limit)

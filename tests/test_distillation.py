@@ -13,12 +13,12 @@ from torch import nn
 from handler.checkpoint import load_checkpoint, read_checkpoint
 from handler.inference import predict_probabilities
 from handler.preprocessing import FULL_VIEW, PreprocessConfig, normalize_batch
-from lab.data import attach_paths, build_eval_transform, read_labels
+from lab.data import LabelledImage, attach_paths, build_eval_transform, read_labels
 from lab.distillation import (
-    SHAPE_KEEPING_VIEWS, VIEWS, DistillationDataset, DistillationLoss, cache_teacher_logits, dihedral, pack_targets, soft_labels,
-    view_logits, views_of)
+    SHAPE_KEEPING_VIEWS, VIEWS, DistillationDataset, DistillationLoss, cache_teacher_logits, dihedral, out_of_fold_teacher_logits,
+    pack_targets, soft_labels, view_logits, views_of)
 from lab.evaluation import input_batches
-from lab.folds import FoldMismatchError, check_trained_on, load_folds
+from lab.folds import FoldMismatchError, OutOfFold, check_trained_on, load_folds, write_out_of_fold_csv
 from scripts import distill, train_folds
 from tests.conftest import synthetic_ham
 
@@ -106,6 +106,32 @@ def drawn_views(records, preprocess, views) -> set[int]:
             expected = dihedral(base(Image.open(records[index].path).convert("RGB")), view)
             assert torch.equal(image, expected) and int(target[0]) == records[index].label
     return seen
+
+
+def write_out_of_fold_logits(records, logits, path):
+    """A fold run's out-of-fold CSV (one epoch) of ``records`` with (N, C) ``logits``; its path."""
+    oof = OutOfFold([r.image_id for r in records], [r.lesion_id for r in records], np.array([r.label for r in records]),
+                    np.arange(len(records)) % 3, [1], np.asarray(logits, np.float32)[:, None])
+    write_out_of_fold_csv(oof, 1, path)
+    return path
+
+
+def test_out_of_fold_soft_labels_follow_the_records_and_refuse_what_the_file_does_not_say(tmp_path):
+    records = [LabelledImage(f"ISIC_{i:07d}", i % 7, f"HAM_{i // 2:07d}") for i in range(10)]
+    logits = np.random.default_rng(0).normal(size=(10, 7)) * 3
+    path = write_out_of_fold_logits(records, logits, tmp_path / "oof.csv")
+    # Rows follow the training records' order, whatever the file's order.
+    wanted = [9, 4, 0, 7]
+    got = out_of_fold_teacher_logits(path, [records[i] for i in wanted])
+    assert got.shape == (4, 7) and got.dtype == torch.float32
+    assert torch.allclose(got, torch.from_numpy(logits[wanted]).float(), atol=1e-5)
+    with pytest.raises(ValueError, match="no out-of-fold logits for 1 of the 3 training images .*ISIC_9999999"):
+        out_of_fold_teacher_logits(path, records[:2] + [LabelledImage("ISIC_9999999", 0, "HAM_9999999")])
+    with pytest.raises(ValueError, match="gives 1 images another class"):
+        out_of_fold_teacher_logits(path, [dataclasses.replace(records[3], label=(records[3].label + 1) % 7)])
+    (tmp_path / "other.csv").write_text("image_id,dx\nISIC_0000000,nv\n")
+    with pytest.raises(ValueError, match="not an out-of-fold logits file: no column fold, logit_akiec"):
+        out_of_fold_teacher_logits(tmp_path / "other.csv", records[:1])
 
 
 def test_dataset_pairs_each_view_with_its_teacher_logits(tmp_path):

@@ -13,10 +13,12 @@ from handler.checkpoint import Meta, combine_members, load_checkpoint, make_chec
 from handler.preprocessing import FULL_VIEW, PreprocessConfig, load_model_input, resize_to_model_input
 from lab.data import build_train_transform
 from lab.distillation import SoftLabelledDataset, cache_teacher_logits
+from lab.provenance import file_sha256
 from lab.training import load_release_weights, split_records_by_file
 from ops.paths import DATA, PROVENANCE
 from scripts import train
 from tests.conftest import TINY_CALIBRATION
+from tests.test_distillation import write_out_of_fold_logits
 from tests.tiny_release import synthetic_jpeg
 
 RECTANGULAR = PreprocessConfig(image_size=48, resize_size=48, mean=(0.5,) * 3, std=(0.5,) * 3, resize_mode=FULL_VIEW,
@@ -143,3 +145,32 @@ def test_function_matching_trains_against_the_teacher_online_and_says_so(tmp_pat
     assert "Beta(1, 1)" in student.meta.data["distillation"]["views"]
     # Nothing is cached: the teacher (at its own 40 px square input) answered every batch.
     assert not (tmp_path / "run" / "teacher_logits.pt").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.data
+def test_the_student_recipe_distils_out_of_fold_logits_and_names_them(tmp_path):
+    folder = _data_43()
+    records = split_records_by_file(folder / "metadata.csv", [folder / "images"], PROVENANCE / "val_split.json", 64, 42)[0]
+    logits = torch.randn(len(records), 7, generator=torch.Generator().manual_seed(0)).numpy()
+    path = write_out_of_fold_logits(records, logits, tmp_path / "out_of_fold_logits.csv")
+    _train_rectangular(folder, tmp_path / "run", 64, "--pretrained", "none", "--teacher-out-of-fold", str(path),
+                       "--distill-alpha", "0.5", "--model-version", "0.0.9")
+    distillation = load_checkpoint(tmp_path / "run" / "best.pt").meta.data["distillation"]
+    assert "did not train on it" in distillation["teacher"] and distillation["alpha"] == 0.5
+    assert distillation["logits_sha256"] == file_sha256(path)
+    assert not (tmp_path / "run" / "teacher_logits.pt").exists()  # read, not computed
+    # A file that leaves out a training image is refused, naming it.
+    gap = write_out_of_fold_logits(records[1:], logits[1:], tmp_path / "gap.csv")
+    with pytest.raises(ValueError, match=f"no out-of-fold logits for 1 .*{records[0].image_id}"):
+        _train_rectangular(folder, tmp_path / "gap", 64, "--pretrained", "none", "--teacher-out-of-fold", str(gap))
+
+
+def test_one_teacher_at_a_time_and_function_matching_needs_a_network(tmp_path, capsys):
+    base = ["--output", str(tmp_path), "--metadata", "m.csv", "--images", "images"]
+    with pytest.raises(SystemExit):
+        train.get_args_parser().parse_args([*base, "--teacher", "a.pt", "--teacher-out-of-fold", "b.csv"])
+    assert "not allowed with argument" in capsys.readouterr().err
+    args = train.get_args_parser().parse_args([*base, "--teacher-out-of-fold", "b.csv", "--function-matching", "1"])
+    with pytest.raises(SystemExit, match="needs --teacher"):
+        train.main(args)
