@@ -214,19 +214,20 @@ def test_train_folds_refuses_provenance_for_smoke_runs_and_a_foreign_fold_file(t
 
 
 @pytest.mark.data
-def test_committed_k5_folds_match_the_4_3_metadata():
+@pytest.mark.parametrize("k", [4, 5])
+def test_committed_folds_match_the_4_3_metadata(k):
     metadata = DATA / "ham10000-200x150" / "metadata.csv"
     if not metadata.exists():
         pytest.skip(f"HAM10000 200x150 metadata not found at {metadata} (set SKIN_LESION_DATA or place ../shared/data)")
-    assignment, records = load_folds(PROVENANCE / "folds_k5.json", metadata)
+    assignment, records = load_folds(PROVENANCE / f"folds_k{k}.json", metadata)
     # The training lesions only: the 855 validation lesions (1,156 images) of the release's split are left out.
-    assert assignment.k == 5 and len(records) == 10015 - 1156 and len({r.lesion_id for r in records}) == 7470 - 855
+    assert assignment.k == k and len(records) == 10015 - 1156 and len({r.lesion_id for r in records}) == 7470 - 855
     every = read_labels(metadata)
     val_lesions = lesions_of_split(every, PROVENANCE / "val_split.json")
     assert set(assignment.excluded_lesions) == val_lesions and not val_lesions & {r.lesion_id for r in records}
-    # What `train_folds.py --folds-only` writes.
-    assert make_folds(every, 5, 0, metadata, val_lesions).digest == assignment.digest
+    # What `train_folds.py --k K --folds-only` writes.
+    assert make_folds(every, k, 0, metadata, val_lesions).digest == assignment.digest
     sizes = [len(fold) for fold in assignment.folds]
-    assert max(sizes) - min(sizes) < 0.05 * len(records) / 5
+    assert max(sizes) - min(sizes) < 0.05 * len(records) / k
     for count in assignment.counts:  # every fold holds every class
         assert min(count["class_images"].values()) > 0
