@@ -123,11 +123,11 @@ def training_loss(recipe: Recipe, options: TrainingRunOptions, train: Sequence[L
     (``teacher_logits.pt``) and reused when the run resumes. Out-of-fold logits are read from their CSV.
     Function matching caches nothing: its teacher answers each batch (:func:`matching_targets`).
     """
+    if not (options.teacher or options.teacher_out_of_fold):
+        return make_criterion(recipe, counts), None
     loss = distillation_loss(counts, recipe.class_weight_power, options.distill_temperature, options.distill_alpha)
     if options.teacher_out_of_fold:
         return loss, out_of_fold_teacher_logits(options.teacher_out_of_fold, train)
-    if not options.teacher:
-        return make_criterion(recipe, counts), None
     if options.function_matching:
         weight = class_weights(counts, recipe.class_weight_power)
         return FunctionMatchingLoss(weight, options.distill_temperature, options.distill_alpha), None
