@@ -137,11 +137,19 @@ def test_a_release_is_never_replaced_silently_and_its_digest_is_recorded(tmp_pat
     assert rollout.main(rollout.get_args_parser().parse_args(argv)) == 1
     assert "--force" in capsys.readouterr().err and archive.read_bytes() == first
     # A forced replacement that dies between writing the archive and recording its digest: the
-    # archive no longer matches the digest, so nothing serves it until it is rebuilt.
+    # archive no longer matches the digest, so nothing serves it until it is rebuilt. The
+    # replacement packs a config that differs by a comment, so that its bytes differ even when
+    # both builds fall in the same second (the archive's timestamps are its only other change).
+    from ops.paths import MODEL_CONFIG
+
+    changed_config = tmp_path / "changed" / "model-config.yaml"
+    changed_config.parent.mkdir()
+    changed_config.write_text(MODEL_CONFIG.read_text() + "\n# the replacement\n")
     real_record = digests.record
     monkeypatch.setattr(digests, "record", lambda *args, **kwargs: (_ for _ in ()).throw(KeyboardInterrupt()))
     with pytest.raises(KeyboardInterrupt):
-        rollout.main(rollout.get_args_parser().parse_args(argv + ["--force"]))
+        rollout.main(rollout.get_args_parser().parse_args(argv + ["--force", "--model-config", str(changed_config)]))
+    assert archive.read_bytes() != first
     monkeypatch.setattr(digests, "record", real_record)
     with pytest.raises(RolloutError, match="does not match its recorded SHA-256"):
         check_archive(archive, "2.5")
