@@ -11,8 +11,8 @@ def test_one_minute_soak_has_no_errors_no_leak_and_stable_tail_latency(torchserv
     # p95, not p99: a one-minute half holds ~290 requests, so its p99 is set by its 3 slowest (a CI
     # run measured 217 -> 468 ms with p50 148 ms and no other sign of growth); its p95 by ~14.
     # 70 %, not make soak's 80 %: the peak here is measured in 10 seconds on a shared 2-core
-    # machine, and at 80 % of a peak overstated by a few percent the queue itself grows for a
-    # minute (a CI run: p95 by half drifted 3.2x with no error and no memory growth).
+    # machine, and at 80 % of it one CI run's p95 drifted 3.2x between the halves with no error
+    # and no memory growth (likely the queue near a misjudged peak; not established).
     args = soak.get_args_parser().parse_args([
         "--run-dir", str(torchserve.run_dir), "--samples", str(samples_dir), "--duration", "60",
         "--peak-seconds", "10", "--load", "0.7", "--drift-quantile", "0.95", "--out", str(tmp_path)])
