@@ -41,8 +41,18 @@ KEY_FILE = "key_file.json"
 LOG_OFFSETS = "log_offsets.json"
 LOG_FILES = ("logs/model_log.log", "logs/console.log")
 # Lines in TorchServe's console output after which it will never become ready.
-FATAL_STARTUP_MARKERS = ("Address already in use", 'Exception in thread "main"', "Failed to load model")
+PORT_TAKEN_MARKER = "Address already in use"
+FATAL_STARTUP_MARKERS = (PORT_TAKEN_MARKER, 'Exception in thread "main"', "Failed to load model")
 ADDRESS_KEYS = {"inference": "inference_address", "management": "management_address", "metrics": "metrics_address"}
+
+
+class PortTaken(RuntimeError):
+    """TorchServe could not bind a port: another process holds it.
+
+    A port from :func:`free_port` is only free when it is picked; another process (or another
+    server's outgoing connection) can take it before TorchServe binds it. TorchServe then loads
+    its model, fails to bind and exits. Starting again on newly picked ports is the remedy.
+    """
 
 
 def free_port() -> int:
@@ -231,6 +241,7 @@ def wait_ready(server: Server, model: str = MODEL_NAME, timeout: float = 180.0) 
         The management API's description of the model.
 
     Raises:
+        PortTaken: If a port it was given was taken before it could bind it.
         RuntimeError: If the server exits or the model fails to load, with the log tail.
         TimeoutError: If the model is not ready in time.
     """
@@ -238,7 +249,11 @@ def wait_ready(server: Server, model: str = MODEL_NAME, timeout: float = 180.0) 
     deadline = time.monotonic() + timeout
     last_error = "no answer yet"
     while time.monotonic() < deadline:
-        if not server.is_running():
+        running = server.is_running()
+        # A taken port is read before the exit: the frontend exits a moment after logging it.
+        if PORT_TAKEN_MARKER in server.log_since_start("logs/console.log"):
+            raise PortTaken(f"TorchServe failed to start ({PORT_TAKEN_MARKER})\n{server.log_tail()}")
+        if not running:
             raise RuntimeError(f"TorchServe exited during startup\n{server.log_tail()}")
         try:
             response = client.request("management", "GET", f"/models/{model}")

@@ -122,6 +122,28 @@ def start_server(run_dir: Path, model_store: Path, overrides: dict[str, str] | N
     return serve.start(run_dir, model_store, SERVER_CONFIG, {**serve.loopback_addresses(), **(overrides or {})}, models)
 
 
+def ready_server(run_dir: Path, model_store: Path, overrides: dict[str, str] | None = None, models: str | None = None,
+                 timeout: float = 240, attempts: int = 3) -> serve.Server:
+    """:func:`start_server`, then wait until the model has a READY worker.
+
+    A free port picked for it can be taken before TorchServe binds it (:class:`ops.torchserve.PortTaken`):
+    then it starts again on newly picked ports, up to ``attempts`` times. Any other failure stops it and raises.
+    """
+    for attempt in range(1, attempts + 1):
+        server = start_server(run_dir, model_store, overrides, models)
+        try:
+            serve.wait_ready(server, timeout=timeout)
+            return server
+        except serve.PortTaken:
+            serve.stop(server)
+            if attempt == attempts:
+                raise
+        except BaseException:
+            serve.stop(server)
+            raise
+    raise AssertionError("unreachable")
+
+
 def post(server: serve.Server, body: bytes | dict | None = None, *, explain: bool = False, path: str | None = None,
          content_type: str | None = "application/octet-stream", upload: str | None = None, fields: dict | None = None,
          timeout: float = 60.0) -> requests.Response:
@@ -159,9 +181,8 @@ def release_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @contextlib.contextmanager
 def served(run_dir: Path, model_store: Path) -> Iterator[serve.Server]:
     """A ready TorchServe for the duration of the block, stopped by its own pid afterwards."""
-    server = start_server(run_dir, model_store)
+    server = ready_server(run_dir, model_store)
     try:
-        serve.wait_ready(server, timeout=240)
         yield server
     finally:
         serve.stop(server)

@@ -17,6 +17,7 @@ import base64
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -30,7 +31,7 @@ from ops import kserve
 from ops.archive import ArchiveSpec, build_archive
 from ops.loadgen import parse_histogram
 from ops.paths import GOLDEN_SMOKE, MODEL_CONFIG, SERVER_CONFIG
-from ops.torchserve import free_port, read_properties
+from ops.torchserve import PORT_TAKEN_MARKER, free_port, read_properties
 from scripts import kserve_bundle
 from tests.conftest import RELEASED_CHECKPOINT, ROOT, post, same_answer
 
@@ -102,26 +103,45 @@ def _golden_images(samples_dir: Path) -> list[tuple[str, str, bytes]]:
 class RuntimeStarted:
     """TorchServe started from the bundle the way the KServe runtime starts it (daemonized ``torchserve --start``)."""
 
-    def __init__(self, bundle: Path, work: Path) -> None:
-        self.ports = {name: free_port() for name in ("inference", "management", "metrics", "grpc_inference",
-                                                     "grpc_management")}
-        (bundle / "config" / "config.properties").write_text(kserve.localized_config(bundle, self.ports))
-        self.work = work
+    def __init__(self, bundle: Path, work: Path, first_ports: dict[str, int] | None = None) -> None:
+        self.bundle, self.work = bundle, work
         work.mkdir(parents=True, exist_ok=True)
         (work / "tmp").mkdir(exist_ok=True)
-        self.env = {**os.environ, "TMPDIR": str(work / "tmp"), "LOG_LOCATION": str(work / "logs"),
-                    "METRICS_LOCATION": str(work / "logs"), "TS_SERVICE_ENVELOPE": "kserve",
-                    "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+        # TEMP too (the Java frontend's java.io.tmpdir): the workers' sockets (.ts.sock.9000, ...) go
+        # there. In a pod /tmp is the pod's own; on this machine it is shared with every other
+        # TorchServe that does not set it.
+        self.env = {**os.environ, "TMPDIR": str(work / "tmp"), "TEMP": str(work / "tmp"),
+                    "LOG_LOCATION": str(work / "logs"), "METRICS_LOCATION": str(work / "logs"),
+                    "TS_SERVICE_ENVELOPE": "kserve", "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
         self.command = kserve.runtime_command(bundle)
+        self.starts = 0
+        self.start(first_ports or {})
+
+    def start(self, ports: dict[str, int]) -> None:
+        """Start on newly picked free loopback ports (``ports`` replaces some of them)."""
+        self.starts += 1
+        self.ports = {name: free_port() for name in ("inference", "management", "metrics", "grpc_inference",
+                                                     "grpc_management")} | ports
+        (self.bundle / "config" / "config.properties").write_text(kserve.localized_config(self.bundle, self.ports))
         # `torchserve --start` daemonizes: its output goes to a file, never to a pipe the daemon would hold open.
-        with open(work / "start.log", "wb") as log:
-            subprocess.run(self.command, cwd=work, env=self.env, check=True, stdin=subprocess.DEVNULL, stdout=log,
-                           stderr=subprocess.STDOUT, timeout=120)
+        with open(self.work / "start.log", "wb") as log:
+            subprocess.run(self.command, cwd=self.work, env=self.env, check=True, stdin=subprocess.DEVNULL,
+                           stdout=log, stderr=subprocess.STDOUT, timeout=120)
 
     def url(self, name: str) -> str:
         return f"http://127.0.0.1:{self.ports[name]}"
 
-    def wait_ready(self, timeout: float = 600) -> None:
+    def frontend_alive(self) -> bool:
+        """Whether the daemon's Java frontend (its pid file is under TMPDIR) still runs."""
+        pid_file = self.work / "tmp" / ".model_server.pid"
+        try:
+            os.kill(int(pid_file.read_text().split()[0]), 0)
+        except (FileNotFoundError, ValueError, IndexError, ProcessLookupError):
+            return False
+        return True
+
+    def wait_ready(self, timeout: float = 600, attempts: int = 3) -> None:
+        """Wait until every worker is READY; start again on new ports when a picked port was taken meanwhile."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             try:
@@ -130,6 +150,12 @@ class RuntimeStarted:
                     return
             except (requests.RequestException, ValueError, KeyError, IndexError):
                 pass
+            if not self.frontend_alive():
+                output = (self.work / "start.log").read_text(errors="replace")
+                attempts -= 1
+                if PORT_TAKEN_MARKER not in output or attempts == 0:
+                    raise RuntimeError(f"the bundle's TorchServe exited during startup:\n{output[-3000:]}")
+                self.start({})
             time.sleep(1)
         raise TimeoutError(f"bundle not READY after {timeout} s:\n{(self.work / 'logs' / 'ts_log.log').read_text()[-3000:]}")
 
@@ -149,10 +175,21 @@ def _batch_sizes(metrics_url: str) -> tuple[float, float]:
 def test_bundle_started_like_the_kserve_runtime_answers_like_the_plain_endpoint(bundle, samples_dir, tmp_path, torchserve):
     cases = _golden_images(samples_dir)
     golden = json.loads(GOLDEN_SMOKE.read_text())
-    # 1. The bundle, exactly as the runtime starts it, from a copy standing in for /mnt/models.
-    runtime = RuntimeStarted(Path(shutil.copytree(bundle, tmp_path / "mnt-models")), tmp_path / "runtime")
+    # 1. The bundle, exactly as the runtime starts it, from a copy standing in for /mnt/models. Its first
+    # start finds its gRPC management port held by another process (as a port picked free a moment
+    # earlier can be; a CI run's 600-second wait ended in the same log lines), exits, and is started
+    # again on new ports.
+    holder = socket.socket()
+    holder.bind(("127.0.0.1", 0))
+    holder.listen()
+    runtime = RuntimeStarted(Path(shutil.copytree(bundle, tmp_path / "mnt-models")), tmp_path / "runtime",
+                             first_ports={"grpc_management": holder.getsockname()[1]})
     try:
-        runtime.wait_ready()
+        try:
+            runtime.wait_ready()
+        finally:
+            holder.close()
+        assert runtime.starts == 2
         description = requests.get(f"{runtime.url('management')}/models/skin_lesion", timeout=10).json()[0]
         import yaml
 

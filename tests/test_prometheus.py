@@ -10,7 +10,7 @@ import yaml
 
 from ops import torchserve as serve
 from ops.torchserve import free_port
-from tests.conftest import ROOT, post, start_server
+from tests.conftest import ROOT, post, ready_server
 
 PROMETHEUS_DIR = ROOT / "config" / "prometheus"
 needs_prometheus = pytest.mark.skipif(shutil.which("prometheus") is None or shutil.which("promtool") is None,
@@ -57,10 +57,9 @@ class Prometheus:
 
 @pytest.fixture()
 def prometheus_and_server(tmp_path, release_store):
-    server = start_server(tmp_path / "ts", release_store)
+    server = ready_server(tmp_path / "ts", release_store)
     prometheus = None
     try:
-        serve.wait_ready(server, timeout=240)
         metrics_target = server.url("metrics").removeprefix("http://")
         config = {"global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
                   "rule_files": [str(PROMETHEUS_DIR / "alerts.yml")],

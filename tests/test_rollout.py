@@ -17,7 +17,7 @@ from ops.archive import ArchiveSpec, build_archive
 from ops.paths import MODEL_CONFIG
 from ops.rollout import archive_name, status
 from scripts import rollout
-from tests.conftest import DATA, RELEASED_CHECKPOINT, ROOT, start_server
+from tests.conftest import DATA, RELEASED_CHECKPOINT, ROOT, ready_server
 
 pytestmark = [pytest.mark.slow, pytest.mark.data]
 
@@ -50,9 +50,8 @@ def versioned_server(tmp_path, samples_dir):
     untrained = make_checkpoint(build_model("efficientnet_lite0"), "efficientnet_lite0", preprocess,
                                 Meta(preprocess, calibration=uniform, operating_point=point))
     release(store, "9.1", untrained.save(tmp_path / "untrained.pt"))
-    server = start_server(tmp_path / "run", store)
+    server = ready_server(tmp_path / "run", store)
     try:
-        serve.wait_ready(server, timeout=240)
         yield server
     finally:
         serve.stop(server)
