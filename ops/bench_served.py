@@ -21,7 +21,7 @@ import yaml
 from ops.archive import ArchiveSpec, build_archive
 from ops.loadgen import ServedTarget, SweepPlan, format_level, sweep_target
 from ops.paths import CHECKPOINT, MODEL_CONFIG, MODEL_NAME, ROOT, SERVER_CONFIG
-from ops.torchserve import Server, loopback_addresses, start, stop, wait_ready
+from ops.torchserve import Server, start_on_free_ports, stop, wait_ready
 
 # The unbatched baseline: one request per forward pass, no waiting for company.
 UNBATCHED_OVERRIDES = {"batchSize": 1, "maxBatchDelay": 0}
@@ -132,11 +132,10 @@ def serving(config: dict[str, Any], checkpoint: Path) -> Iterator[tuple[Server, 
                                   force_threshold=True))
         # Free loopback ports for every listener (gRPC binds too), as the tests do: a server
         # started by `make serve` on the default ports is left alone.
-        addresses = loopback_addresses()
         started = time.monotonic()
-        server = start(work_dir / "run", store, SERVER_CONFIG, addresses)
+        server, description = start_on_free_ports(
+            work_dir / "run", store, SERVER_CONFIG, ready=lambda server: wait_all_workers(server, int(config.get("minWorkers", 1))))
         try:
-            description = wait_all_workers(server, int(config.get("minWorkers", 1)))
             yield server, description, time.monotonic() - started
         finally:
             stop(server)

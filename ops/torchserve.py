@@ -27,7 +27,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import requests
 
@@ -44,6 +44,10 @@ LOG_FILES = ("logs/model_log.log", "logs/console.log")
 PORT_TAKEN_MARKER = "Address already in use"
 FATAL_STARTUP_MARKERS = (PORT_TAKEN_MARKER, 'Exception in thread "main"', "Failed to load model")
 ADDRESS_KEYS = {"inference": "inference_address", "management": "management_address", "metrics": "metrics_address"}
+
+
+# Starts on newly picked ports before a taken port is an error (see PortTaken).
+PORT_ATTEMPTS = 3
 
 
 class PortTaken(RuntimeError):
@@ -275,6 +279,37 @@ def wait_ready(server: Server, model: str = MODEL_NAME, timeout: float = 180.0) 
             raise RuntimeError(f"TorchServe failed to start ({fatal[0]})\n{server.log_tail()}")
         time.sleep(0.5)
     raise TimeoutError(f"model {model} not READY after {timeout:.0f} s ({last_error})\n{server.log_tail()}")
+
+
+def start_on_free_ports(run_dir: Path, model_store: Path, config: Path, overrides: dict[str, str] | None = None,
+                        models: str | None = None, ready: Callable[[Server], dict] | None = None) -> tuple[Server, dict]:
+    """:func:`start` on free loopback ports (:func:`loopback_addresses`), then wait until it is ready.
+
+    A picked port can be taken before TorchServe binds it (:class:`PortTaken`): then it starts
+    again on newly picked ports, :data:`PORT_ATTEMPTS` times in all. Any other failure stops it.
+
+    Args:
+        run_dir, model_store, config, models: As for :func:`start`.
+        overrides: Properties to set besides the ports (they win over the picked ports).
+        ready: Waits for the started server and returns the model's description; defaults to
+            :func:`wait_ready`.
+
+    Returns:
+        The ready server and its model's description.
+    """
+    ready = ready or wait_ready
+    for attempt in range(1, PORT_ATTEMPTS + 1):
+        server = start(run_dir, model_store, config, {**loopback_addresses(), **(overrides or {})}, models)
+        try:
+            return server, ready(server)
+        except PortTaken:
+            stop(server)
+            if attempt == PORT_ATTEMPTS:
+                raise
+        except BaseException:
+            stop(server)
+            raise
+    raise AssertionError("unreachable: the last attempt returns or raises")
 
 
 def stop(server: Server, timeout: float = 30.0) -> bool:

@@ -123,25 +123,10 @@ def start_server(run_dir: Path, model_store: Path, overrides: dict[str, str] | N
 
 
 def ready_server(run_dir: Path, model_store: Path, overrides: dict[str, str] | None = None, models: str | None = None,
-                 timeout: float = 240, attempts: int = 3) -> serve.Server:
-    """:func:`start_server`, then wait until the model has a READY worker.
-
-    A free port picked for it can be taken before TorchServe binds it (:class:`ops.torchserve.PortTaken`):
-    then it starts again on newly picked ports, up to ``attempts`` times. Any other failure stops it and raises.
-    """
-    for attempt in range(1, attempts + 1):
-        server = start_server(run_dir, model_store, overrides, models)
-        try:
-            serve.wait_ready(server, timeout=timeout)
-            return server
-        except serve.PortTaken:
-            serve.stop(server)
-            if attempt == attempts:
-                raise
-        except BaseException:
-            serve.stop(server)
-            raise
-    raise AssertionError("unreachable")
+                 timeout: float = 240) -> serve.Server:
+    """A TorchServe with the project's config whose model has a READY worker (new ports if a picked one was taken)."""
+    return serve.start_on_free_ports(run_dir, model_store, SERVER_CONFIG, overrides, models,
+                                     ready=lambda server: serve.wait_ready(server, timeout=timeout))[0]
 
 
 def post(server: serve.Server, body: bytes | dict | None = None, *, explain: bool = False, path: str | None = None,

@@ -31,7 +31,7 @@ from ops import kserve
 from ops.archive import ArchiveSpec, build_archive
 from ops.loadgen import parse_histogram
 from ops.paths import GOLDEN_SMOKE, MODEL_CONFIG, SERVER_CONFIG
-from ops.torchserve import PORT_TAKEN_MARKER, free_port, read_properties
+from ops.torchserve import PORT_ATTEMPTS, PORT_TAKEN_MARKER, free_port, read_properties
 from scripts import kserve_bundle
 from tests.conftest import RELEASED_CHECKPOINT, ROOT, post, same_answer
 
@@ -140,7 +140,7 @@ class RuntimeStarted:
             return False
         return True
 
-    def wait_ready(self, timeout: float = 600, attempts: int = 3) -> None:
+    def wait_ready(self, timeout: float = 600, attempts: int = PORT_ATTEMPTS) -> None:
         """Wait until every worker is READY; start again on new ports when a picked port was taken meanwhile."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
