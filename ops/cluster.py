@@ -73,7 +73,7 @@ from ops import rollout as rollouts
 from ops.loadgen import ServedTarget, closed_loop
 from ops.paths import DATA, GOLDEN_SMOKE, MODEL_NAME, MODEL_STORE, ROOT, RUN_DIR, SERVER_CONFIG
 from ops.private import create_private, private_dir, write_private
-from ops.torchserve import Server, free_port, read_properties, stop
+from ops.torchserve import PORT_ATTEMPTS, PortTaken, Server, free_port, read_properties, stop
 
 CLUSTER_DIR = RUN_DIR / "cluster"
 HAPROXY_TEMPLATE = ROOT / "deploy" / "haproxy" / "haproxy.cfg.template"
@@ -536,13 +536,23 @@ def up(directory: Path = CLUSTER_DIR, replicas: int = 3, model_store: Path | Non
         try:
             errors: list[BaseException] = []
 
-            def start_one(replica: Replica) -> None:
-                try:
-                    start_replica(replica, store, config, timeout)
-                except BaseException as error:  # noqa: BLE001 - reported below, with the replica's name
-                    errors.append(ClusterError(f"replica {replica.name} failed to start: {error}"))
+            def start_one(index: int) -> None:
+                for attempt in range(1, PORT_ATTEMPTS + 1):
+                    try:
+                        start_replica(members[index], store, config, timeout)
+                        return
+                    except PortTaken as error:
+                        # Nothing routes to the replica yet (HAProxy starts below, from `members`): a port
+                        # taken since it was picked is replaced by newly picked ones.
+                        if attempt == PORT_ATTEMPTS:
+                            errors.append(ClusterError(f"replica {members[index].name} failed to start: {error}"))
+                        else:
+                            members[index] = Replica.allocate(directory, index)
+                    except BaseException as error:  # noqa: BLE001 - reported below, with the replica's name
+                        errors.append(ClusterError(f"replica {members[index].name} failed to start: {error}"))
+                        return
 
-            threads = [threading.Thread(target=start_one, args=(r,), daemon=True) for r in members]
+            threads = [threading.Thread(target=start_one, args=(index,), daemon=True) for index in range(replicas)]
             for thread in threads:
                 thread.start()
             # Joined with a timeout so that Ctrl-C reaches this thread (and stops what started).
@@ -550,6 +560,7 @@ def up(directory: Path = CLUSTER_DIR, replicas: int = 3, model_store: Path | Non
                 alive[0].join(0.5)
             if errors:
                 raise errors[0]
+            cluster.update_layout(replicas=[r.to_json() for r in members])
             cluster.update_layout(haproxy_pid=start_haproxy(cluster, members))
             cluster.update_layout(supervisor_pid=start_supervisor(cluster, supervise_interval))
             write_prometheus_config(cluster)

@@ -18,11 +18,13 @@ supervisor and the rollout gate do not care what the network is) behind a real H
 from __future__ import annotations
 
 import base64
+import dataclasses
 import json
 import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import threading
 import time
@@ -138,11 +140,33 @@ def env(tmp_path_factory, samples_dir):
     checkpoint = tiny_checkpoint(root / "tiny.pt")
     tiny_archive(store, checkpoint, config, "1.0", "skin_lesion")  # served at start (load_models)
     tiny_archive(store, checkpoint, config, "1.1")  # same weights: passes the golden gate
-    cluster = clusters.up(root / "cluster", REPLICAS, store, SERVER_CONFIG, f"127.0.0.1:{free_port()}", timeout=500)
+    # Replica r1's first ports include one another process holds (as a port picked free a moment
+    # earlier can be): it fails to bind and is started again on new ports before HAProxy routes to it.
+    holder = socket.socket()
+    holder.bind(("127.0.0.1", 0))
+    holder.listen()
+    held_port = holder.getsockname()[1]
+    allocated = []
+    allocate = clusters.Replica.allocate
+
+    def r1_first_pick_taken(directory: Path, index: int) -> clusters.Replica:
+        replica = allocate(directory, index)
+        allocated.append(replica.name)
+        if allocated.count("r1") == 1 and replica.name == "r1":
+            replica = dataclasses.replace(replica, inference_port=held_port)
+        return replica
+
+    try:
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(clusters.Replica, "allocate", staticmethod(r1_first_pick_taken))
+            cluster = clusters.up(root / "cluster", REPLICAS, store, SERVER_CONFIG, f"127.0.0.1:{free_port()}",
+                                  timeout=500)
+    finally:
+        holder.close()
     try:
         images = sorted(samples_dir.glob("*.jpg"))[:GOLDEN_COUNT]
         yield SimpleNamespace(root=root, store=store, config=config, cluster=cluster, images=images,
-                              image=images[0].read_bytes())
+                              image=images[0].read_bytes(), allocated=allocated, held_port=held_port)
     finally:
         stopped = clusters.down(cluster.directory)
         print(f"\ncluster down: stopped {stopped}")
@@ -155,6 +179,11 @@ def test_cluster_json_and_balancer_authentication(env):
     assert description["url"] == cluster.url and Path(description["token"]) == cluster.token_file
     assert oct(cluster.token_file.stat().st_mode & 0o777) == "0o600"
     assert [r["name"] for r in description["replicas"]] == [f"r{i}" for i in range(REPLICAS)]
+    # r1 found a port of its first pick taken and came up on its second; the balancer sends to that one.
+    assert sorted(env.allocated) == sorted([f"r{i}" for i in range(REPLICAS)] + ["r1"])
+    r1 = description["replicas"][1]["inference"].removeprefix("http://")
+    assert r1 != f"127.0.0.1:{env.held_port}"
+    assert f"server r1 {r1}\n" in (cluster.directory / "haproxy" / "haproxy.cfg").read_text()
     for replica in description["replicas"]:
         assert set(replica) == {"name", "pid", "inference", "management"}
         assert replica["inference"].startswith("http://127.0.0.1:") and replica["management"].startswith("http://127.0.0.1:")
