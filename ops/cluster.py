@@ -73,7 +73,7 @@ from ops import rollout as rollouts
 from ops.loadgen import ServedTarget, closed_loop
 from ops.paths import DATA, GOLDEN_SMOKE, MODEL_NAME, MODEL_STORE, ROOT, RUN_DIR, SERVER_CONFIG
 from ops.private import create_private, private_dir, write_private
-from ops.torchserve import PORT_ATTEMPTS, PortTaken, Server, free_port, read_properties, stop
+from ops.torchserve import Server, free_port, read_properties, retry_on_taken_port, stop
 
 CLUSTER_DIR = RUN_DIR / "cluster"
 HAPROXY_TEMPLATE = ROOT / "deploy" / "haproxy" / "haproxy.cfg.template"
@@ -537,20 +537,18 @@ def up(directory: Path = CLUSTER_DIR, replicas: int = 3, model_store: Path | Non
             errors: list[BaseException] = []
 
             def start_one(index: int) -> None:
-                for attempt in range(1, PORT_ATTEMPTS + 1):
-                    try:
-                        start_replica(members[index], store, config, timeout)
-                        return
-                    except PortTaken as error:
-                        # Nothing routes to the replica yet (HAProxy starts below, from `members`): a port
-                        # taken since it was picked is replaced by newly picked ones.
-                        if attempt == PORT_ATTEMPTS:
-                            errors.append(ClusterError(f"replica {members[index].name} failed to start: {error}"))
-                        else:
-                            members[index] = Replica.allocate(directory, index)
-                    except BaseException as error:  # noqa: BLE001 - reported below, with the replica's name
-                        errors.append(ClusterError(f"replica {members[index].name} failed to start: {error}"))
-                        return
+                first_pick = [members[index]]
+
+                def start_once() -> None:
+                    # Nothing routes to the replica yet (HAProxy starts below, from `members`): a retry
+                    # after a taken port replaces the recorded pick by newly picked ports.
+                    members[index] = first_pick.pop() if first_pick else Replica.allocate(directory, index)
+                    start_replica(members[index], store, config, timeout)
+
+                try:
+                    retry_on_taken_port(start_once)
+                except BaseException as error:  # noqa: BLE001 - reported below, with the replica's name
+                    errors.append(ClusterError(f"replica {members[index].name} failed to start: {error}"))
 
             threads = [threading.Thread(target=start_one, args=(index,), daemon=True) for index in range(replicas)]
             for thread in threads:

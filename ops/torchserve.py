@@ -27,7 +27,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, TypeVar
 
 import requests
 
@@ -48,6 +48,7 @@ ADDRESS_KEYS = {"inference": "inference_address", "management": "management_addr
 
 # Starts on newly picked ports before a taken port is an error (see PortTaken).
 PORT_ATTEMPTS = 3
+T = TypeVar("T")
 
 
 class PortTaken(RuntimeError):
@@ -281,12 +282,26 @@ def wait_ready(server: Server, model: str = MODEL_NAME, timeout: float = 180.0) 
     raise TimeoutError(f"model {model} not READY after {timeout:.0f} s ({last_error})\n{server.log_tail()}")
 
 
+def retry_on_taken_port(start_once: Callable[[], T]) -> T:
+    """``start_once()``, called again while it raises :class:`PortTaken`, :data:`PORT_ATTEMPTS` calls in all.
+
+    ``start_once`` picks its ports anew on each call and leaves nothing running when it raises.
+    """
+    for attempt in range(1, PORT_ATTEMPTS + 1):
+        try:
+            return start_once()
+        except PortTaken:
+            if attempt == PORT_ATTEMPTS:
+                raise
+    raise AssertionError("unreachable: the last attempt returns or raises")
+
+
 def start_on_free_ports(run_dir: Path, model_store: Path, config: Path, overrides: dict[str, str] | None = None,
                         models: str | None = None, ready: Callable[[Server], dict] | None = None) -> tuple[Server, dict]:
     """:func:`start` on free loopback ports (:func:`loopback_addresses`), then wait until it is ready.
 
-    A picked port can be taken before TorchServe binds it (:class:`PortTaken`): then it starts
-    again on newly picked ports, :data:`PORT_ATTEMPTS` times in all. Any other failure stops it.
+    A picked port can be taken before TorchServe binds it: then it starts again on newly picked
+    ports (:func:`retry_on_taken_port`). Any failure stops it.
 
     Args:
         run_dir, model_store, config, models: As for :func:`start`.
@@ -298,18 +313,16 @@ def start_on_free_ports(run_dir: Path, model_store: Path, config: Path, override
         The ready server and its model's description.
     """
     ready = ready or wait_ready
-    for attempt in range(1, PORT_ATTEMPTS + 1):
+
+    def start_once() -> tuple[Server, dict]:
         server = start(run_dir, model_store, config, {**loopback_addresses(), **(overrides or {})}, models)
         try:
             return server, ready(server)
-        except PortTaken:
-            stop(server)
-            if attempt == PORT_ATTEMPTS:
-                raise
         except BaseException:
             stop(server)
             raise
-    raise AssertionError("unreachable: the last attempt returns or raises")
+
+    return retry_on_taken_port(start_once)
 
 
 def stop(server: Server, timeout: float = 30.0) -> bool:

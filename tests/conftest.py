@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import socket
 from pathlib import Path
 from typing import Iterator
 
@@ -127,6 +128,16 @@ def ready_server(run_dir: Path, model_store: Path, overrides: dict[str, str] | N
     """A TorchServe with the project's config whose model has a READY worker (new ports if a picked one was taken)."""
     return serve.start_on_free_ports(run_dir, model_store, SERVER_CONFIG, overrides, models,
                                      ready=lambda server: serve.wait_ready(server, timeout=timeout))[0]
+
+
+@contextlib.contextmanager
+def held_port() -> Iterator[int]:
+    """A loopback port held (listening) for the block, as another program can take a port picked free
+    a moment before TorchServe binds it."""
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        yield holder.getsockname()[1]
 
 
 def post(server: serve.Server, body: bytes | dict | None = None, *, explain: bool = False, path: str | None = None,

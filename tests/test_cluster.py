@@ -24,7 +24,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import threading
 import time
@@ -50,7 +49,7 @@ from ops import rollout as rollouts
 from ops.paths import MODEL_CONFIG, SERVER_CONFIG
 from ops.torchserve import free_port
 from scripts import cluster as cluster_script
-from tests.conftest import DATA, ROOT
+from tests.conftest import DATA, ROOT, held_port
 from tests.tiny_release import tiny_archive, tiny_checkpoint, tiny_model_config
 
 pytestmark = [pytest.mark.slow, pytest.mark.data,
@@ -142,31 +141,23 @@ def env(tmp_path_factory, samples_dir):
     tiny_archive(store, checkpoint, config, "1.1")  # same weights: passes the golden gate
     # Replica r1's first ports include one another process holds (as a port picked free a moment
     # earlier can be): it fails to bind and is started again on new ports before HAProxy routes to it.
-    holder = socket.socket()
-    holder.bind(("127.0.0.1", 0))
-    holder.listen()
-    held_port = holder.getsockname()[1]
     allocated = []
     allocate = clusters.Replica.allocate
+    with held_port() as taken, pytest.MonkeyPatch.context() as patch:
 
-    def r1_first_pick_taken(directory: Path, index: int) -> clusters.Replica:
-        replica = allocate(directory, index)
-        allocated.append(replica.name)
-        if allocated.count("r1") == 1 and replica.name == "r1":
-            replica = dataclasses.replace(replica, inference_port=held_port)
-        return replica
+        def r1_first_pick_taken(directory: Path, index: int) -> clusters.Replica:
+            replica = allocate(directory, index)
+            allocated.append(replica.name)
+            if allocated.count("r1") == 1 and replica.name == "r1":
+                replica = dataclasses.replace(replica, inference_port=taken)
+            return replica
 
-    try:
-        with pytest.MonkeyPatch.context() as patch:
-            patch.setattr(clusters.Replica, "allocate", staticmethod(r1_first_pick_taken))
-            cluster = clusters.up(root / "cluster", REPLICAS, store, SERVER_CONFIG, f"127.0.0.1:{free_port()}",
-                                  timeout=500)
-    finally:
-        holder.close()
+        patch.setattr(clusters.Replica, "allocate", staticmethod(r1_first_pick_taken))
+        cluster = clusters.up(root / "cluster", REPLICAS, store, SERVER_CONFIG, f"127.0.0.1:{free_port()}", timeout=500)
     try:
         images = sorted(samples_dir.glob("*.jpg"))[:GOLDEN_COUNT]
         yield SimpleNamespace(root=root, store=store, config=config, cluster=cluster, images=images,
-                              image=images[0].read_bytes(), allocated=allocated, held_port=held_port)
+                              image=images[0].read_bytes(), allocated=allocated, held_port=taken)
     finally:
         stopped = clusters.down(cluster.directory)
         print(f"\ncluster down: stopped {stopped}")

@@ -17,7 +17,6 @@ import base64
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -31,9 +30,10 @@ from ops import kserve
 from ops.archive import ArchiveSpec, build_archive
 from ops.loadgen import parse_histogram
 from ops.paths import GOLDEN_SMOKE, MODEL_CONFIG, SERVER_CONFIG
-from ops.torchserve import PORT_ATTEMPTS, PORT_TAKEN_MARKER, free_port, read_properties
+from ops.cluster import FRONTEND_PID, pid_alive
+from ops.torchserve import PORT_TAKEN_MARKER, PortTaken, free_port, read_properties, retry_on_taken_port
 from scripts import kserve_bundle
-from tests.conftest import RELEASED_CHECKPOINT, ROOT, post, same_answer
+from tests.conftest import RELEASED_CHECKPOINT, ROOT, held_port, post, same_answer
 
 V1 = "/v1/models/skin_lesion"
 
@@ -103,7 +103,7 @@ def _golden_images(samples_dir: Path) -> list[tuple[str, str, bytes]]:
 class RuntimeStarted:
     """TorchServe started from the bundle the way the KServe runtime starts it (daemonized ``torchserve --start``)."""
 
-    def __init__(self, bundle: Path, work: Path, first_ports: dict[str, int] | None = None) -> None:
+    def __init__(self, bundle: Path, work: Path) -> None:
         self.bundle, self.work = bundle, work
         work.mkdir(parents=True, exist_ok=True)
         (work / "tmp").mkdir(exist_ok=True)
@@ -115,7 +115,6 @@ class RuntimeStarted:
                     "TS_SERVICE_ENVELOPE": "kserve", "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
         self.command = kserve.runtime_command(bundle)
         self.starts = 0
-        self.start(first_ports or {})
 
     def start(self, ports: dict[str, int]) -> None:
         """Start on newly picked free loopback ports (``ports`` replaces some of them)."""
@@ -131,17 +130,13 @@ class RuntimeStarted:
     def url(self, name: str) -> str:
         return f"http://127.0.0.1:{self.ports[name]}"
 
-    def frontend_alive(self) -> bool:
-        """Whether the daemon's Java frontend (its pid file is under TMPDIR) still runs."""
-        pid_file = self.work / "tmp" / ".model_server.pid"
-        try:
-            os.kill(int(pid_file.read_text().split()[0]), 0)
-        except (FileNotFoundError, ValueError, IndexError, ProcessLookupError):
-            return False
-        return True
+    def wait_ready(self, timeout: float = 600) -> None:
+        """Wait until every worker is READY.
 
-    def wait_ready(self, timeout: float = 600, attempts: int = PORT_ATTEMPTS) -> None:
-        """Wait until every worker is READY; start again on new ports when a picked port was taken meanwhile."""
+        Raises:
+            PortTaken: The daemon exited because a port was taken (:func:`ops.torchserve.retry_on_taken_port`).
+            RuntimeError: It exited for another reason, with its output.
+        """
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             try:
@@ -150,12 +145,12 @@ class RuntimeStarted:
                     return
             except (requests.RequestException, ValueError, KeyError, IndexError):
                 pass
-            if not self.frontend_alive():
-                output = (self.work / "start.log").read_text(errors="replace")
-                attempts -= 1
-                if PORT_TAKEN_MARKER not in output or attempts == 0:
-                    raise RuntimeError(f"the bundle's TorchServe exited during startup:\n{output[-3000:]}")
-                self.start({})
+            # The daemon's launcher wrote its Java frontend's pid under TMPDIR, as a cluster replica's does.
+            frontend = self.work / FRONTEND_PID
+            if not pid_alive(int(frontend.read_text()) if frontend.exists() else None):
+                output = (self.work / "start.log").read_text(errors="replace")[-3000:]
+                failure = PortTaken if PORT_TAKEN_MARKER in output else RuntimeError
+                raise failure(f"the bundle's TorchServe exited during startup:\n{output}")
             time.sleep(1)
         raise TimeoutError(f"bundle not READY after {timeout} s:\n{(self.work / 'logs' / 'ts_log.log').read_text()[-3000:]}")
 
@@ -179,16 +174,17 @@ def test_bundle_started_like_the_kserve_runtime_answers_like_the_plain_endpoint(
     # start finds its gRPC management port held by another process (as a port picked free a moment
     # earlier can be; a CI run's 600-second wait ended in the same log lines), exits, and is started
     # again on new ports.
-    holder = socket.socket()
-    holder.bind(("127.0.0.1", 0))
-    holder.listen()
-    runtime = RuntimeStarted(Path(shutil.copytree(bundle, tmp_path / "mnt-models")), tmp_path / "runtime",
-                             first_ports={"grpc_management": holder.getsockname()[1]})
+    runtime = RuntimeStarted(Path(shutil.copytree(bundle, tmp_path / "mnt-models")), tmp_path / "runtime")
+    first_ports: list[dict[str, int]] = []
+
+    def start_once() -> None:
+        runtime.start(first_ports.pop() if first_ports else {})
+        runtime.wait_ready()
+
     try:
-        try:
-            runtime.wait_ready()
-        finally:
-            holder.close()
+        with held_port() as taken:
+            first_ports.append({"grpc_management": taken})
+            retry_on_taken_port(start_once)
         assert runtime.starts == 2
         description = requests.get(f"{runtime.url('management')}/models/skin_lesion", timeout=10).json()[0]
         import yaml

@@ -3,7 +3,6 @@
 import base64
 import io
 import os
-import socket
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -21,7 +20,7 @@ from handler.preprocessing import load_model_input
 from handler.settings import load_handler_settings
 from ops import torchserve as serve
 from ops.paths import MODEL_CONFIG
-from tests.conftest import RELEASED_CHECKPOINT, post, ready_server
+from tests.conftest import RELEASED_CHECKPOINT, held_port, post, ready_server
 
 pytestmark = [pytest.mark.slow, pytest.mark.data]
 MODEL = "skin_lesion"
@@ -106,22 +105,17 @@ def test_a_port_taken_before_the_bind_gets_a_new_start_and_stop_ends_the_server_
         tmp_path, release_store, monkeypatch):
     # The first ports handed out include one that another process holds (as a free port picked a
     # moment earlier can be): TorchServe fails to bind it, and the start is repeated on new ports.
-    holder = socket.socket()
-    holder.bind(("127.0.0.1", 0))
-    holder.listen()
-    taken = f"http://127.0.0.1:{holder.getsockname()[1]}"
     picks = []
     original = serve.loopback_addresses
+    with held_port() as port:
+        taken = f"http://127.0.0.1:{port}"
 
-    def first_pick_taken() -> dict[str, str]:
-        picks.append(original() | ({"inference_address": taken} if not picks else {}))
-        return picks[-1]
+        def first_pick_taken() -> dict[str, str]:
+            picks.append(original() | ({"inference_address": taken} if not picks else {}))
+            return picks[-1]
 
-    monkeypatch.setattr(serve, "loopback_addresses", first_pick_taken)
-    try:
+        monkeypatch.setattr(serve, "loopback_addresses", first_pick_taken)
         server = ready_server(tmp_path, release_store)
-    finally:
-        holder.close()
     assert len(picks) == 2 and server.url("inference") != taken
     assert serve.PORT_TAKEN_MARKER in (tmp_path / "logs" / "console.log").read_text()
     pid = server.launcher_pid
