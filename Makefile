@@ -90,10 +90,10 @@ train-bench: install ## Training images/s of each CPU lever on this machine (geo
 	$(PY) scripts/train_bench.py --out runs/train-bench.json $(TRAIN_BENCH_ARGS)
 
 # The 4:3 student recipe (docs/EXPERIMENTS.md, "Third try"): one Lite2 at a 4:3 shape, warm-started from release
-# 1.6.1's best member (D, a Lite2), stem + 4 stages frozen, distilled from 1.6.1 (its logits cached once in the run
-# folder). Each training lesion's sharp 224x224 copy comes first (resized whole to 4:3 it is the photo's shape again,
-# and the teacher sees it as it was trained), the lesion's other images as their softer 200x150 copies. Validated on
-# every image of the validation lesions. Resumable per epoch: rerun to continue.
+# 1.6.1's best member (E, its fourth network: --init-member 3; a Lite2), stem + 4 stages frozen, distilled from 1.6.1
+# (its logits cached once in the run folder). Each training lesion's sharp 224x224 copy comes first (resized whole to
+# 4:3 it is the photo's shape again, and the teacher sees it as it was trained), the lesion's other images as their
+# softer 200x150 copies. Validated on every image of the validation lesions. Resumable per epoch: rerun to continue.
 # STUDENT_SIZE=192x256 is the third try; 150x200 (HAM10000's own 200x150 size) was the second (0.663 balanced accuracy
 # on the sharp 4:3 copies against 1.6.1's 0.743: too few pixels for what the sharp copies show).
 # The teacher is release 1.6.1 exactly as committed (its file's SHA-256 names the logit cache).
