@@ -73,7 +73,7 @@ from ops import rollout as rollouts
 from ops.loadgen import ServedTarget, closed_loop
 from ops.paths import DATA, GOLDEN_SMOKE, MODEL_NAME, MODEL_STORE, ROOT, RUN_DIR, SERVER_CONFIG
 from ops.private import create_private, private_dir, write_private
-from ops.torchserve import Server, free_port, read_properties, retry_on_taken_port, stop
+from ops.torchserve import PortTaken, Server, free_port, read_properties, retry_on_taken_port, stop
 
 CLUSTER_DIR = RUN_DIR / "cluster"
 HAPROXY_TEMPLATE = ROOT / "deploy" / "haproxy" / "haproxy.cfg.template"
@@ -537,13 +537,14 @@ def up(directory: Path = CLUSTER_DIR, replicas: int = 3, model_store: Path | Non
             errors: list[BaseException] = []
 
             def start_one(index: int) -> None:
-                first_pick = [members[index]]
-
                 def start_once() -> None:
-                    # Nothing routes to the replica yet (HAProxy starts below, from `members`): a retry
-                    # after a taken port replaces the recorded pick by newly picked ports.
-                    members[index] = first_pick.pop() if first_pick else Replica.allocate(directory, index)
-                    start_replica(members[index], store, config, timeout)
+                    try:
+                        start_replica(members[index], store, config, timeout)
+                    except PortTaken:
+                        # Nothing routes to the replica yet (HAProxy starts below, from `members`): the
+                        # retry starts it on newly picked ports.
+                        members[index] = Replica.allocate(directory, index)
+                        raise
 
                 try:
                     retry_on_taken_port(start_once)

@@ -175,15 +175,13 @@ def test_bundle_started_like_the_kserve_runtime_answers_like_the_plain_endpoint(
     # earlier can be; a CI run's 600-second wait ended in the same log lines), exits, and is started
     # again on new ports.
     runtime = RuntimeStarted(Path(shutil.copytree(bundle, tmp_path / "mnt-models")), tmp_path / "runtime")
-    first_ports: list[dict[str, int]] = []
-
-    def start_once() -> None:
-        runtime.start(first_ports.pop() if first_ports else {})
-        runtime.wait_ready()
-
     try:
         with held_port() as taken:
-            first_ports.append({"grpc_management": taken})
+
+            def start_once() -> None:
+                runtime.start({"grpc_management": taken} if runtime.starts == 0 else {})
+                runtime.wait_ready()
+
             retry_on_taken_port(start_once)
         assert runtime.starts == 2
         description = requests.get(f"{runtime.url('management')}/models/skin_lesion", timeout=10).json()[0]
